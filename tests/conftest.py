@@ -1,0 +1,19 @@
+"""Shared test helpers.
+
+With CI=true a test whose real component (S3 server, Slurm, DeepSpeed) is missing must
+fail, not skip: `require_component` is the one place that decides.
+"""
+import os
+
+import pytest
+
+ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_component(available: bool, what: str) -> None:
+    """Skip locally, fail on CI, when a real component the test needs is missing."""
+    if available:
+        return
+    if ON_CI:
+        pytest.fail(f"{what} is required on CI (CI=true) but is not available")
+    pytest.skip(f"{what} not available")
