@@ -1,0 +1,313 @@
+"""One typed config: the single source of every default.
+
+Nested dataclasses (model, loss, data, optim, train, log), loaded from YAML and overridden
+on the command line with `--section.key=value`. Defaults are the reference pix2pix's
+(junyanz/pytorch-CycleGAN-and-pix2pix) wherever it has one. Any mistake (unknown key,
+wrong type, inconsistent combination) raises ConfigError with a one-line message naming
+the key, at start-up rather than hours into a run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config mistake; the message is one line and names the key."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by --help)."""
+    return field(default=default, metadata={"help": help})
+
+
+GENERATORS = {"unet_128": 7, "unet_256": 8, "unet_512": 9}  # preset -> number of downsamplings
+
+
+@dataclass
+class ModelConfig:
+    generator: Literal["unet_128", "unet_256", "unet_512"] = opt(
+        "unet_256", "U-Net preset: number of downsamplings 7/8/9 for 128/256/512 crops")
+    in_channels: int = opt(3, "channels of the input image (after direction is applied)")
+    out_channels: int = opt(3, "channels of the output image")
+    g_filters: int = opt(64, "generator filters in the outermost layer (ngf)")
+    discriminator: Literal["patch", "pixel"] = opt(
+        "patch", "PatchGAN with d_layers strided convs (70x70 for 3), or 1x1 'pixel' GAN")
+    d_layers: int = opt(3, "strided conv layers of the PatchGAN (3 = 70x70 receptive field)")
+    d_filters: int = opt(64, "discriminator filters in the first layer (ndf)")
+    norm: Literal["batch", "instance", "none", "syncbatch"] = opt(
+        "batch", "normalisation layer; syncbatch needs >= 2 CUDA processes")
+    dropout: bool = opt(True, "dropout 0.5 in the inner decoder blocks (pix2pix's noise)")
+    init: Literal["normal", "xavier", "kaiming"] = opt("normal", "weight initialisation")
+    init_gain: float = opt(0.02, "std of normal init / gain of xavier init")
+    activation_checkpointing: bool = opt(
+        False, "recompute the U-Net's outer blocks in backward (saves memory on large crops)")
+
+    @property
+    def num_downs(self) -> int:
+        return GENERATORS[self.generator]
+
+
+@dataclass
+class LossConfig:
+    gan: Literal["vanilla", "lsgan", "hinge"] = opt(
+        "vanilla", "GAN loss: vanilla (non-saturating BCE on logits), lsgan or hinge")
+    lambda_l1: float = opt(100.0, "weight of the L1 term in the generator loss")
+
+
+@dataclass
+class DataConfig:
+    train: str = opt("", "training shards: a folder or s3:// prefix with manifest.json, "
+                         "a manifest.json URL, or a brace pattern like dir/train-{000000..000007}.tar")
+    val: str = opt("", "validation shards, same forms as data.train (empty: no evaluation)")
+    train_split: str = opt("train", "split name to read from the manifest for training")
+    val_split: str = opt("val", "split name to read from the manifest for evaluation")
+    direction: Literal["AtoB", "BtoA"] = opt(
+        "AtoB", "AtoB translates the stored input into the target; BtoA the reverse")
+    load_size: int = opt(286, "resize both images to this size before cropping")
+    crop_size: int = opt(256, "random crop size (the size the networks see)")
+    flip: bool = opt(True, "random horizontal flip (the same for input and target)")
+    batch_size: int = opt(1, "batch size per process; global batch = this x processes")
+    num_workers: int = opt(2, "DataLoader worker processes per training process")
+    mode: Literal["exact", "resampled"] = opt(
+        "exact", "exact: each sample at most once per epoch; resampled: shards drawn with "
+                 "replacement, epochs sized from the manifest")
+    shuffle_buffer: int = opt(256, "samples held in the shuffle buffer per worker")
+    augment_on: Literal["worker", "device"] = opt(
+        "worker", "where resize/crop/flip run: in the loader workers or batched on the device")
+    max_image_pixels: int = opt(
+        64_000_000, "reject images with more pixels than this (decompression-bomb guard)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(2e-4, "Adam learning rate for G and D (not scaled with the batch)")
+    beta1: float = opt(0.5, "Adam beta1")
+    beta2: float = opt(0.999, "Adam beta2")
+    constant_steps: int = opt(0, "steps at the initial lr before the linear decay "
+                                 "(0 with decay_steps 0: constant lr)")
+    decay_steps: int = opt(0, "steps of linear decay to zero after constant_steps")
+    grad_clip: float = opt(0.0, "clip gradient norm to this (0: no clipping, as pix2pix)")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = opt("runs/pix2pix", "run folder: config, logs, checkpoints, samples")
+    max_steps: int = opt(1000, "optimisation steps to train (one D and one G update each)")
+    seed: int = opt(0, "seed for init, data order and augmentation")
+    ckpt_every: int = opt(500, "save a checkpoint every N steps (and at the end)")
+    keep_last: int = opt(3, "checkpoints to keep (older ones removed after a new one commits)")
+    resume: str = opt("", "'auto' (latest in run_dir), a checkpoint path, or empty")
+    eval_every: int = opt(500, "evaluate on the val split every N steps (0: only at the end)")
+    channels_last: bool = opt(False, "use channels_last memory format")
+    compile: bool = opt(False, "torch.compile the models")
+
+
+@dataclass
+class LogConfig:
+    every: int = opt(20, "log scalars every N steps")
+    tracker: Literal["tensorboard", "wandb", "none"] = opt("tensorboard", "experiment tracker")
+    sample_every: int = opt(500, "write a sample grid every N steps")
+    progress: bool = opt(True, "show a progress bar on the main process")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --------------------------------------------------------------------------- conversion
+
+def _sections(cfg: Config) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _field_types(section: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _closest(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(key: str, value: Any, expected: Any) -> Any:
+    """Check `value` against the field's annotation; ints are accepted for floats."""
+    if typing.get_origin(expected) is Literal:
+        choices = typing.get_args(expected)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def set_value(cfg: Config, dotted_key: str, value: Any) -> None:
+    """Set `section.key` on cfg, checking that the key exists and the type fits."""
+    sections = _sections(cfg)
+    section_name, _, key = dotted_key.partition(".")
+    if section_name not in sections or not key:
+        raise ConfigError(f"unknown config key '{dotted_key}'"
+                          f"{_closest(section_name, list(sections))}: keys look like "
+                          f"'section.key' with section one of {', '.join(sections)}")
+    section = sections[section_name]
+    types_by_key = _field_types(section)
+    if key not in types_by_key:
+        candidates = [f"{section_name}.{k}" for k in types_by_key]
+        raise ConfigError(f"unknown config key '{dotted_key}'{_closest(dotted_key, candidates)}")
+    setattr(section, key, _coerce(dotted_key, value, types_by_key[key]))
+
+
+def from_dict(tree: dict) -> Config:
+    """Build a Config from a nested dict (as YAML gives), on top of the defaults."""
+    cfg = Config()
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(tree).__name__}")
+    for section_name, values in tree.items():
+        if not isinstance(values, dict):
+            set_value(cfg, str(section_name), values)  # raises: a bare key is not a section
+        for key, value in values.items():
+            set_value(cfg, f"{section_name}.{key}", value)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def load_yaml(path: str) -> Config:
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return from_dict(tree)
+
+
+# --------------------------------------------------------------------------- validation
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that need no runtime information."""
+    factor = 2 ** cfg.model.num_downs
+    if cfg.data.crop_size % factor:
+        raise ConfigError(f"data.crop_size: {cfg.data.crop_size} is not divisible by "
+                          f"2**{cfg.model.num_downs}={factor} as model.generator="
+                          f"{cfg.model.generator} needs")
+    if cfg.data.load_size < cfg.data.crop_size:
+        raise ConfigError(f"data.load_size: {cfg.data.load_size} is smaller than "
+                          f"data.crop_size {cfg.data.crop_size}")
+    positive = {"data.batch_size": cfg.data.batch_size, "train.max_steps": cfg.train.max_steps,
+                "train.ckpt_every": cfg.train.ckpt_every, "train.keep_last": cfg.train.keep_last,
+                "log.every": cfg.log.every, "optim.lr": cfg.optim.lr}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    non_negative = {"data.num_workers": cfg.data.num_workers,
+                    "optim.constant_steps": cfg.optim.constant_steps,
+                    "optim.decay_steps": cfg.optim.decay_steps,
+                    "optim.grad_clip": cfg.optim.grad_clip,
+                    "train.eval_every": cfg.train.eval_every,
+                    "log.sample_every": cfg.log.sample_every}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if cfg.data.train.startswith("pipe:") or cfg.data.val.startswith("pipe:"):
+        raise ConfigError("data.train/data.val: 'pipe:' URLs run a shell and are refused; "
+                          "use a local path or s3://")
+    return cfg
+
+
+def validate_runtime(cfg: Config, device_type: str, world_size: int) -> None:
+    """Checks that depend on where the run happens (called by the trainer at start-up)."""
+    if cfg.model.norm == "syncbatch" and (device_type != "cuda" or world_size < 2):
+        raise ConfigError(f"model.norm: syncbatch needs >= 2 CUDA processes, this run has "
+                          f"{world_size} {device_type} process(es); use batch or instance")
+
+
+# --------------------------------------------------------------------------- command line
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "{" + ",".join(map(str, typing.get_args(annotation))) + "}"
+    return annotation.__name__
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser listing every config key with its type, default and help."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML config file; command-line keys override it")
+    defaults = Config()
+    for section_name, section in _sections(defaults).items():
+        group = parser.add_argument_group(section_name)
+        for f in dataclasses.fields(section):
+            annotation = _field_types(section)[f.name]
+            group.add_argument(f"--{section_name}.{f.name}", metavar=_type_name(annotation),
+                               default=getattr(section, f.name), help=f.metadata["help"],
+                               dest=f"override.{section_name}.{f.name}")
+    return parser
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML reads it: 3 -> int, 1e-4 -> float, true -> bool."""
+    value = yaml.safe_load(text) if text != "" else ""
+    # YAML reads 2e-4 as a string (no dot); take it as the float the user meant.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def from_cli(argv: list[str] | None, prog: str = "train.py",
+             description: str = "") -> tuple[Config, argparse.Namespace]:
+    """YAML (--config) + `--section.key=value` overrides -> a validated Config.
+
+    Only keys given explicitly on the command line override the file: argparse's own
+    defaults (shown by --help) are never applied on top of YAML values.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(prog, description)
+    args, unknown = parser.parse_known_args(argv)
+    cfg = load_yaml(args.config) if args.config else Config()
+    for token in unknown:  # argparse cannot suggest the closest key; set_value can
+        if token.startswith("--"):
+            set_value(cfg, token[2:].split("=")[0], None)
+        raise ConfigError(f"unexpected command-line argument {token!r}")
+    for dotted_key in _explicit_keys(argv):
+        raw = getattr(args, f"override.{dotted_key}")
+        section_name, key = dotted_key.split(".")
+        expected = _field_types(_sections(cfg)[section_name])[key]
+        # Strings stay verbatim (a run name "1e3" is not a number); others parse as YAML.
+        set_value(cfg, dotted_key, raw if expected is str else parse_value(raw))
+    return validate(cfg), args
+
+
+def _explicit_keys(argv: list[str]) -> list[str]:
+    """The `section.key` names given on the command line, as `--k=v` or `--k v`."""
+    return [token[2:].split("=")[0] for token in argv
+            if token.startswith("--") and "." in token.split("=")[0]]

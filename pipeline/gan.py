@@ -1,0 +1,79 @@
+"""One pix2pix training step as plain functions: D update, then G update with D frozen.
+
+No I/O, no devices, no distribution: the trainer supplies small hooks (how to run
+backward, which autocast to use, how to reach D without its DDP wrapper) so the same
+step runs single-process, under DDP and under DeepSpeed.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn as nn
+
+from pipeline.losses import Pix2PixObjective
+
+
+def _plain_backward(loss: torch.Tensor, model: nn.Module) -> None:
+    loss.backward()
+
+
+def _plain_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    optimizer.step()
+
+
+@dataclass
+class StepHooks:
+    """What the trainer changes about a step.
+
+    backward(loss, model): e.g. accelerator.backward or a DeepSpeed engine's backward.
+    step(optimizer, model): the optimiser step (clipping, a DeepSpeed engine's step).
+    autocast(): the mixed-precision context for the forward passes.
+    frozen_view(model): the module to call for D in the G step; the unwrapped module
+        under DDP, so that a D whose parameters are frozen triggers no all-reduce.
+    """
+    backward: Callable[[torch.Tensor, nn.Module], None] = _plain_backward
+    step: Callable[[torch.optim.Optimizer, nn.Module], None] = _plain_step
+    autocast: Callable[[], ContextManager] = field(default=nullcontext)
+    frozen_view: Callable[[nn.Module], nn.Module] = field(default=lambda model: model)
+
+
+def set_requires_grad(model: nn.Module, flag: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(flag)
+
+
+def train_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer,
+               opt_D: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               objective: Pix2PixObjective, hooks: StepHooks = StepHooks()) -> dict[str, float]:
+    """One D update on (x, y) real and (x, G(x)) fake, then one G update, in the
+    reference's order. Returns the losses as floats."""
+    with hooks.autocast():
+        fake = G(x)
+
+    set_requires_grad(D, True)
+    opt_D.zero_grad(set_to_none=True)
+    with hooks.autocast():
+        # The fake is detached: D's loss must not reach G.
+        fake_logits = D(torch.cat([x, fake.detach()], 1))
+        real_logits = D(torch.cat([x, y], 1))
+    loss_D = objective.discriminator(real_logits, fake_logits)
+    hooks.backward(loss_D, D)
+    hooks.step(opt_D, D)
+
+    # D frozen: G's loss must leave no gradient in D (under ZeRO-1 it would leak into
+    # D's next update; under ZeRO-2 it fails outright).
+    set_requires_grad(D, False)
+    opt_G.zero_grad(set_to_none=True)
+    with hooks.autocast():
+        fake_logits = hooks.frozen_view(D)(torch.cat([x, fake], 1))
+    loss_G, loss_G_gan, loss_G_l1 = objective.generator(fake_logits, fake, y)
+    hooks.backward(loss_G, G)
+    hooks.step(opt_G, G)
+    set_requires_grad(D, True)
+
+    losses = torch.stack([loss_D.detach(), loss_G.detach(), loss_G_gan.detach(), loss_G_l1.detach()])
+    d, g, g_gan, g_l1 = losses.tolist()  # one device sync for all four
+    return {"loss_D": d, "loss_G": g, "loss_G_gan": g_gan, "loss_G_l1": g_l1}

@@ -1,0 +1,224 @@
+"""The pix2pix networks: U-Net generator and PatchGAN discriminator (pure torch).
+
+The structure follows the reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix)
+layer for layer, so parameter counts match it exactly: unet_256 with batch norm has
+54,413,955 parameters, the 70x70 PatchGAN on 6 channels 2,768,705. Nothing here knows
+about devices, distribution or files.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+NORMS = ("batch", "instance", "none", "syncbatch")
+
+
+def norm_layer(norm: str, channels: int) -> nn.Module:
+    """The normalisation the reference uses for `norm`.
+
+    `syncbatch` builds plain BatchNorm here; the trainer converts it with
+    nn.SyncBatchNorm.convert_sync_batchnorm on CUDA (SyncBatchNorm refuses CPU modules).
+    """
+    if norm in ("batch", "syncbatch"):
+        return nn.BatchNorm2d(channels)
+    if norm == "instance":
+        return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {norm!r}: expected one of {', '.join(NORMS)}")
+
+
+def conv_bias(norm: str) -> bool:
+    """Convs followed by an affine norm need no bias (the norm's shift replaces it).
+
+    The reference also drops the bias for norm 'none', leaving those convs without any
+    shift; we keep it there, which changes nothing for batch/instance counts.
+    """
+    return norm in ("instance", "none")
+
+
+class UNetBlock(nn.Module):
+    """One level of the U-Net: down, the inner levels, up, and the skip connection.
+
+    Built from the innermost level outwards, as the reference does. Non-outermost blocks
+    return cat(input, processed), doubling the channels their parent's up-conv sees.
+    """
+
+    def __init__(self, outer_channels: int, inner_channels: int, *, in_channels: int | None = None,
+                 submodule: nn.Module | None = None, outermost: bool = False,
+                 innermost: bool = False, norm: str = "batch", dropout: bool = False):
+        super().__init__()
+        self.outermost = outermost
+        in_channels = outer_channels if in_channels is None else in_channels
+        bias = conv_bias(norm)
+        down_conv = nn.Conv2d(in_channels, inner_channels, 4, stride=2, padding=1, bias=bias)
+        up_in = inner_channels if innermost else inner_channels * 2
+        if outermost:
+            up_conv = nn.ConvTranspose2d(up_in, outer_channels, 4, stride=2, padding=1)
+            layers = [down_conv, submodule, nn.ReLU(True), up_conv, nn.Tanh()]
+        else:
+            up_conv = nn.ConvTranspose2d(up_in, outer_channels, 4, stride=2, padding=1, bias=bias)
+            down = [nn.LeakyReLU(0.2), down_conv]
+            if not innermost:
+                down.append(norm_layer(norm, inner_channels))
+            inner = [] if innermost else [submodule]
+            up = [nn.ReLU(True), up_conv, norm_layer(norm, outer_channels)]
+            layers = down + inner + up + ([nn.Dropout(0.5)] if dropout else [])
+        self.model = nn.Sequential(*layers)
+        self.checkpointed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.outermost:
+            return self.model(x)
+        if self.checkpointed and torch.is_grad_enabled():
+            inner = checkpoint(self._run_once_for_stats(), x, use_reentrant=False)
+        else:
+            inner = self.model(x)
+        return torch.cat([x, inner], 1)
+
+    def _run_once_for_stats(self):
+        """self.model for checkpoint(), whose backward recompute must leave the
+        BatchNorm running statistics as the first forward left them. Dropout masks are
+        replayed by checkpoint's RNG-state preservation."""
+        calls = 0
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return self.model(x)
+            buffers = list(self.model.buffers())
+            saved = [b.clone() for b in buffers]
+            try:  # checkpoint may stop a recompute early by raising: restore regardless
+                return self.model(x)
+            finally:
+                with torch.no_grad():
+                    for buffer, value in zip(buffers, saved):
+                        buffer.copy_(value)
+        return run
+
+
+class UNetGenerator(nn.Module):
+    """U-Net with `num_downs` stride-2 levels: a crop of 2**num_downs goes down to 1x1.
+
+    Filters double from base_filters up to 8x base_filters; the num_downs - 5 innermost
+    non-bottleneck levels use dropout 0.5 when `dropout` is on.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, num_downs: int = 8,
+                 base_filters: int = 64, norm: str = "batch", dropout: bool = True,
+                 checkpoint_blocks: int = 0):
+        super().__init__()
+        if num_downs < 5:
+            raise ValueError(f"num_downs must be >= 5, got {num_downs}")
+        self.num_downs = num_downs
+        nf = base_filters
+        block = UNetBlock(nf * 8, nf * 8, innermost=True, norm=norm)
+        for _ in range(num_downs - 5):
+            block = UNetBlock(nf * 8, nf * 8, submodule=block, norm=norm, dropout=dropout)
+        for outer, inner in ((nf * 4, nf * 8), (nf * 2, nf * 4), (nf, nf * 2)):
+            block = UNetBlock(outer, inner, submodule=block, norm=norm)
+        self.model = UNetBlock(out_channels, nf, in_channels=in_channels, submodule=block,
+                               outermost=True, norm=norm)
+        self.set_activation_checkpointing(checkpoint_blocks)
+
+    def set_activation_checkpointing(self, blocks: int) -> None:
+        """Recompute the `blocks` outermost inner levels in backward instead of storing
+        their activations: the outer levels hold the large (full and half resolution)
+        activations, so they save most memory for a modest recompute."""
+        levels = [m for m in self.modules() if isinstance(m, UNetBlock) and not m.outermost]
+        for depth, level in enumerate(levels):  # modules() walks from the outside in
+            level.checkpointed = depth < blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def unet(preset: str, **kwargs) -> UNetGenerator:
+    """`unet_128`, `unet_256` or `unet_512`: the U-Net for that crop size."""
+    downs = {"unet_128": 7, "unet_256": 8, "unet_512": 9}
+    if preset not in downs:
+        raise ValueError(f"unknown generator {preset!r}: expected one of {', '.join(downs)}")
+    return UNetGenerator(num_downs=downs[preset], **kwargs)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: classifies each overlapping patch of an (input, output) pair.
+
+    n_layers=3 gives the 70x70 receptive field: 6x256x256 -> 1x30x30 logits.
+    """
+
+    def __init__(self, in_channels: int = 6, base_filters: int = 64, n_layers: int = 3,
+                 norm: str = "batch"):
+        super().__init__()
+        bias = conv_bias(norm)
+        nf = base_filters
+        layers = [nn.Conv2d(in_channels, nf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1  # the last feature layer keeps resolution
+            layers += [nn.Conv2d(nf * prev, nf * mult, 4, stride=stride, padding=1, bias=bias),
+                       norm_layer(norm, nf * mult), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(nf * mult, 1, 4, stride=1, padding=1))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        return self.model(pair)
+
+
+class PixelDiscriminator(nn.Module):
+    """1x1 PatchGAN: judges every pixel's colour given the input pixel."""
+
+    def __init__(self, in_channels: int = 6, base_filters: int = 64, norm: str = "batch"):
+        super().__init__()
+        bias = conv_bias(norm)
+        nf = base_filters
+        self.model = nn.Sequential(
+            nn.Conv2d(in_channels, nf, 1), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(nf, nf * 2, 1, bias=bias), norm_layer(norm, nf * 2), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(nf * 2, 1, 1, bias=bias))
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        return self.model(pair)
+
+
+def init_weights(module: nn.Module, kind: str = "normal", gain: float = 0.02) -> nn.Module:
+    """The reference init: conv weights N(0, gain) (or xavier/kaiming), biases 0,
+    BatchNorm weights N(1, gain) and biases 0."""
+    inits = {
+        "normal": lambda w: nn.init.normal_(w, 0.0, gain),
+        "xavier": lambda w: nn.init.xavier_normal_(w, gain=gain),
+        "kaiming": lambda w: nn.init.kaiming_normal_(w, a=0, mode="fan_in"),
+    }
+    if kind not in inits:
+        raise ValueError(f"unknown init {kind!r}: expected one of {', '.join(inits)}")
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            inits[kind](m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.normal_(m.weight, 1.0, gain)
+            nn.init.zeros_(m.bias)
+    return module
+
+
+def build_generator(cfg) -> UNetGenerator:
+    """The generator a ModelConfig describes, initialised."""
+    g = unet(cfg.generator, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+             base_filters=cfg.g_filters, norm=cfg.norm, dropout=cfg.dropout,
+             checkpoint_blocks=2 if cfg.activation_checkpointing else 0)
+    return init_weights(g, cfg.init, cfg.init_gain)
+
+
+def build_discriminator(cfg) -> nn.Module:
+    """The conditional discriminator a ModelConfig describes: it sees input and output."""
+    pair_channels = cfg.in_channels + cfg.out_channels
+    if cfg.discriminator == "pixel":
+        d = PixelDiscriminator(pair_channels, cfg.d_filters, cfg.norm)
+    else:
+        d = PatchDiscriminator(pair_channels, cfg.d_filters, cfg.d_layers, cfg.norm)
+    return init_weights(d, cfg.init, cfg.init_gain)
+
