@@ -1,0 +1,433 @@
+"""Packs image pairs into deterministic WebDataset tar shards, local or on S3.
+
+    python data_tools/shard.py SOURCE DEST [options]    plan, pack every shard, manifest
+    python data_tools/shard.py SOURCE DEST --slice i/n  pack only part i of n (job arrays)
+    python data_tools/shard.py merge DEST               manifest from all parts' results
+
+Shards are planned up front from the listing (seeded order, --max-samples/--max-bytes,
+at least --min-shards per split), so their boundaries depend on neither --workers nor
+--slice, and a rejected pair leaves a hole instead of shifting later shards. Each shard
+is written atomically; its result (samples, bytes, rejected pairs) goes to
+DEST/_parts/NAME.json, which is how a re-run skips finished shards and how `merge`
+builds DEST/rejected.jsonl and, last, DEST/manifest.json. _parts/ is kept after the
+manifest: it lets a later re-run or merge check the work without repacking.
+
+Members per sample: KEY.input.EXT + KEY.target.EXT, or KEY.pair.EXT for an A|B image
+kept whole (split at "split_x" of KEY.json by the reader), plus KEY.json. Original
+bytes are stored untouched unless --split-pairs, --resize or a size-mismatch resize asks
+for decoding; those re-encode as PNG (lossless) or JPEG at --jpeg-quality.
+"""
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import random
+import sys
+import tarfile
+import time
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from data_tools import sources
+from pipeline import storage
+
+FORMAT_VERSION = 1
+TAR_MTIME = 946684800  # 2000-01-01: a fixed stamp keeps shards byte-identical across runs
+FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what the trainer decodes
+PARTS = "_parts"
+REASONS = ("read_error", "missing_input", "missing_target", "not_an_image",
+           "unsupported_format", "too_large", "size_mismatch", "decode_error")
+# options that change the shards' bytes: recorded in the plan, the parts and the manifest
+OUTPUT_OPTIONS = ("source", "layout", "split", "seed", "max_samples", "max_bytes",
+                  "min_shards", "split_pairs", "resize", "encode", "jpeg_quality",
+                  "on_size_mismatch", "max_pixels", "verify")
+
+
+class Rejected(Exception):
+    """A pair that cannot be packed: `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass
+class Shard:
+    name: str
+    split: str
+    pairs: list
+    digest: str = ""  # of the options and pairs: a finished part counts only if it matches
+
+
+# ----------------------------------------------------------------------------- planning
+
+def plan_shards(pairs_by_split: dict, options: dict) -> list[Shard]:
+    """Seeded order per split, cut by sample count and source bytes, at least
+    min_shards per split when it has that many pairs."""
+    shards = []
+    for split, pairs in pairs_by_split.items():
+        order = list(pairs)
+        random.Random(f"{options['seed']}/{split}").shuffle(order)
+        cap = min(options["max_samples"], math.ceil(len(order) / options["min_shards"]))
+        groups, nbytes = [[]], 0
+        for pair in order:
+            if groups[-1] and (len(groups[-1]) >= cap or nbytes + pair.nbytes > options["max_bytes"]):
+                groups.append([])
+                nbytes = 0
+            groups[-1].append(pair)
+            nbytes += pair.nbytes
+        shards += [Shard(f"{split}-{i:06d}.tar", split, g) for i, g in enumerate(groups)]
+    for shard in shards:
+        rows = [dataclasses.astuple(p) for p in shard.pairs]
+        text = json.dumps([shard.name, options, rows], sort_keys=True)
+        shard.digest = hashlib.sha256(text.encode()).hexdigest()
+    return shards
+
+
+def in_slice(shards: list[Shard], slice_: tuple[int, int]) -> list[Shard]:
+    """Round-robin over the whole plan: disjoint parts of similar size."""
+    index, count = slice_
+    return shards[index::count]
+
+
+# ------------------------------------------------------------------------------ packing
+
+def probe(data: bytes, options: dict) -> tuple[str, int, int]:
+    """(format, width, height) from the header only; a full decode with --verify."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # --max-pixels rules here
+    try:
+        im = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise Rejected("not_an_image", str(err)[:200]) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    with im:
+        if im.format not in FORMATS:
+            raise Rejected("unsupported_format", str(im.format))
+        width, height = im.size
+        if width * height > options["max_pixels"]:
+            raise Rejected("too_large", f"{width}x{height} > {options['max_pixels']} pixels")
+        if options["verify"]:
+            try:
+                im.load()
+            except Exception as err:  # PIL raises many types for broken data
+                raise Rejected("decode_error", str(err)[:200]) from None
+    return im.format, width, height
+
+
+def _read(url: str | None, missing: str) -> bytes:
+    if url is None:
+        raise Rejected(missing)
+    try:
+        return storage.read_bytes(url)
+    except FileNotFoundError:
+        raise Rejected(missing, url) from None
+    except OSError as err:
+        raise Rejected("read_error", f"{type(err).__name__}: {err}"[:200]) from None
+
+
+def pack_pair(pair: sources.Pair, options: dict) -> tuple[dict, list[tuple[str, bytes]]]:
+    """(metadata, [(member suffix, bytes)]) for one pair, or raises Rejected."""
+    meta = {"source": pair.name, "layout": pair.layout}
+    a = _read(pair.input, "missing_input")
+    fmt, width, height = probe(a, options)
+    if pair.layout == "pair":
+        halves_differ = width % 2 == 1
+        half_w = width // 2
+    else:
+        b = _read(pair.target, "missing_target")
+        b_fmt, b_width, b_height = probe(b, options)
+        halves_differ = (width, height) != (b_width, b_height)
+        half_w = width
+    if halves_differ and options["on_size_mismatch"] == "skip":
+        detail = f"{width}x{height} A|B" if pair.layout == "pair" else \
+            f"input {width}x{height}, target {b_width}x{b_height}"
+        raise Rejected("size_mismatch", detail)
+    too_big = options["resize"] and max(half_w, height) > options["resize"]
+    if halves_differ or too_big or (pair.layout == "pair" and options["split_pairs"]):
+        return reencode(pair, a, None if pair.layout == "pair" else b, options)
+    meta.update(width=width, height=height, format=FORMATS[fmt].replace("jpg", "jpeg"))
+    if pair.layout == "pair":
+        meta["split_x"] = half_w
+        return meta, [("pair." + FORMATS[fmt], a)]
+    return meta, [("input." + FORMATS[fmt], a), ("target." + FORMATS[b_fmt], b)]
+
+
+def reencode(pair, a: bytes, b: bytes | None, options: dict):
+    """Decode, split an A|B image, resize (target to input's size, then to --resize),
+    encode as PNG or JPEG; the only path that changes pixels, and only when asked."""
+    try:
+        input_im = Image.open(io.BytesIO(a)).convert("RGB")
+        if b is None:
+            half = input_im.width // 2
+            target_im = input_im.crop((half, 0, input_im.width, input_im.height))
+            input_im = input_im.crop((0, 0, half, input_im.height))
+        else:
+            target_im = Image.open(io.BytesIO(b)).convert("RGB")
+    except Exception as err:  # truncated data shows only now, without --verify
+        raise Rejected("decode_error", str(err)[:200]) from None
+    target_im = target_im.resize(input_im.size, Image.BICUBIC) \
+        if target_im.size != input_im.size else target_im
+    if options["resize"] and max(input_im.size) > options["resize"]:
+        scale = options["resize"] / max(input_im.size)
+        size = (max(1, round(input_im.width * scale)), max(1, round(input_im.height * scale)))
+        input_im, target_im = (im.resize(size, Image.BICUBIC) for im in (input_im, target_im))
+    ext = "png" if options["encode"] == "png" else "jpg"
+    meta = {"source": pair.name, "layout": "separate", "source_layout": pair.layout,
+            "width": input_im.width, "height": input_im.height,
+            "format": "png" if ext == "png" else "jpeg",
+            "reencoded": "png" if ext == "png" else f"jpeg q{options['jpeg_quality']}"}
+    return meta, [("input." + ext, _encode(input_im, options)),
+                  ("target." + ext, _encode(target_im, options))]
+
+
+def _encode(im: Image.Image, options: dict) -> bytes:
+    buffer = io.BytesIO()
+    if options["encode"] == "png":
+        im.save(buffer, "PNG")
+    else:
+        im.save(buffer, "JPEG", quality=options["jpeg_quality"])
+    return buffer.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def pack_shard(job: tuple) -> dict:
+    """Write one shard atomically, then its part file; returns the part."""
+    dest, shard, options = job
+    samples, rejected = 0, []
+    with storage.atomic_write(storage.join(dest, shard.name)) as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for pair in shard.pairs:
+                try:
+                    meta, members = pack_pair(pair, options)
+                except Rejected as why:
+                    rejected.append({"split": shard.split, "key": pair.key, "source": pair.name,
+                                     "reason": why.reason, "detail": why.detail})
+                    continue
+                for suffix, data in members:
+                    _add_member(tar, f"{pair.key}.{suffix}", data)
+                _add_member(tar, f"{pair.key}.json", json.dumps(meta, sort_keys=True).encode())
+                samples += 1
+        nbytes = f.tell()
+    part = {"name": shard.name, "split": shard.split, "digest": shard.digest,
+            "samples": samples, "bytes": nbytes, "planned": len(shard.pairs),
+            "rejected": rejected}
+    storage.write_bytes(_part_url(dest, shard.name), _dumps(part))
+    return part
+
+
+def _part_url(dest: str, shard_name: str) -> str:
+    return storage.join(dest, PARTS, shard_name.removesuffix(".tar") + ".json")
+
+
+def _dumps(obj) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def finished_part(dest: str, shard: Shard) -> dict | None:
+    """The part of a shard packed earlier with the same plan, or None."""
+    url = _part_url(dest, shard.name)
+    if not storage.exists(url):
+        return None
+    part = json.loads(storage.read_bytes(url))
+    done = part.get("digest") == shard.digest and storage.exists(storage.join(dest, shard.name))
+    return part if done else None
+
+
+# ------------------------------------------------------------------------------ running
+
+def pack(dest: str, shards: list[Shard], options: dict, workers: int, progress: bool) -> dict:
+    """Pack every shard not finished yet; returns counts for the summary."""
+    todo = [s for s in shards if finished_part(dest, s) is None]
+    stats = {"skipped": len(shards) - len(todo), "packed": 0, "pairs": 0, "bytes": 0}
+    start = time.perf_counter()
+    bar = tqdm(total=sum(len(s.pairs) for s in todo), unit="pair", disable=not progress,
+               dynamic_ncols=True, file=sys.stderr)
+    jobs = [(dest, shard, options) for shard in todo]
+    pool = multiprocessing.Pool(workers) if workers > 1 and len(jobs) > 1 else None
+    try:
+        parts = pool.imap_unordered(pack_shard, jobs) if pool else map(pack_shard, jobs)
+        for part in parts:
+            stats["packed"] += 1
+            stats["pairs"] += part["planned"]
+            stats["bytes"] += part["bytes"]
+            bar.update(part["planned"])
+            bar.set_postfix_str(f"{stats['bytes'] / 2**20 / (time.perf_counter() - start):.1f} MB/s")
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()  # workers are done or, on Ctrl-C, must stop now
+    stats["seconds"] = time.perf_counter() - start
+    return stats
+
+
+def merge(dest: str) -> dict:
+    """Write rejected.jsonl and, last, manifest.json from the plan and every part."""
+    plan = json.loads(storage.read_bytes(storage.join(dest, PARTS, "plan.json")))
+    parts, missing = [], []
+    for entry in plan["shards"]:
+        shard = Shard(entry["name"], entry["split"], [], entry["digest"])
+        part = finished_part(dest, shard)
+        (parts if part else missing).append(part or shard.name)
+    if missing:
+        raise SystemExit(f"shard.py: error: {len(missing)} of {len(plan['shards'])} shards in "
+                         f"{dest} are not packed yet (first: {missing[0]}); run the missing "
+                         "slices (or the same command again), then merge")
+    splits, reasons = {}, {}
+    for part in parts:
+        split = splits.setdefault(part["split"], {"samples": 0, "bytes": 0, "rejected": 0,
+                                                  "shards": []})
+        split["samples"] += part["samples"]
+        split["bytes"] += part["bytes"]
+        split["rejected"] += len(part["rejected"])
+        split["shards"].append({k: part[k] for k in ("name", "samples", "bytes")})
+        for row in part["rejected"]:
+            reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+    rejected_rows = [json.dumps(row, sort_keys=True) + "\n" for p in parts for row in p["rejected"]]
+    storage.write_bytes(storage.join(dest, "rejected.jsonl"), "".join(rejected_rows).encode())
+    manifest = {"format_version": FORMAT_VERSION, "splits": splits,
+                "rejected": dict(sorted(reasons.items())), "options": plan["options"]}
+    storage.write_bytes(storage.join(dest, "manifest.json"), _dumps(manifest))
+    return manifest
+
+
+def run(args: argparse.Namespace) -> int:
+    options = {name: getattr(args, name) for name in OUTPUT_OPTIONS}
+    pairs_by_split = sources.find_pairs(args.source, args.layout, args.split)
+    shards = plan_shards(pairs_by_split, options)
+    plan = {"format_version": FORMAT_VERSION, "options": options,
+            "shards": [{"name": s.name, "split": s.split, "digest": s.digest} for s in shards]}
+    try:  # the plan is also the probe: an unwritable DEST fails here, before any work
+        storage.makedirs(args.dest)
+        storage.write_bytes(storage.join(args.dest, PARTS, "plan.json"), _dumps(plan))
+    except OSError as err:
+        raise SystemExit(f"shard.py: error: cannot write to {args.dest}: "
+                         f"{err.strerror or err}") from None
+    mine = in_slice(shards, args.slice)
+    stats = pack(args.dest, mine, options, args.workers, not args.quiet)
+    counts = ", ".join(f"{split} {len(pairs)}" for split, pairs in pairs_by_split.items())
+    mb = stats["bytes"] / 2**20
+    print(f"shard.py: {counts} pairs planned into {len(shards)} shards; this run packed "
+          f"{stats['packed']} shards ({stats['pairs']} pairs, {mb:.1f} MB) in "
+          f"{stats['seconds']:.1f} s = {stats['pairs'] / max(stats['seconds'], 1e-9):.0f} pairs/s,"
+          f" {mb / max(stats['seconds'], 1e-9):.1f} MB/s; {stats['skipped']} already done",
+          file=sys.stderr)
+    if args.slice[1] > 1:
+        print(f"shard.py: slice {args.slice[0]}/{args.slice[1]} done; when all slices are, run: "
+              f"shard.py merge {args.dest}", file=sys.stderr)
+        return 0
+    manifest = merge(args.dest)
+    return report_rejected(manifest, args.dest, args.strict)
+
+
+def report_rejected(manifest: dict, dest: str, strict: bool) -> int:
+    total = sum(manifest["rejected"].values())
+    if total:
+        why = ", ".join(f"{reason} {n}" for reason, n in manifest["rejected"].items())
+        print(f"shard.py: rejected {total} pairs ({why}); listed in "
+              f"{storage.join(dest, 'rejected.jsonl')}", file=sys.stderr)
+    samples = sum(s["samples"] for s in manifest["splits"].values())
+    print(f"shard.py: {samples} samples in {storage.join(dest, 'manifest.json')}", file=sys.stderr)
+    return 1 if strict and total else 0
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+def parse_slice(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"need 0 <= i < n, got {text!r}")
+    return index, count
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '536870912', '512M', '2G'."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shard.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Pack image pairs into WebDataset tar shards + manifest.json. "
+                    "`shard.py merge DEST` writes the manifest after --slice runs.")
+    p.add_argument("source", help="aligned A|B folder, folder with A/ and B/, or a .csv/.jsonl "
+                                  "list of input,target; local path or s3:// URL")
+    p.add_argument("dest", help="output folder or s3://bucket/prefix")
+    p.add_argument("--layout", choices=sources.LAYOUTS, default="auto", help="SOURCE layout")
+    p.add_argument("--split", default="train", help="split name for a source without "
+                   "train/ val/ test/ folders")
+    p.add_argument("--seed", type=int, default=0, help="fixes the pair order")
+    p.add_argument("--max-samples", type=positive, default=10000, help="pairs per shard at most")
+    p.add_argument("--max-bytes", type=parse_size, default=512 * 2**20,
+                   help="source bytes per shard at most (accepts K, M, G)")
+    p.add_argument("--min-shards", type=positive, default=8,
+                   help="shards per split at least, when it has that many pairs")
+    p.add_argument("--workers", type=positive, default=min(8, os.cpu_count() or 1),
+                   help="packing processes")
+    p.add_argument("--slice", type=parse_slice, default=(0, 1), metavar="I/N",
+                   help="pack only part I of N of the shard plan (then `merge`)")
+    p.add_argument("--split-pairs", action="store_true",
+                   help="store A|B images as separate re-encoded input/target members")
+    p.add_argument("--resize", type=int, default=0, metavar="PIXELS",
+                   help="shrink each half so its longer side is at most this (0: never)")
+    p.add_argument("--encode", choices=("png", "jpeg"), default="png",
+                   help="format for re-encoded images (png is lossless)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="quality for --encode jpeg")
+    p.add_argument("--on-size-mismatch", choices=("skip", "resize"), default="skip",
+                   help="halves of different sizes: reject, or resize target to input")
+    p.add_argument("--max-pixels", type=positive, default=89_478_485,
+                   help="larger images are rejected as too_large (decompression bombs)")
+    p.add_argument("--verify", action="store_true", help="also fully decode every image")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any pair is rejected")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["merge"]:
+            merge_parser = argparse.ArgumentParser(
+                prog="shard.py merge", description="Write DEST/manifest.json from the parts "
+                "that every --slice run left in DEST/_parts.")
+            merge_parser.add_argument("dest", help="the DEST given to the slices")
+            dest = merge_parser.parse_args(argv[1:]).dest
+            return report_rejected(merge(dest), dest, strict=False)
+        return run(build_parser().parse_args(argv))
+    except (storage.StorageError, sources.SourceError, ValueError) as err:
+        raise SystemExit(f"shard.py: error: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("shard.py: interrupted; finished shards are kept, run the same "
+                         "command again to resume") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
