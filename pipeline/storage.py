@@ -18,6 +18,7 @@ import tempfile
 import fsspec
 
 READ_BLOCK_SIZE = 8 * 2**20  # s3 readahead block: tar streams crawl without buffering
+WRITE_BLOCK_SIZE = 64 * 2**20  # s3 multipart part size: larger writes upload in parts
 S3_CONFIG = {"connect_timeout": 10, "read_timeout": 60,
              "retries": {"max_attempts": 3, "mode": "standard"}}
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -220,7 +221,7 @@ def atomic_write(url: str):
     """
     if is_s3(url):
         with _s3_errors(url):
-            f = filesystem(url).open(_s3_key(url), "wb")
+            f = filesystem(url).open(_s3_key(url), "wb", block_size=WRITE_BLOCK_SIZE)
         try:
             yield f
         except BaseException:
