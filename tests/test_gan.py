@@ -1,0 +1,91 @@
+"""The GAN step: it learns, and each update touches only its own network."""
+import pytest
+import torch
+
+from pipeline.gan import StepHooks, train_step
+from pipeline.losses import Pix2PixObjective
+from pipeline.models import PatchDiscriminator, init_weights, unet
+
+
+def tiny_setup(seed: int = 0):
+    torch.manual_seed(seed)
+    G = init_weights(unet("unet_128", base_filters=8))
+    D = init_weights(PatchDiscriminator(6, 8, 3))
+    adam = dict(lr=2e-4, betas=(0.5, 0.999))
+    return G, D, torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
+
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 128, 128, generator=g) * 2 - 1
+    return x, x.flip(-1) * 0.5  # the target is a known function of the input
+
+
+def snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_twenty_steps_lower_l1_on_a_fixed_batch():
+    G, D, opt_G, opt_D = tiny_setup()
+    x, y = fixed_batch()
+    losses = [train_step(G, D, opt_G, opt_D, x, y, Pix2PixObjective()) for _ in range(20)]
+    assert all(set(step) == {"loss_D", "loss_G", "loss_G_gan", "loss_G_l1"} for step in losses)
+    assert all(isinstance(v, float) for v in losses[-1].values())
+    l1 = [step["loss_G_l1"] for step in losses]
+    assert l1[-1] < 0.97 * l1[0]
+    assert sum(l1[-5:]) < sum(l1[:5])  # a trend, not one lucky step
+
+
+def test_d_update_leaves_g_alone_and_g_update_leaves_d_alone():
+    G, D, opt_G, opt_D = tiny_setup()
+    x, y = fixed_batch()
+    before = {"G": snapshot(G), "D": snapshot(D)}
+    seen = {}
+
+    def record_step(optimizer, model):  # parameters as each optimiser step leaves them
+        optimizer.step()
+        seen[model] = {"G": snapshot(G), "D": snapshot(D)}
+
+    train_step(G, D, opt_G, opt_D, x, y, Pix2PixObjective(), StepHooks(step=record_step))
+    after_d, after_g = seen[D], seen[G]
+    assert all(torch.equal(a, b) for a, b in zip(before["G"], after_d["G"])), "D step changed G"
+    assert not all(torch.equal(a, b) for a, b in zip(before["D"], after_d["D"])), "D did not learn"
+    assert all(torch.equal(a, b) for a, b in zip(after_d["D"], after_g["D"])), "G step changed D"
+    assert not all(torch.equal(a, b) for a, b in zip(after_d["G"], after_g["G"])), "G did not learn"
+
+
+def test_g_loss_leaves_no_gradient_in_d():
+    G, D, opt_G, opt_D = tiny_setup()
+    x, y = fixed_batch()
+    d_grads = {}
+
+    def backward(loss, model):  # D's gradients right after each backward
+        loss.backward()
+        d_grads[model] = [p.grad.clone() for p in D.parameters()]
+
+    train_step(G, D, opt_G, opt_D, x, y, Pix2PixObjective(), StepHooks(backward=backward))
+    for from_d_loss, after_g_loss in zip(d_grads[D], d_grads[G]):
+        assert torch.equal(from_d_loss, after_g_loss), "G's loss leaked a gradient into D"
+    assert all(p.requires_grad for p in D.parameters()), "D must be trainable after the step"
+
+
+def test_hooks_carry_autocast_into_the_forward_passes():
+    G, D, opt_G, opt_D = tiny_setup()
+    x, y = fixed_batch()
+    dtypes = []
+    handle = G.model.model[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    bf16 = StepHooks(autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    losses = train_step(G, D, opt_G, opt_D, x, y, Pix2PixObjective(), bf16)
+    handle.remove()
+    assert dtypes == [torch.bfloat16]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+@pytest.mark.parametrize("gan", ["vanilla", "lsgan", "hinge"])
+def test_every_gan_loss_trains(gan):
+    G, D, opt_G, opt_D = tiny_setup()
+    x, y = fixed_batch()
+    first = train_step(G, D, opt_G, opt_D, x, y, Pix2PixObjective(gan))
+    for _ in range(9):
+        last = train_step(G, D, opt_G, opt_D, x, y, Pix2PixObjective(gan))
+    assert last["loss_G_l1"] < first["loss_G_l1"]

@@ -1,0 +1,60 @@
+"""Loss values checked by hand on small tensors."""
+import math
+
+import pytest
+import torch
+
+from pipeline.losses import Pix2PixObjective, gan_loss
+
+LOGITS = torch.tensor([[0.0, 2.0], [-1.0, 3.0]])
+
+
+def softplus(v: float) -> float:
+    return math.log1p(math.exp(v))
+
+
+def test_vanilla_is_bce_on_logits():
+    # -log(sigmoid(z)) = softplus(-z); -log(1 - sigmoid(z)) = softplus(z)
+    real = sum(softplus(-z) for z in (0.0, 2.0, -1.0, 3.0)) / 4
+    fake = sum(softplus(z) for z in (0.0, 2.0, -1.0, 3.0)) / 4
+    assert gan_loss(LOGITS, True, "vanilla").item() == pytest.approx(real, rel=1e-6)
+    assert gan_loss(LOGITS, False, "vanilla").item() == pytest.approx(fake, rel=1e-6)
+
+
+def test_lsgan_is_squared_distance_to_the_label():
+    assert gan_loss(LOGITS, True, "lsgan").item() == pytest.approx((1 + 1 + 4 + 4) / 4)
+    assert gan_loss(LOGITS, False, "lsgan").item() == pytest.approx((0 + 4 + 1 + 9) / 4)
+
+
+def test_hinge_for_discriminator_and_generator():
+    assert gan_loss(LOGITS, True, "hinge").item() == pytest.approx((1 + 0 + 2 + 0) / 4)
+    assert gan_loss(LOGITS, False, "hinge").item() == pytest.approx((1 + 3 + 0 + 4) / 4)
+    assert gan_loss(LOGITS, True, "hinge", for_discriminator=False).item() == pytest.approx(-1.0)
+
+
+def test_unknown_gan_loss_is_rejected():
+    with pytest.raises(ValueError, match="unknown GAN loss 'wgan'"):
+        gan_loss(LOGITS, True, "wgan")
+
+
+def test_discriminator_loss_is_half_the_sum():
+    objective = Pix2PixObjective("lsgan")
+    real, fake = torch.ones(4), torch.zeros(4)  # a perfect D: both terms 0
+    assert objective.discriminator(real, fake).item() == 0.0
+    assert objective.discriminator(fake, real).item() == pytest.approx(0.5 * (1 + 1))
+
+
+def test_generator_loss_is_gan_plus_lambda_times_l1():
+    objective = Pix2PixObjective("lsgan", lambda_l1=100.0)
+    output = torch.tensor([0.5, -0.5, 0.0, 1.0])
+    target = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    total, adversarial, l1 = objective.generator(torch.zeros(4), output, target)
+    assert adversarial.item() == pytest.approx(1.0)
+    assert l1.item() == pytest.approx(0.5)
+    assert total.item() == pytest.approx(1.0 + 100 * 0.5)
+
+
+def test_losses_are_computed_in_fp32_under_bf16_inputs():
+    objective = Pix2PixObjective()
+    total, _, _ = objective.generator(LOGITS.bfloat16(), torch.ones(4).bfloat16(), torch.zeros(4))
+    assert total.dtype == torch.float32

@@ -1,0 +1,116 @@
+"""The networks match the reference's structure: counts, shapes, init, checkpointing."""
+import pytest
+import torch
+import torch.nn as nn
+
+from pipeline.config import ModelConfig
+from pipeline.models import (PatchDiscriminator, PixelDiscriminator, UNetGenerator,
+                             build_discriminator, build_generator, init_weights, unet)
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_unet_256_has_the_reference_parameter_count():
+    assert count(unet("unet_256", in_channels=3, out_channels=3, norm="batch")) == 54_413_955
+
+
+def test_patchgan_70x70_has_the_reference_parameter_count_and_output_grid():
+    d = PatchDiscriminator(in_channels=6, base_filters=64, n_layers=3, norm="batch")
+    assert count(d) == 2_768_705
+    with torch.no_grad():
+        assert d(torch.zeros(1, 6, 256, 256)).shape == (1, 1, 30, 30)
+
+
+@pytest.mark.parametrize("preset,size", [("unet_128", 128), ("unet_256", 256), ("unet_512", 512)])
+def test_unet_presets_map_their_crop_to_the_same_size(preset, size):
+    g = unet(preset, in_channels=1, out_channels=3, base_filters=4).eval()
+    with torch.no_grad():
+        out = g(torch.zeros(1, 1, size, size))
+    assert out.shape == (1, 3, size, size)
+
+
+def test_unet_output_is_bounded_by_tanh():
+    g = init_weights(unet("unet_128", base_filters=8), "normal", 1.0)  # large init saturates
+    with torch.no_grad():
+        out = g(torch.randn(2, 3, 128, 128) * 10)
+    assert out.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("norm,norm_type", [("batch", nn.BatchNorm2d), ("instance", nn.InstanceNorm2d),
+                                            ("syncbatch", nn.BatchNorm2d)])
+def test_norm_choice_builds_that_norm_and_biases_only_where_needed(norm, norm_type):
+    g = unet("unet_128", base_filters=4, norm=norm)
+    assert any(isinstance(m, norm_type) for m in g.modules())
+    inner_convs = [m for m in g.modules() if isinstance(m, nn.Conv2d)][1:]
+    assert all((m.bias is not None) == (norm == "instance") for m in inner_convs)
+
+
+def test_norm_none_has_no_norm_layers_but_keeps_biases():
+    g = unet("unet_128", base_filters=4, norm="none")
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) for m in g.modules())
+    assert all(m.bias is not None for m in g.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+
+
+def test_dropout_sits_in_the_inner_decoder_blocks_only():
+    assert sum(isinstance(m, nn.Dropout) for m in unet("unet_256", base_filters=4).modules()) == 3
+    assert not any(isinstance(m, nn.Dropout) for m in unet("unet_256", base_filters=4, dropout=False).modules())
+
+
+def test_pixel_discriminator_judges_every_pixel():
+    d = PixelDiscriminator(in_channels=6, base_filters=8)
+    with torch.no_grad():
+        assert d(torch.zeros(2, 6, 40, 24)).shape == (2, 1, 40, 24)
+
+
+def test_normal_init_matches_the_reference():
+    torch.manual_seed(0)
+    g = init_weights(unet("unet_256"), "normal", 0.02)
+    convs = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))])
+    norms = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, nn.BatchNorm2d)])
+    biases = [m.bias for m in g.modules() if getattr(m, "bias", None) is not None]
+    assert convs.mean().abs() < 1e-3 and abs(convs.std().item() - 0.02) < 1e-3
+    assert abs(norms.mean().item() - 1.0) < 2e-3 and abs(norms.std().item() - 0.02) < 2e-3
+    assert all(torch.count_nonzero(b) == 0 for b in biases)
+
+
+@pytest.mark.parametrize("kind", ["xavier", "kaiming"])
+def test_other_inits_are_selectable_and_differ_from_normal(kind):
+    torch.manual_seed(0)
+    d = init_weights(PatchDiscriminator(6, 8, 3), kind, 0.02)
+    first = d.model[0].weight
+    assert abs(first.std().item() - 0.02) > 0.005  # not the N(0, 0.02) init
+
+
+def test_unknown_init_and_norm_are_rejected():
+    with pytest.raises(ValueError, match="unknown init"):
+        init_weights(nn.Conv2d(1, 1, 1), "uniform")
+    with pytest.raises(ValueError, match="unknown norm"):
+        unet("unet_128", norm="group")
+    with pytest.raises(ValueError, match="unknown generator"):
+        unet("unet_1024")
+
+
+def test_activation_checkpointing_gives_the_same_outputs_gradients_and_statistics():
+    torch.manual_seed(0)
+    plain = init_weights(unet("unet_128", base_filters=8))
+    checkpointed = unet("unet_128", base_filters=8, checkpoint_blocks=3)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 128, 128)
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)  # same dropout masks
+        for _ in range(2):
+            model(x).square().mean().backward()
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    for a, b in zip(plain.buffers(), checkpointed.buffers()):  # BN stats updated once per step
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_builders_follow_the_model_config():
+    cfg = ModelConfig(generator="unet_128", in_channels=1, out_channels=3, g_filters=8,
+                      d_filters=8, discriminator="pixel", norm="instance")
+    g, d = build_generator(cfg), build_discriminator(cfg)
+    assert isinstance(g, UNetGenerator) and g.num_downs == 7
+    assert isinstance(d, PixelDiscriminator) and d.model[0].in_channels == 4
