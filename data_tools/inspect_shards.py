@@ -1,0 +1,121 @@
+"""Reads shards back and checks them against manifest.json (local folder or s3://).
+
+    python data_tools/inspect_shards.py DEST [--decode N]
+
+Streams every shard listed in the manifest: sample counts and bytes must match it, every
+sample must be complete (KEY.json + KEY.pair.EXT or KEY.input.EXT and KEY.target.EXT);
+the first N samples of each split are decoded (A|B pairs split at "split_x") and their
+sizes reported. Exits 1 on any unreadable or inconsistent shard.
+"""
+import argparse
+import io
+import json
+import sys
+import tarfile
+
+from PIL import Image
+
+from pipeline import storage
+
+
+def read_shard(url: str, decode: int) -> dict:
+    """Stream one shard: {"samples", "bytes", "sizes": {(w, h): n} of the input images
+    of the first `decode` samples, "problems": [...]}."""
+    stats = {"samples": 0, "sizes": {}, "problems": [], "decode": decode}
+    key, members = None, {}
+    with storage.open_read(url) as f:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                member_key, _, suffix = member.name.partition(".")
+                if member_key != key:  # webdataset groups consecutive members by key
+                    _finish_sample(url, key, members, stats)
+                    key, members = member_key, {}
+                members[suffix] = tar.extractfile(member).read()
+            _finish_sample(url, key, members, stats)
+        f.read()  # the tar's zero padding, so that tell() is the file size
+        stats["bytes"] = f.tell()
+    return stats
+
+
+def _finish_sample(url: str, key: str | None, members: dict, stats: dict) -> None:
+    if key is None:
+        return
+    stats["samples"] += 1
+    kinds = {suffix.split(".")[0] for suffix in members}
+    if "json" not in kinds or not ("pair" in kinds or {"input", "target"} <= kinds):
+        stats["problems"].append(f"{url}: sample {key} is incomplete: {sorted(members)}")
+    elif stats["decode"] > 0:
+        stats["decode"] -= 1
+        try:
+            size = _decode_input(members).size
+            stats["sizes"][size] = stats["sizes"].get(size, 0) + 1
+        except Exception as err:  # anything undecodable is the finding, not a crash
+            stats["problems"].append(f"{url}: sample {key}: cannot decode: "
+                                     f"{type(err).__name__}: {err}")
+
+
+def _decode_input(members: dict) -> Image.Image:
+    """Decode every image of a sample (A|B pairs split at split_x); return the input."""
+    meta = json.loads(members["json"])
+    images = {s.split(".")[0]: Image.open(io.BytesIO(d)).convert("RGB")
+              for s, d in members.items() if s != "json"}
+    if "pair" in images:
+        pair, split_x = images["pair"], meta["split_x"]
+        images = {"input": pair.crop((0, 0, split_x, pair.height)),
+                  "target": pair.crop((split_x, 0, pair.width, pair.height))}
+    if images["input"].size != images["target"].size:
+        raise ValueError(f"input {images['input'].size} != target {images['target'].size}")
+    return images["input"]
+
+
+def inspect(dest: str, decode: int) -> list[str]:
+    """Print a report per split; return the problems found."""
+    manifest_url = storage.join(dest, "manifest.json")
+    if not storage.exists(manifest_url):
+        return [f"no manifest.json in {dest}: not a finished shard folder"]
+    manifest = json.loads(storage.read_bytes(manifest_url))
+    problems = []
+    for split, info in manifest["splits"].items():
+        found, nbytes, sizes, left = 0, 0, {}, decode
+        for shard in info["shards"]:
+            url = storage.join(dest, shard["name"])
+            try:
+                result = read_shard(url, left)
+            except (tarfile.TarError, OSError, EOFError) as err:
+                problems.append(f"{url}: unreadable shard: {type(err).__name__}: {err}")
+                continue
+            left = result["decode"]
+            problems += result["problems"]
+            if (result["samples"], result["bytes"]) != (shard["samples"], shard["bytes"]):
+                problems.append(f"{url}: {result['samples']} samples, {result['bytes']} bytes; "
+                                f"manifest says {shard['samples']}, {shard['bytes']}")
+            found, nbytes = found + result["samples"], nbytes + result["bytes"]
+            for size, n in result["sizes"].items():
+                sizes[size] = sizes.get(size, 0) + n
+        seen = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(sizes.items()))
+        print(f"{split}: {len(info['shards'])} shards, {found}/{info['samples']} samples, "
+              f"{nbytes / 2**20:.1f} MB, {info.get('rejected', 0)} rejected; "
+              f"decoded input sizes: {seen or 'none'}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="inspect_shards.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Check shards against manifest.json and decode a few samples.")
+    parser.add_argument("dest", help="shard folder or s3://bucket/prefix")
+    parser.add_argument("--decode", type=int, default=16, help="samples decoded per split")
+    args = parser.parse_args(argv)
+    try:
+        problems = inspect(args.dest, args.decode)
+    except (storage.StorageError, ValueError) as err:
+        raise SystemExit(f"inspect_shards.py: error: {err}") from None
+    for problem in problems:
+        print(f"inspect_shards.py: error: {problem}", file=sys.stderr)
+    print("inspect_shards.py: " + (f"{len(problems)} problems" if problems else "all shards OK"),
+          file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
