@@ -68,26 +68,33 @@ class Shard:
 # ----------------------------------------------------------------------------- planning
 
 def plan_shards(pairs_by_split: dict, options: dict) -> list[Shard]:
-    """Seeded order per split, cut by sample count and source bytes, at least
-    min_shards per split when it has that many pairs."""
+    """Seeded order per split, cut into near-equal runs (at least min_shards, or one per
+    pair when fewer; at most max_samples each), runs then cut again by source bytes."""
     shards = []
     for split, pairs in pairs_by_split.items():
         order = list(pairs)
         random.Random(f"{options['seed']}/{split}").shuffle(order)
-        cap = min(options["max_samples"], math.ceil(len(order) / options["min_shards"]))
-        groups, nbytes = [[]], 0
-        for pair in order:
-            if groups[-1] and (len(groups[-1]) >= cap or nbytes + pair.nbytes > options["max_bytes"]):
-                groups.append([])
-                nbytes = 0
-            groups[-1].append(pair)
-            nbytes += pair.nbytes
+        count = max(min(options["min_shards"], len(order)),
+                    math.ceil(len(order) / options["max_samples"]))
+        runs = [order[i * len(order) // count:(i + 1) * len(order) // count] for i in range(count)]
+        groups = [g for run in runs for g in _cut_by_bytes(run, options["max_bytes"])]
         shards += [Shard(f"{split}-{i:06d}.tar", split, g) for i, g in enumerate(groups)]
     for shard in shards:
         rows = [dataclasses.astuple(p) for p in shard.pairs]
         text = json.dumps([shard.name, options, rows], sort_keys=True)
         shard.digest = hashlib.sha256(text.encode()).hexdigest()
     return shards
+
+
+def _cut_by_bytes(pairs: list, max_bytes: int) -> list[list]:
+    groups, nbytes = [[]], 0
+    for pair in pairs:
+        if groups[-1] and nbytes + pair.nbytes > max_bytes:
+            groups.append([])
+            nbytes = 0
+        groups[-1].append(pair)
+        nbytes += pair.nbytes
+    return groups
 
 
 def in_slice(shards: list[Shard], slice_: tuple[int, int]) -> list[Shard]:
