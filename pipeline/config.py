@@ -106,6 +106,9 @@ class TrainConfig:
     keep_last: int = opt(3, "checkpoints to keep (older ones removed after a new one commits)")
     resume: str = opt("", "'auto' (latest in run_dir), a checkpoint path, or empty")
     eval_every: int = opt(500, "evaluate on the val split every N steps (0: only at the end)")
+    mirror: str = opt("", "copy each committed checkpoint to this s3:// prefix (empty: off)")
+    collective_timeout: int = opt(
+        600, "seconds a rank waits in a collective before failing (a dead peer ends the run)")
     channels_last: bool = opt(False, "use channels_last memory format")
     compile: bool = opt(False, "torch.compile the models")
 
@@ -114,7 +117,8 @@ class TrainConfig:
 class LogConfig:
     every: int = opt(20, "log scalars every N steps")
     tracker: Literal["tensorboard", "wandb", "none"] = opt("tensorboard", "experiment tracker")
-    sample_every: int = opt(500, "write a sample grid every N steps")
+    sample_every: int = opt(500, "write a sample grid every N steps (0: only at the end)")
+    samples: int = opt(4, "val pairs shown in the sample grid")
     progress: bool = opt(True, "show a progress bar on the main process")
 
 
@@ -220,7 +224,8 @@ def validate(cfg: Config) -> Config:
                           f"data.crop_size {cfg.data.crop_size}")
     positive = {"data.batch_size": cfg.data.batch_size, "train.max_steps": cfg.train.max_steps,
                 "train.ckpt_every": cfg.train.ckpt_every, "train.keep_last": cfg.train.keep_last,
-                "log.every": cfg.log.every, "optim.lr": cfg.optim.lr}
+                "log.every": cfg.log.every, "log.samples": cfg.log.samples,
+                "train.collective_timeout": cfg.train.collective_timeout, "optim.lr": cfg.optim.lr}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
@@ -233,6 +238,8 @@ def validate(cfg: Config) -> Config:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if cfg.train.mirror and not cfg.train.mirror.startswith("s3://"):
+        raise ConfigError(f"train.mirror: {cfg.train.mirror!r} is not an s3:// prefix")
     if cfg.data.train.startswith("pipe:") or cfg.data.val.startswith("pipe:"):
         raise ConfigError("data.train/data.val: 'pipe:' URLs run a shell and are refused; "
                           "use a local path or s3://")

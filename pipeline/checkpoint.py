@@ -1,0 +1,225 @@
+"""Save and resume a whole training run, atomically, with rotation.
+
+A checkpoint is one folder `RUN/checkpoints/step_00001000/` holding:
+    generator.safetensors, generator.json   the generator export (weights + what it needs
+                                            to be rebuilt without the trainer)
+    discriminator.safetensors
+    optimizers.pt                           both optimisers and lr schedulers (tensors and
+                                            numbers only: loaded with weights_only=True)
+    trainer.json                            step, world size, config
+    rank_00000.json ...                     per rank: data-stream position, Python and
+    rank_00000_rng.pt ...                   NumPy RNG states; torch RNG states
+Every rank writes its own files into `step_N.tmp/`; once all have, rank 0 renames the
+folder to `step_N/`, then rewrites the `latest` marker, then removes the oldest
+checkpoints beyond keep_last. A crash at any moment leaves the previous checkpoint and
+marker intact; a `.tmp` folder is never loaded and is cleared by the next save.
+Resuming needs no pickle: everything is safetensors, JSON or weights_only tensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors, save as save_safetensors
+
+from pipeline import storage
+
+LATEST = "latest"
+EXPORT_FORMAT = "pix2pix-at-scale/generator"
+
+
+def checkpoints_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@dataclass
+class TrainingState:
+    """What a resume restores besides the modules' and optimisers' own state."""
+    step: int
+    data_state: dict | None  # this rank's stream position; None if it cannot be reused
+    world_size: int
+
+
+# --------------------------------------------------------------------------- RNG
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON-able Python and NumPy states, torch generator states as tensors)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    as_json = {"python": [py_version, list(py_state), py_gauss],
+               "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    return as_json, tensors
+
+
+def set_rng_state(as_json: dict, tensors: dict[str, torch.Tensor]) -> None:
+    py_version, py_state, py_gauss = as_json["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    kind, keys, pos, has_gauss, gauss = as_json["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+
+
+# --------------------------------------------------------------------------- save
+
+def _write_json(path: str, value: dict) -> None:
+    storage.write_bytes(path, json.dumps(value, indent=1, sort_keys=True).encode())
+
+
+def _write_torch(path: str, value) -> None:
+    with storage.atomic_write(path) as f:
+        torch.save(value, f)
+
+
+def export_metadata(config: dict, step: int) -> dict:
+    """generator.json: what rebuilding and using the generator needs, nothing more."""
+    return {"format": EXPORT_FORMAT, "version": 1, "step": step, "model": config["model"],
+            "data": {k: config["data"][k] for k in ("direction", "load_size", "crop_size")}}
+
+
+def save(run_dir: str, step: int, *, rank: int, world_size: int,
+         generator: torch.nn.Module, discriminator: torch.nn.Module,
+         optimizers: dict, schedulers: dict, data_state: dict, config: dict,
+         keep_last: int, barrier: Callable[[], None]) -> str:
+    """Write a checkpoint from every rank and commit it; returns its final folder.
+
+    `generator`/`discriminator` are the unwrapped modules. All ranks must call this at the
+    same step: rank 0 writes the shared files, every rank its own position and RNG.
+    """
+    root = checkpoints_dir(run_dir)
+    final = os.path.join(root, step_name(step))
+    staging = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-save
+        os.makedirs(staging)
+    barrier()
+    if rank == 0:
+        storage.write_bytes(os.path.join(staging, "generator.safetensors"),
+                            save_safetensors(_contiguous(generator.state_dict())))
+        _write_json(os.path.join(staging, "generator.json"), export_metadata(config, step))
+        storage.write_bytes(os.path.join(staging, "discriminator.safetensors"),
+                            save_safetensors(_contiguous(discriminator.state_dict())))
+        _write_torch(os.path.join(staging, "optimizers.pt"),
+                     {"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                      "schedulers": {k: s.state_dict() for k, s in schedulers.items()}})
+        _write_json(os.path.join(staging, "trainer.json"),
+                    {"step": step, "world_size": world_size, "config": config})
+    as_json, tensors = rng_state()
+    _write_json(os.path.join(staging, f"rank_{rank:05d}.json"), {"data": data_state, "rng": as_json})
+    _write_torch(os.path.join(staging, f"rank_{rank:05d}_rng.pt"), tensors)
+    barrier()
+    if rank == 0:
+        if os.path.exists(final):  # a re-save of the same step (e.g. resumed then stopped)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(root)
+        storage.write_bytes(os.path.join(root, LATEST), step_name(step).encode())
+        rotate(root, keep_last, keep=step_name(step))
+    barrier()
+    return final
+
+
+def _contiguous(state: dict) -> dict:
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def committed(root: str) -> list[str]:
+    """Committed checkpoint folder names, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = [n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp")]
+    return sorted(names)
+
+
+def rotate(root: str, keep_last: int, keep: str) -> None:
+    """Remove the oldest committed checkpoints beyond keep_last (never `keep`), after
+    the new one is committed: the opposite order would leave nothing on a crash."""
+    for name in committed(root)[:-keep_last]:
+        if name != keep:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- resume
+
+def resolve(run_dir: str, resume: str) -> str | None:
+    """The checkpoint folder `resume` names: 'auto' = latest in run_dir (None if the run
+    has none yet), else a path to a checkpoint folder."""
+    if not resume:
+        return None
+    if resume == "auto":
+        marker = os.path.join(checkpoints_dir(run_dir), LATEST)
+        if not os.path.exists(marker):
+            return None
+        name = storage.read_bytes(marker).decode().strip()
+        path = os.path.join(checkpoints_dir(run_dir), name)
+    else:
+        path = resume
+    if not os.path.isfile(os.path.join(path, "trainer.json")):
+        raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint "
+                                "(no trainer.json); give a step_N folder or 'auto'")
+    return path
+
+
+def load(path: str, *, rank: int, world_size: int, generator: torch.nn.Module,
+         discriminator: torch.nn.Module, optimizers: dict, schedulers: dict) -> TrainingState:
+    """Restore a checkpoint into the (unwrapped) modules, optimisers and schedulers."""
+    trainer = json.loads(storage.read_bytes(os.path.join(path, "trainer.json")))
+    _load_module(generator, os.path.join(path, "generator.safetensors"))
+    _load_module(discriminator, os.path.join(path, "discriminator.safetensors"))
+    with open(os.path.join(path, "optimizers.pt"), "rb") as f:
+        states = torch.load(f, map_location="cpu", weights_only=True)
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(states["optimizers"][name])
+    for name, scheduler in schedulers.items():
+        scheduler.load_state_dict(states["schedulers"][name])
+    same_world = trainer["world_size"] == world_size
+    rank_file = os.path.join(path, f"rank_{rank:05d}.json")
+    data_state = None
+    if same_world:
+        per_rank = json.loads(storage.read_bytes(rank_file))
+        with open(os.path.join(path, f"rank_{rank:05d}_rng.pt"), "rb") as f:
+            set_rng_state(per_rank["rng"], torch.load(f, weights_only=True))
+        data_state = per_rank["data"]
+    return TrainingState(step=trainer["step"], data_state=data_state,
+                         world_size=trainer["world_size"])
+
+
+def _load_module(module: torch.nn.Module, path: str) -> None:
+    state = load_safetensors(storage.read_bytes(path))
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise ValueError(f"{path} does not fit this model (another architecture or config?): "
+                         f"{first}") from None
+
+
+def mirror(checkpoint: str, prefix: str) -> None:
+    """Copy a committed checkpoint to object storage (e.g. s3://bucket/run), then its
+    `latest` marker, so the mirror too only ever points at complete checkpoints."""
+    name = os.path.basename(checkpoint)
+    for file in sorted(os.listdir(checkpoint)):
+        storage.put(os.path.join(checkpoint, file), storage.join(prefix, name, file))
+    storage.write_bytes(storage.join(prefix, LATEST), name.encode())

@@ -1,0 +1,131 @@
+"""What every rank must agree on: flags, the run folder, replica equality, a clean exit.
+
+Thin helpers over torch.distributed for the trainer. Each works unchanged in a
+single process (no process group): the local value is then the answer.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+import uuid
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _reduce_flag(flag: bool, op: str, device: torch.device) -> bool:
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """True on every rank iff `flag` is true on every rank."""
+    return _reduce_flag(flag, "min", device)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank iff `flag` is true on some rank."""
+    return _reduce_flag(flag, "max", device)
+
+
+def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+class StopRequest:
+    """Remembers SIGTERM, SIGINT and SIGUSR1 ("stop soon") instead of dying of them.
+
+    The trainer asks `agreed(device)` at each step boundary: all ranks stop together,
+    after the same step, so they can checkpoint collectively.
+    """
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._remember)
+
+    def _remember(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        return any_rank(self.signal_name is not None, device)
+
+
+def check_shared_run_dir(run_dir: str, rank: int, device: torch.device) -> None:
+    """Every rank must see the run folder rank 0 writes to (a shared filesystem on
+    several nodes): rank 0 writes a token, every rank reads it back."""
+    token_name = f".shared-check-{os.environ.get('MASTER_PORT', '0')}"
+    path = os.path.join(run_dir, token_name)
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(token[0])
+    if is_distributed():
+        dist.broadcast_object_list(token, src=0)
+    try:
+        with open(path) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    everyone_sees_it = all_ranks(seen, device)
+    barrier()
+    if rank == 0:
+        os.remove(path)
+    if not everyone_sees_it:
+        raise RuntimeError(f"train.run_dir {run_dir} is not shared: some ranks cannot read "
+                           "what rank 0 wrote there; use a filesystem every node mounts")
+
+
+def parameter_digest(*modules: torch.nn.Module) -> str:
+    """A hash of every parameter, bit for bit. Buffers are left out: BatchNorm running
+    statistics are per rank by design (each rank normalises with its own batch)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.named_parameters():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def replica_digests(*modules: torch.nn.Module) -> list[str]:
+    """Every rank's parameter digest (the same list on all ranks)."""
+    mine = parameter_digest(*modules)
+    if not is_distributed():
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def finish(code: int) -> None:
+    """End the process cleanly: gloo can abort at interpreter exit (pytorch#190489), so
+    tear the group down ourselves and leave with os._exit once output is flushed. Only a
+    successful rank waits for its peers: a failing one must not hang on a barrier."""
+    if is_distributed():
+        print(f"[rank {dist.get_rank()}] exiting with code {code}", file=sys.stderr)
+        if code == 0:
+            barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

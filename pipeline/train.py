@@ -1,0 +1,328 @@
+"""Train pix2pix: `accelerate launch pipeline/train.py --config CONFIG.yaml [--section.key=value]`.
+
+One process per device, on one machine or many, as the accelerate config says. This
+file composes the pieces (config, models, data stream, GAN step, checkpoints,
+evaluation, logs) and holds no model, loss or data detail of its own.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from tqdm import tqdm
+
+from pipeline import checkpoint, data, distributed, evaluate, storage
+from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
+from pipeline.gan import StepHooks, train_step
+from pipeline.losses import Pix2PixObjective
+from pipeline.models import build_discriminator, build_generator
+
+
+def log0(accelerator: Accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        tqdm.write(message)
+        sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- set-up
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    trackers = None if cfg.log.tracker == "none" else cfg.log.tracker
+    accelerator = Accelerator(
+        log_with=trackers, project_dir=cfg.train.run_dir,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout))])
+    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched_world:
+        raise RuntimeError(
+            f"accelerate sees {accelerator.num_processes} process(es) but the launcher started "
+            f"WORLD_SIZE={launched_world}: the ranks would train independently. On CPU use "
+            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N")
+    if accelerator.mixed_precision not in ("no", "bf16"):
+        raise ConfigError(f"mixed precision {accelerator.mixed_precision!r} is not supported: use "
+                          "'no' or 'bf16' (fp16 would share one grad scaler between G and D)")
+    validate_runtime(cfg, accelerator.device.type, accelerator.num_processes)
+    return accelerator
+
+
+def lr_factor(step: int, constant_steps: int, decay_steps: int) -> float:
+    """The reference schedule: constant, then linear decay to zero."""
+    if decay_steps <= 0 or step < constant_steps:
+        return 1.0
+    return max(0.0, 1.0 - (step - constant_steps) / decay_steps)
+
+
+def build_training(cfg: Config, accelerator: Accelerator):
+    """Models, optimisers and lr schedulers; models and optimisers prepared (DDP)."""
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    G, D = build_generator(cfg.model), build_discriminator(cfg.model)
+    if cfg.model.norm == "syncbatch":
+        G, D = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
+    if cfg.train.channels_last:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    adam = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    opt_G, opt_D = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
+    # Stepped by us once per step: a prepared scheduler steps once per process per call.
+    schedule = lambda step: lr_factor(step, cfg.optim.constant_steps, cfg.optim.decay_steps)
+    schedulers = {"G": torch.optim.lr_scheduler.LambdaLR(opt_G, schedule),
+                  "D": torch.optim.lr_scheduler.LambdaLR(opt_D, schedule)}
+    G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
+    if cfg.train.compile:
+        G, D = torch.compile(G), torch.compile(D)
+    return G, D, opt_G, opt_D, schedulers
+
+
+def step_hooks(cfg: Config, accelerator: Accelerator) -> StepHooks:
+    def step(optimizer, model):
+        if cfg.optim.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+
+    return StepHooks(backward=lambda loss, model: accelerator.backward(loss), step=step,
+                     autocast=accelerator.autocast, frozen_view=accelerator.unwrap_model)
+
+
+def environment(accelerator: Accelerator) -> dict:
+    import accelerate
+    return {"torch": torch.__version__, "accelerate": accelerate.__version__,
+            "python": platform.python_version(), "world_size": accelerator.num_processes,
+            "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
+            "distributed_type": str(accelerator.distributed_type)}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+class Evaluator:
+    """Val metrics across ranks, logged and appended to RUN/metrics.jsonl, and sample
+    grids from a fixed val batch on the main process."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.enabled = bool(cfg.data.val)
+        self.metrics_path = os.path.join(cfg.train.run_dir, "metrics.jsonl")
+        self.sample_batch = self._first_val_batch() if self.enabled else None
+
+    def _loader(self, batch_size: int | None = None, rank: int | None = None, world_size: int | None = None):
+        acc = self.accelerator
+        return data.make_eval_loader(
+            self.cfg.data, rank=acc.process_index if rank is None else rank,
+            world_size=acc.num_processes if world_size is None else world_size,
+            in_channels=self.cfg.model.in_channels, out_channels=self.cfg.model.out_channels,
+            batch_size=batch_size)
+
+    def _first_val_batch(self):
+        if not self.accelerator.is_main_process:
+            return None
+        batch = next(iter(self._loader(self.cfg.log.samples, rank=0, world_size=1)), None)
+        return None if batch is None else self._to_device(batch)
+
+    def _to_device(self, batch):
+        return batch["input"].to(self.accelerator.device), batch["target"].to(self.accelerator.device)
+
+    def metrics(self, G, step: int) -> dict | None:
+        if not self.enabled:
+            return None
+        generator = self.accelerator.unwrap_model(G)  # no DDP collectives: ranks differ in count
+        result = evaluate.evaluate(generator, (self._to_device(b) for b in self._loader()),
+                                   self.accelerator.device, self.accelerator.autocast,
+                                   distributed.sum_across_ranks, seed=self.cfg.train.seed)
+        if self.accelerator.is_main_process:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, **result}) + "\n")
+        self.accelerator.log({f"val/{k}": v for k, v in result.items()}, step=step)
+        return result
+
+    def samples(self, G, step: int) -> None:
+        if self.sample_batch is None:
+            return
+        generator = self.accelerator.unwrap_model(G)
+        grid = evaluate.sample_grid(generator, *self.sample_batch, self.accelerator.device,
+                                    self.accelerator.autocast, seed=self.cfg.train.seed)
+        evaluate.save_png(os.path.join(self.cfg.train.run_dir, "samples", f"step_{step:08d}.png"), grid)
+        if self.cfg.log.tracker == "tensorboard":
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_image("samples", grid, step, dataformats="HWC")
+
+    def untrained_l1(self) -> float | None:
+        """The val L1 logged at step 0 of this run, if any."""
+        if not os.path.exists(self.metrics_path):
+            return None
+        with open(self.metrics_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        return next((r["l1"] for r in records if r["step"] == 0), None)
+
+
+# --------------------------------------------------------------------------- the loop
+
+class Trainer:
+    def __init__(self, cfg: Config, accelerator: Accelerator):
+        self.cfg, self.acc = cfg, accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.G, self.D, self.opt_G, self.opt_D, self.schedulers = build_training(cfg, accelerator)
+        self.hooks = step_hooks(cfg, accelerator)
+        self.objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1)
+        self.loader = data.make_train_loader(
+            cfg.data, rank=self.rank, world_size=self.world, seed=cfg.train.seed,
+            in_channels=cfg.model.in_channels, out_channels=cfg.model.out_channels,
+            have_batch_all_ranks=lambda flag: distributed.all_ranks(flag, accelerator.device))
+        self.evaluator = Evaluator(cfg, accelerator)
+        self.step = 0
+        self.stop = distributed.StopRequest()
+
+    def resume(self) -> None:
+        path = checkpoint.resolve(self.cfg.train.run_dir, self.cfg.train.resume)
+        if path is None:
+            if self.cfg.train.resume:
+                log0(self.acc, f"resume: no checkpoint in {self.cfg.train.run_dir} yet, starting fresh")
+            return
+        state = checkpoint.load(path, rank=self.rank, world_size=self.world,
+                                generator=self.acc.unwrap_model(self.G),
+                                discriminator=self.acc.unwrap_model(self.D),
+                                optimizers={"G": self.opt_G, "D": self.opt_D},
+                                schedulers=self.schedulers)
+        self.step = state.step
+        if state.data_state is not None:
+            self.loader.load_state_dict(state.data_state)
+            log0(self.acc, f"resumed from {path} at step {self.step}")
+        else:
+            log0(self.acc, f"resumed from {path} at step {self.step}; it was saved with "
+                           f"{state.world_size} processes, this run has {self.world}: the data "
+                           "stream restarts its epoch with the new split and RNGs are reseeded")
+            torch.manual_seed(self.cfg.train.seed * 100003 + self.rank * 7919 + self.step)
+
+    def save(self) -> None:
+        path = checkpoint.save(
+            self.cfg.train.run_dir, self.step, rank=self.rank, world_size=self.world,
+            generator=self.acc.unwrap_model(self.G), discriminator=self.acc.unwrap_model(self.D),
+            optimizers={"G": self.opt_G, "D": self.opt_D}, schedulers=self.schedulers,
+            data_state=self.loader.state_dict(), config=to_dict(self.cfg),
+            keep_last=self.cfg.train.keep_last, barrier=distributed.barrier)
+        if self.cfg.train.mirror and self.acc.is_main_process:
+            checkpoint.mirror(path, self.cfg.train.mirror)
+        log0(self.acc, f"step {self.step}: checkpoint {path}")
+
+    def periodic(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0 and self.step < self.cfg.train.max_steps
+
+    def train_one_step(self, batch_iter) -> tuple[dict, float, float]:
+        """(losses, seconds waiting for data, seconds in total)."""
+        start = time.perf_counter()
+        batch = next(batch_iter)
+        x, y = data.to_device(batch, self.acc.device, cfg=self.cfg.data,
+                              channels_last=self.cfg.train.channels_last)
+        waited = time.perf_counter() - start
+        losses = train_step(self.G, self.D, self.opt_G, self.opt_D, x, y, self.objective, self.hooks)
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        return losses, waited, time.perf_counter() - start
+
+    def log(self, losses: dict, waited: float, elapsed: float) -> None:
+        batch = self.cfg.data.batch_size * self.world
+        scalars = {f"train/{k}": v for k, v in losses.items()}
+        scalars.update({"train/lr": self.schedulers["G"].get_last_lr()[0],
+                        "perf/samples_per_s": batch / max(elapsed, 1e-9),
+                        "perf/data_wait_share": waited / max(elapsed, 1e-9)})
+        scalars.update({f"data/skipped_{k}": v for k, v in self.loader.skipped.items()})
+        self.acc.log(scalars, step=self.step)
+        if self.acc.is_main_process:  # a plain record of every logged step, for people and tests
+            with open(os.path.join(self.cfg.train.run_dir, "train_log.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.step, **scalars}) + "\n")
+
+    def run(self) -> int:
+        cfg = self.cfg
+        if self.step == 0:
+            self.evaluator.metrics(self.G, 0)  # the untrained baseline
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.acc.is_main_process and cfg.log.progress))
+        batch_iter = iter(self.loader)
+        wait_total = time_total = 0.0
+        while self.step < cfg.train.max_steps:
+            losses, waited, elapsed = self.train_one_step(batch_iter)
+            self.step += 1
+            wait_total, time_total = wait_total + waited, time_total + elapsed
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise FloatingPointError(f"step {self.step}: non-finite loss {losses}; "
+                                         "no checkpoint written with these weights")
+            if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
+                self.log(losses, waited, elapsed)
+            bar.update(1)
+            bar.set_postfix(D=f"{losses['loss_D']:.3f}", G=f"{losses['loss_G']:.2f}",
+                            L1=f"{losses['loss_G_l1']:.3f}",
+                            sps=f"{cfg.data.batch_size * self.world / max(elapsed, 1e-9):.1f}",
+                            wait=f"{wait_total / max(time_total, 1e-9):.0%}", refresh=False)
+            if self.stop.agreed(self.acc.device):
+                log0(self.acc, f"step {self.step}: stop requested ({self.stop.signal_name or 'by a peer'}); "
+                               "checkpointing and exiting")
+                self.save()
+                return 0
+            if self.periodic(cfg.train.eval_every):
+                self.evaluator.metrics(self.G, self.step)
+            if self.periodic(cfg.log.sample_every):
+                self.evaluator.samples(self.G, self.step)
+            if self.periodic(cfg.train.ckpt_every):
+                self.save()
+        bar.close()
+        self.finish_run()
+        return 0
+
+    def finish_run(self) -> None:
+        final = self.evaluator.metrics(self.G, self.step)
+        self.evaluator.samples(self.G, self.step)
+        self.save()
+        digests = distributed.replica_digests(self.acc.unwrap_model(self.G), self.acc.unwrap_model(self.D))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"replicas diverged: parameter digests differ across ranks {digests}")
+        log0(self.acc, f"replicas agree: G and D digest {digests[0][:16]} on {len(digests)} rank(s)")
+        if final is not None:
+            untrained = self.evaluator.untrained_l1()
+            change = "" if not untrained else f" (untrained {untrained:.4f}, {final['l1'] / untrained - 1:+.0%})"
+            log0(self.acc, f"final val: L1 {final['l1']:.4f}{change}, PSNR {final['psnr']:.2f} dB, "
+                           f"SSIM {final['ssim']:.3f} over {final['images']} images")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, _ = from_cli(argv, prog="train.py", description=__doc__.split("\n\n")[0])
+        accelerator = make_accelerator(cfg)
+        distributed.check_shared_run_dir(cfg.train.run_dir, accelerator.process_index, accelerator.device)
+        trainer = Trainer(cfg, accelerator)
+        trainer.resume()
+    except (ConfigError, FileNotFoundError, ValueError, storage.StorageError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    if accelerator.is_main_process:
+        storage.write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())
+        log0(accelerator, "config:\n" + to_yaml(cfg) + "environment: " + json.dumps(environment(accelerator)))
+    if cfg.log.tracker != "none":
+        accelerator.init_trackers("logs", config=_flat_config(cfg))
+    code = trainer.run()
+    accelerator.end_training()
+    return code
+
+
+def _flat_config(cfg: Config) -> dict:
+    """section.key -> value, as trackers' hyper-parameter tables want it."""
+    return {f"{section}.{key}": value for section, values in to_dict(cfg).items()
+            for key, value in values.items()}
+
+
+def run_and_exit() -> None:
+    try:
+        code = main()
+    except Exception:  # report it, then leave without waiting for peers
+        traceback.print_exc()
+        code = 1
+    distributed.finish(code)
+
+
+if __name__ == "__main__":
+    run_and_exit()
