@@ -41,6 +41,7 @@ FORMAT_VERSION = 1
 TAR_MTIME = 946684800  # 2000-01-01: a fixed stamp keeps shards byte-identical across runs
 FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what the trainer decodes
 PARTS = "_parts"
+READ_AHEAD = 32  # pairs read at once while packing
 REASONS = ("read_error", "missing_input", "missing_target", "not_an_image",
            "unsupported_format", "too_large", "size_mismatch", "decode_error")
 # options that change the shards' bytes: recorded in the plan, the parts and the manifest
@@ -128,27 +129,26 @@ def probe(data: bytes, options: dict) -> tuple[str, int, int]:
     return im.format, width, height
 
 
-def _read(url: str | None, missing: str) -> bytes:
-    if url is None:
-        raise Rejected(missing)
-    try:
-        return storage.read_bytes(url)
-    except FileNotFoundError:
-        raise Rejected(missing, url) from None
-    except OSError as err:
-        raise Rejected("read_error", f"{type(err).__name__}: {err}"[:200]) from None
+def _read(fetched: dict, url: str | None, missing: str) -> bytes:
+    data = fetched.get(url, FileNotFoundError()) if url else FileNotFoundError()
+    if isinstance(data, FileNotFoundError):
+        raise Rejected(missing, url or "")
+    if isinstance(data, Exception):
+        raise Rejected("read_error", f"{type(data).__name__}: {data}"[:200])
+    return data
 
 
-def pack_pair(pair: sources.Pair, options: dict) -> tuple[dict, list[tuple[str, bytes]]]:
-    """(metadata, [(member suffix, bytes)]) for one pair, or raises Rejected."""
+def pack_pair(pair: sources.Pair, fetched: dict, options: dict) -> tuple[dict, list]:
+    """(metadata, [(member suffix, bytes)]) for one pair whose files are in `fetched`
+    ({url: bytes or error}), or raises Rejected."""
     meta = {"source": pair.name, "layout": pair.layout}
-    a = _read(pair.input, "missing_input")
+    a = _read(fetched, pair.input, "missing_input")
     fmt, width, height = probe(a, options)
     if pair.layout == "pair":
         halves_differ = width % 2 == 1
         half_w = width // 2
     else:
-        b = _read(pair.target, "missing_target")
+        b = _read(fetched, pair.target, "missing_target")
         b_fmt, b_width, b_height = probe(b, options)
         halves_differ = (width, height) != (b_width, b_height)
         half_w = width
@@ -217,9 +217,12 @@ def pack_shard(job: tuple) -> dict:
     samples, rejected = 0, []
     with storage.atomic_write(storage.join(dest, shard.name)) as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for pair in shard.pairs:
+            for i, pair in enumerate(shard.pairs):
+                if i % READ_AHEAD == 0:  # concurrent reads: S3 latency adds up otherwise
+                    batch = shard.pairs[i:i + READ_AHEAD]
+                    fetched = storage.read_many([u for p in batch for u in (p.input, p.target) if u])
                 try:
-                    meta, members = pack_pair(pair, options)
+                    meta, members = pack_pair(pair, fetched, options)
                 except Rejected as why:
                     rejected.append({"split": shard.split, "key": pair.key, "source": pair.name,
                                      "reason": why.reason, "detail": why.detail})

@@ -205,6 +205,24 @@ def read_bytes(url: str) -> bytes:
             return f.read()
 
 
+def read_many(urls: list[str]) -> dict[str, bytes | OSError]:
+    """{url: bytes, or the OSError reading it raised}; on S3 the reads run concurrently
+    (one request per object costs ~10 ms each when made one after another)."""
+    s3_urls = [u for u in urls if is_s3(u)]
+    found = {}
+    if s3_urls:
+        with _s3_errors(s3_urls[0]):
+            fetched = filesystem(s3_urls[0]).cat([_s3_key(u) for u in s3_urls], on_error="return")
+        found = {u: fetched[_s3_key(u)] for u in s3_urls}
+    for url in urls:
+        if not is_s3(url):
+            try:
+                found[url] = read_bytes(url)
+            except OSError as err:
+                found[url] = err
+    return found
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Write `data` to `url` atomically (see atomic_write)."""
     with atomic_write(url) as f:

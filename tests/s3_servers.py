@@ -8,6 +8,7 @@ Both yield an `S3Server`: endpoint, keys, `use(monkeypatch)` to point the AWS_* 
 fails on CI (CI=true), through conftest's `require_component`.
 """
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -115,7 +116,8 @@ def seaweed_s3(tmp_path_factory):
                                                    "secretKey": s3.secret_key}]}]}
     (root / "s3.json").write_text(json.dumps(identities))
     (root / "data").mkdir()
-    master, volume, filer, s3_port, admin, lance = _free_ports(6)
+    ports = _free_ports(6)
+    master, volume, filer, s3_port, admin, lance = ports
     s3.endpoint_url = f"http://127.0.0.1:{s3_port}"
     command = [
         weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -142,3 +144,6 @@ def seaweed_s3(tmp_path_factory):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
         log.close()
+        for port in ports + [p + 10000 for p in ports]:  # its gRPC sockets, ours only
+            for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                os.remove(sock)
