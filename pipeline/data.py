@@ -364,10 +364,10 @@ class EpochPlan:
     def steps(self) -> int:
         """Full batches per rank this epoch, the same on every rank: the minimum over
         ranks of the full batches their workers can make (exact), or the dataset over
-        the global batch (resampled)."""
+        the global batch, at least 1 (resampled)."""
         batch = self.cfg.batch_size
         if self.cfg.mode == "resampled":
-            return sum(s.samples for s in self.shards) // (batch * self.world_size)
+            return max(1, sum(s.samples for s in self.shards) // (batch * self.world_size))
         order = epoch_shards(self.shards, self.seed, self.epoch)
         return min(sum(sum(s.samples for s in split_by_worker(
             split_by_node(order, rank, self.world_size), w, self.num_workers)) // batch

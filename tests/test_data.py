@@ -80,10 +80,14 @@ def config(folder, **overrides) -> DataConfig:
 
 
 def epoch_batches(loader) -> list[dict]:
-    """The batches of the loader's current epoch (stops at the first batch of the next)."""
+    """The batches of the loader's current epoch (stops at the first batch of the next);
+    sets loader.epoch_skipped to the skip counts as the epoch ended."""
     epoch, batches = loader.epoch, []
-    for batch in loader:
+    while True:
+        skipped = loader.skipped
+        batch = next(loader)
         if loader.epoch != epoch:
+            loader.epoch_skipped = skipped
             return batches
         batches.append(batch)
 
@@ -255,21 +259,27 @@ def test_eval_loader_every_sample_once_across_ranks(tmp_path):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_equals_uninterrupted_stream(tmp_path, workers):
-    write_dataset(tmp_path, [7, 6, 5, 6])
+@pytest.mark.parametrize("rank,world,counts,total,stops", [
+    (1, 2, [7, 6, 5, 6], 6, (1, 2, 3)),
+    (0, 1, [3, 12, 3, 9], 12, (1, 6, 8, 10)),  # workers with unequal batch counts
+])
+def test_resume_equals_uninterrupted_stream(tmp_path, workers, rank, world, counts, total,
+                                            stops):
+    write_dataset(tmp_path, counts)
     cfg = config(tmp_path, num_workers=workers, batch_size=3)
-    make = lambda: data.make_train_loader(cfg, rank=1, world_size=2, seed=5, in_channels=3,
-                                          out_channels=3, have_batch_all_ranks=bool)
+    make = lambda: data.make_train_loader(cfg, rank=rank, world_size=world, seed=5,
+                                          in_channels=3, out_channels=3,
+                                          have_batch_all_ranks=bool)
     straight = make()
-    reference = [next(straight) for _ in range(6)]  # crosses into epoch 1
+    reference = [next(straight) for _ in range(total)]  # crosses into epoch 1
     assert straight.epoch == 1
-    for k in (1, 2, 3):
+    for k in stops:
         first = make()
         consumed = [next(first) for _ in range(k)]
         state = json.loads(json.dumps(first.state_dict()))
         resumed = make()
         resumed.load_state_dict(state)
-        batches = consumed + [next(resumed) for _ in range(6 - k)]
+        batches = consumed + [next(resumed) for _ in range(total - k)]
         assert [b["key"] for b in batches] == [b["key"] for b in reference]
         for got, want in zip(batches, reference):
             assert torch.equal(got["input"], want["input"])
@@ -332,7 +342,7 @@ def _rank_main(rank, world, port, cases, out_dir):
                                             in_channels=3, out_channels=3,
                                             have_batch_all_ranks=have_batch_all_ranks)
             batches = epoch_batches(loader)
-            seen[name] = {"keys": [b["key"] for b in batches], "skipped": loader.skipped,
+            seen[name] = {"keys": [b["key"] for b in batches], "skipped": loader.epoch_skipped,
                           "planned": loader.steps_per_epoch}
         (Path(out_dir) / f"{rank}.json").write_text(json.dumps(seen))
         dist.barrier()
@@ -370,7 +380,7 @@ def test_ranks_take_equal_steps(tmp_path, world, workers):
     cases, datasets = {}, {}
     for shards in (1, 7, 9):
         folder = tmp_path / f"d{shards}"
-        datasets[shards] = write_dataset(folder, [4] * shards, prefix=f"d{shards}")
+        datasets[shards] = write_dataset(folder, [6] * shards, prefix=f"d{shards}")
         cases[f"resampled{shards}"] = config(folder, mode="resampled", num_workers=workers)
         if shards >= world * max(1, workers):
             cases[f"exact{shards}"] = config(folder, num_workers=workers)
