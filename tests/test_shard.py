@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_tools import inspect_shards, shard
 from pipeline import storage
@@ -87,6 +88,22 @@ def samples_by_tarfile(dest: str) -> dict:
     return found
 
 
+def samples_by_webdataset(dest: str) -> dict:
+    """The same, read by webdataset: its WebDataset locally, its tar iterators over
+    storage streams on S3 (webdataset 1.0.2 has no s3:// opener)."""
+    urls = [storage.join(dest, s["name"]) for info in manifest(dest)["splits"].values()
+            for s in info["shards"]]
+    if storage.is_s3(dest):
+        samples = list(group_by_keys(tar_file_expander(
+            {"url": url, "stream": storage.open_read(url)} for url in urls)))
+    else:
+        samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    found = {(s["__url__"].rsplit("/", 1)[1].rsplit("-", 1)[0], s["__key__"]):
+             {k: v for k, v in s.items() if not k.startswith("__")} for s in samples}
+    assert len(found) == len(samples)  # no key twice
+    return found
+
+
 def assert_pairs_intact(found: dict, files: dict) -> None:
     """Every source A|B image present exactly once, bytes untouched, JSON consistent."""
     assert len(found) == len(files)
@@ -116,12 +133,11 @@ def test_aligned_roundtrip_local_tarfile_and_webdataset(tmp_path):
         assert info["bytes"] == sum(s["bytes"] for s in info["shards"])
         for s in info["shards"]:
             assert (dest / s["name"]).stat().st_size == s["bytes"]
-    urls = [str(dest / s["name"]) for info in m["splits"].values() for s in info["shards"]]
-    via_wds = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
-    assert sorted(s["__key__"] for s in via_wds) == sorted(k for _, k in found)
-    assert all(s["pair.jpg"] == found[(s["__url__"].rsplit("/", 1)[1].split("-")[0],
-                                       s["__key__"])]["pair.jpg"] for s in via_wds)
+    assert samples_by_webdataset(str(dest)) == found
     assert inspect_shards.main([str(dest)]) == 0
+    with open(dest / "train-000003.tar", "r+b") as f:  # a damaged shard is reported
+        f.truncate(3000)
+    assert inspect_shards.main([str(dest)]) == 1
 
 
 def test_folders_and_list_layouts_keep_bytes(tmp_path):
@@ -145,6 +161,26 @@ def test_folders_and_list_layouts_keep_bytes(tmp_path):
         name = json.loads(members["json"])["source"]  # as listed: A/pI.png
         assert members["input.png"] == files[name]
         assert members["target.png"] == files[name.replace("A/", "B/")]
+
+
+def test_jsonl_list_with_splits_and_dotted_names(tmp_path):
+    files = {"x/a.b.v2.png": image_bytes(8, 8, "PNG", 1), "y/a.b.v2.png": image_bytes(8, 8, "PNG", 2),
+             "x/a_b_v2.png": image_bytes(8, 8, "PNG", 3), "y/a_b_v2.png": image_bytes(8, 8, "PNG", 4),
+             "x/c.png": image_bytes(8, 8, "PNG", 5), "y/c.png": image_bytes(8, 8, "PNG", 6)}
+    write_files(tmp_path, files)
+    rows = [{"input": "x/a.b.v2.png", "target": "y/a.b.v2.png", "split": "train"},
+            {"input": "x/a_b_v2.png", "target": "y/a_b_v2.png", "split": "train"},
+            {"input": "x/c.png", "target": "y/c.png", "split": "val"}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_shard(tmp_path / "pairs.jsonl", tmp_path / "out") == 0
+    found = samples_by_tarfile(str(tmp_path / "out"))
+    keys = sorted(found)
+    assert [k[0] for k in keys] == ["train", "train", "val"]
+    assert all("." not in key for _, key in keys) and len({k for _, k in keys}) == 3
+    for members in found.values():
+        listed = json.loads(members["json"])["source"]
+        assert members["input.png"] == files[listed]
+        assert members["target.png"] == files[listed.replace("x/", "y/")]
 
 
 def test_split_pairs_and_resize_reencode(tmp_path):
@@ -177,7 +213,9 @@ def test_s3_roundtrip_moto_source_and_dest(tmp_path, moto_s3, monkeypatch):
     _upload(tmp_path / "src", f"s3://{bucket}/src")
     dest = f"s3://{bucket}/shards"
     assert run_shard(f"s3://{bucket}/src", dest, "--workers", "2") == 0
-    assert_pairs_intact(samples_by_tarfile(dest), files)
+    found = samples_by_tarfile(dest)
+    assert_pairs_intact(found, files)
+    assert samples_by_webdataset(dest) == found
     assert inspect_shards.main([dest]) == 0
     # same shards, byte for byte, as a local run from a local source
     assert run_shard(tmp_path / "src", tmp_path / "local") == 0
@@ -193,6 +231,9 @@ def test_s3_seaweedfs_dest_and_bad_credentials(tmp_path, seaweed_s3, monkeypatch
     dest = f"s3://{seaweed_s3.make_bucket()}/facades"
     assert run_shard(tmp_path / "src", dest) == 0
     assert_pairs_intact(samples_by_tarfile(dest), files)
+    written = storage.list_files(dest)
+    assert storage.join(dest, "manifest.json") in written and len(written) > 10
+    assert not any(seaweed_s3.secret_key.encode() in storage.read_bytes(url) for url in written)
     # bad credentials: the CLI fails at once, one line, no secret in it
     wrong = "wrong-secret-" + "q" * 24
     env = dict(os.environ, AWS_SECRET_ACCESS_KEY=wrong)
@@ -258,7 +299,9 @@ def test_resume_after_real_kill(tmp_path, sig):
     for name in tars:  # any shard under its final name is complete, never truncated
         assert interrupted[name] == reference[name]
 
-    subprocess.run(SHARD_PY + [args[0], str(dest)] + args[1:], check=True, timeout=60)
+    rerun = subprocess.run(SHARD_PY + [args[0], str(dest)] + args[1:], check=True,
+                           timeout=60, capture_output=True, text=True)
+    assert f"; {len(tars)} already done" in rerun.stderr  # finished shards were skipped
     assert tree(dest) == reference
 
 
