@@ -323,10 +323,10 @@ def augment(images: torch.Tensor, params: torch.Tensor, cfg: DataConfig) -> torc
     params for input and target, so the pair stays aligned."""
     resized = resize_u8(images, cfg.load_size)
     size = cfg.crop_size
-    crops = torch.stack([resized[i, :, top:top + size, left:left + size]
-                         for i, (top, left, _) in enumerate(params.tolist())])
-    flips = params[:, 2].to(device=crops.device, dtype=torch.bool)[:, None, None, None]
-    return torch.where(flips, crops.flip(-1), crops)
+    crops = [resized[i, :, top:top + size, left:left + size]
+             for i, (top, left, _) in enumerate(params.tolist())]
+    return torch.stack([crop.flip(-1) if flip else crop
+                        for crop, (_, _, flip) in zip(crops, params.tolist())])
 
 
 def to_unit_range(images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -378,7 +378,7 @@ def run_ranks(world: int, cases: dict, out_dir: Path, timeout: float = 100) -> l
 @pytest.mark.parametrize("workers", [0, 2])
 def test_ranks_take_equal_steps(tmp_path, world, workers):
     cases, datasets = {}, {}
-    for shards in (1, 7, 9):
+    for shards in (1, 7, 9, 12):  # 12: divides evenly for every ranks x workers here
         folder = tmp_path / f"d{shards}"
         datasets[shards] = write_dataset(folder, [6] * shards, prefix=f"d{shards}")
         cases[f"resampled{shards}"] = config(folder, mode="resampled", num_workers=workers)

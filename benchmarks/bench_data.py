@@ -1,0 +1,207 @@
+"""Input pipeline throughput per CPU core, against a naive per-file PIL loader.
+
+    python benchmarks/bench_data.py --pairs 400 --size 256
+
+Makes an aligned A|B JPEG folder (the reference pix2pix layout), packs it with
+data_tools/shard.py, then measures on one thread (torch.set_num_threads(1)), as pairs per
+CPU-second (process time: the honest per-core figure on a shared machine):
+  naive        PIL open + split + bicubic resize to load_size + crop + flip + to tensor,
+               one file at a time (the reference's aligned dataset)
+  decode       shard read + decode of both halves (no augmentation)
+  worker       the training loader, augment_on=worker (decode + resize + crop + flip)
+  device       the training loader, augment_on=device, plus to_device on the CPU
+               (the batched resize/crop/flip counted as CPU time too)
+  *_s3         the same from a moto S3 server on loopback (its own process: not counted)
+  read_only    tar streaming without decoding, local and S3: S3 CPU-s per GB read
+Then one train step (pipeline.gan, fp32, batch 1, all cores) for the keeps-up ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from report import report  # noqa: E402  benchmarks/ is on the path when run as a script
+from pipeline import data, storage  # noqa: E402
+from pipeline.config import DataConfig  # noqa: E402
+
+
+def make_source(folder: Path, pairs: int, size: int) -> None:
+    """A|B JPEGs (q 90) of smooth random scenes with grain: sizes like real photos."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(pairs):
+        coarse = rng.uniform(0, 255, (8, 16, 3)).astype(np.uint8)
+        scene = np.asarray(Image.fromarray(coarse).resize((2 * size, size), Image.BICUBIC))
+        grain = rng.normal(0, 8, scene.shape)
+        Image.fromarray(np.clip(scene + grain, 0, 255).astype(np.uint8)).save(
+            folder / f"{i:05d}.jpg", quality=90)
+
+
+def naive_pair(path: Path, load: int, crop: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's aligned loader without torchvision: PIL all the way."""
+    ab = Image.open(path).convert("RGB")
+    w, h = ab.size
+    halves = [ab.crop((0, 0, w // 2, h)), ab.crop((w // 2, 0, w, h))]
+    top, left = rng.integers(0, load - crop + 1, size=2)
+    flip = rng.random() < 0.5
+    out = []
+    for im in halves:
+        im = im.resize((load, load), Image.BICUBIC).crop((left, top, left + crop, top + crop))
+        im = im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im
+        out.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div(127.5).sub(1))
+    return out[0], out[1]
+
+
+def timed(fn) -> dict:
+    """Run fn() -> pairs; wall and CPU seconds of this process."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    pairs = fn()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"pairs": pairs, "wall_s": wall, "cpu_s": cpu, "pairs_per_cpu_s": pairs / cpu,
+            "pairs_per_s": pairs / wall}
+
+
+def run_naive(source: Path, cfg: DataConfig) -> int:
+    rng = np.random.default_rng(0)
+    files = sorted(source.glob("*.jpg"))
+    for path in files:
+        naive_pair(path, cfg.load_size, cfg.crop_size, rng)
+    return len(files)
+
+
+def run_decode(cfg: DataConfig) -> int:
+    pairs = 0
+    for _, _, key, parts in data.read_entries(data.list_shards(cfg.train, cfg.train_split)):
+        data.decode_sample(parts, cfg, 3, 3)
+        pairs += 1
+    return pairs
+
+
+def run_read_only(cfg: DataConfig) -> int:
+    shards = data.list_shards(cfg.train, cfg.train_split)
+    return sum(1 for _ in data.read_entries(shards))
+
+
+def run_loader(cfg: DataConfig) -> int:
+    loader = data.make_train_loader(cfg, rank=0, world_size=1, seed=0, in_channels=3,
+                                    out_channels=3)
+    pairs = 0
+    for _ in range(loader.steps_per_epoch):
+        x, y = data.to_device(next(loader), "cpu", cfg=cfg, channels_last=False)
+        pairs += len(x)
+    return pairs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    storage.clear_cache()
+    import boto3
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for _ in range(100):
+        try:
+            client.create_bucket(Bucket="bench")
+            return server, "s3://bench"
+        except Exception:
+            time.sleep(0.1)
+    raise RuntimeError("moto server did not start")
+
+
+def train_step_seconds(steps: int, size: int) -> float:
+    import bench_step
+    torch.set_num_threads(os.cpu_count())
+    args = argparse.Namespace(generator=f"unet_{size}", batch=1, size=size, steps=steps,
+                              warmup=1)
+    seconds = bench_step.time_steps("fp32", args, torch.device("cpu"))["s_per_step"]
+    torch.set_num_threads(1)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=400)
+    parser.add_argument("--size", type=int, default=256, help="crop size (halves are this big)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3 measurements")
+    parser.add_argument("--step-steps", type=int, default=2, help="train steps timed (0: skip)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    make_source(work / "source", args.pairs, args.size)
+    subprocess.run([sys.executable, "data_tools/shard.py", str(work / "source"),
+                    str(work / "shards"), "--min-shards", "4", "--workers", "1", "--quiet"],
+                   cwd=ROOT, check=True)
+    cfg = DataConfig(train=str(work / "shards"), load_size=round(args.size * 286 / 256),
+                     crop_size=args.size, batch_size=args.batch, num_workers=0,
+                     shuffle_buffer=64)
+    shard_bytes = sum(s.stat().st_size for s in (work / "shards").glob("*.tar"))
+    runs = {"naive": lambda: run_naive(work / "source", cfg),
+            "decode": lambda: run_decode(cfg),
+            "worker": lambda: run_loader(cfg),
+            "device": lambda: run_loader(replace(cfg, augment_on="device")),
+            "read_only": lambda: run_read_only(cfg)}
+    server = None
+    if not args.no_s3:
+        server, bucket = start_moto()
+        for path in sorted((work / "shards").glob("*")):
+            if path.is_file():
+                storage.put(str(path), f"{bucket}/shards/{path.name}")
+        s3 = replace(cfg, train=f"{bucket}/shards")
+        runs.update({"read_only_s3": lambda: run_read_only(s3),
+                     "worker_s3": lambda: run_loader(s3)})
+    rows = []
+    try:
+        run_decode(cfg)  # warm the page cache and imports
+        for name, fn in runs.items():
+            rows.append({"path": name, **timed(fn)})
+    finally:
+        if server:
+            server.terminate()
+    by = {row["path"]: row for row in rows}
+    figures = {"decode_pairs_per_core_s": by["decode"]["pairs_per_cpu_s"],
+               "worker_pairs_per_core_s": by["worker"]["pairs_per_cpu_s"],
+               "device_pairs_per_core_s": by["device"]["pairs_per_cpu_s"],
+               "naive_pairs_per_core_s": by["naive"]["pairs_per_cpu_s"],
+               "full_vs_naive": max(by["worker"]["pairs_per_cpu_s"],
+                                    by["device"]["pairs_per_cpu_s"]) / by["naive"]["pairs_per_cpu_s"],
+               "shard_MB": shard_bytes / 2**20}
+    if "read_only_s3" in by:
+        gb = shard_bytes / 2**30
+        figures["local_read_cpu_s_per_GB"] = by["read_only"]["cpu_s"] / gb
+        figures["s3_read_cpu_s_per_GB"] = by["read_only_s3"]["cpu_s"] / gb
+        figures["s3_overhead_cpu_s_per_GB"] = (by["read_only_s3"]["cpu_s"] - by["read_only"]["cpu_s"]) / gb
+    if args.step_steps:
+        step = train_step_seconds(args.step_steps, args.size)
+        figures["train_step_s_batch1_all_cores"] = step
+        # one loader core's pairs/s over the pairs/s one (all-core) train step consumes
+        figures["loader_core_vs_step"] = by["worker"]["pairs_per_cpu_s"] * step
+    return report("bench_data", rows, figures)
+
+
+if __name__ == "__main__":
+    main()
