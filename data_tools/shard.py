@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import random
+import signal
 import sys
 import tarfile
 import time
@@ -267,7 +268,7 @@ def pack(dest: str, shards: list[Shard], options: dict, workers: int, progress: 
     bar = tqdm(total=sum(len(s.pairs) for s in todo), unit="pair", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     jobs = [(dest, shard, options) for shard in todo]
-    pool = multiprocessing.Pool(workers) if workers > 1 and len(jobs) > 1 else None
+    pool = multiprocessing.Pool(workers, _worker_signals) if workers > 1 and len(jobs) > 1 else None
     try:
         parts = pool.imap_unordered(pack_shard, jobs) if pool else map(pack_shard, jobs)
         for part in parts:
@@ -282,6 +283,21 @@ def pack(dest: str, shards: list[Shard], options: dict, workers: int, progress: 
             pool.terminate()  # workers are done or, on Ctrl-C, must stop now
     stats["seconds"] = time.perf_counter() - start
     return stats
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _worker_signals() -> None:
+    """Ctrl-C reaches the whole process group: the parent alone decides, then stops the
+    workers with SIGTERM, which must unwind atomic_write to remove its temp file."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _quiet_exit)
+
+
+def _quiet_exit(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like an exception, ends without a traceback
 
 
 def merge(dest: str) -> dict:
@@ -315,6 +331,16 @@ def merge(dest: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Plan, pack this slice, merge when it is the whole plan. SIGTERM (Slurm preemption,
+    `kill`) stops it like Ctrl-C: finished shards kept, temp files removed."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in OUTPUT_OPTIONS}
     pairs_by_split = sources.find_pairs(args.source, args.layout, args.split)
     shards = plan_shards(pairs_by_split, options)
