@@ -191,6 +191,12 @@ def _read_tar(index: int, url: str, offset: int) -> Iterator[tuple]:
                         yield index, start, key, parts
                     key, parts, start = member_key, {}, offset + member.offset
                 parts[suffix] = tar.extractfile(member).read()
+            # tarfile ends quietly at a bad or missing header past the first one: a
+            # well-formed shard ends with a zero block where the member loop stopped
+            end = offset + tar.offset
+            f.seek(end)
+            if f.read(512) != bytes(512):
+                raise tarfile.ReadError(f"no end-of-archive block at byte {end}")
     except READ_ERRORS as err:
         log.warning("shard %s unreadable from byte %d on: %s", url, start, err)
         truncated = isinstance(err, (tarfile.TarError, EOFError))

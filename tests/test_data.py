@@ -118,6 +118,23 @@ def test_list_shards_forms(tmp_path):
             data.list_shards(refused, "train")
 
 
+def test_damaged_tars_are_counted_not_silently_short(tmp_path):
+    write_dataset(tmp_path, [3])
+    shard = tmp_path / "train-000000.tar"
+    whole = shard.read_bytes()
+    offsets = [m.offset for m in tarfile.open(shard)]  # 9 members: 3 per sample
+    read = lambda: [(e[2], e[3] if e[2] is None else None) for e in data.read_entries([shard])]
+    assert read() == [("s00n000", None), ("s00n001", None), ("s00n002", None)]
+    cases = {"at a header boundary": whole[:offsets[6]],
+             "inside member data": whole[:offsets[6] + 700],
+             "garbage header": whole[:offsets[3]] + b"x" * 512 + whole[offsets[3] + 512:]}
+    for case, damaged in cases.items():
+        shard.write_bytes(damaged)
+        entries = read()
+        assert entries[-1] == (None, "truncated_shard"), case
+        assert all(key is not None for key, _ in entries[:-1]), case
+
+
 def test_shard_order_and_splits_partition():
     shards = list(range(9))
     assert data.epoch_shards(shards, 1, 0) == data.epoch_shards(shards, 1, 0)
