@@ -30,7 +30,6 @@ import signal
 import sys
 import tarfile
 import time
-import warnings
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -160,7 +159,7 @@ def pack_pair(pair: sources.Pair, fetched: dict, options: dict) -> tuple[dict, l
     too_big = options["resize"] and max(half_w, height) > options["resize"]
     if halves_differ or too_big or (pair.layout == "pair" and options["split_pairs"]):
         return reencode(pair, a, None if pair.layout == "pair" else b, options)
-    meta.update(width=width, height=height, format=FORMATS[fmt].replace("jpg", "jpeg"))
+    meta.update(width=width, height=height, format=fmt.lower())
     if pair.layout == "pair":
         meta["split_x"] = half_w
         return meta, [("pair." + FORMATS[fmt], a)]
@@ -302,7 +301,11 @@ def _quiet_exit(signum, frame):
 
 def merge(dest: str) -> dict:
     """Write rejected.jsonl and, last, manifest.json from the plan and every part."""
-    plan = json.loads(storage.read_bytes(storage.join(dest, PARTS, "plan.json")))
+    plan_url = storage.join(dest, PARTS, "plan.json")
+    if not storage.exists(plan_url):
+        raise SystemExit(f"shard.py: error: no shard plan in {dest}: run "
+                         "`shard.py SOURCE DEST [--slice i/n]` first")
+    plan = json.loads(storage.read_bytes(plan_url))
     parts, missing = [], []
     for entry in plan["shards"]:
         shard = Shard(entry["name"], entry["split"], [], entry["digest"])

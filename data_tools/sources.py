@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pipeline import storage
 
+# listed so that formats the trainer cannot read are rejected and counted, not ignored
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SPLIT_FOLDERS = ("train", "val", "test")
 LAYOUTS = ("auto", "aligned", "folders", "list")
@@ -62,9 +63,8 @@ def find_pairs(source: str, layout: str = "auto", split: str = "train") -> dict[
 def detect_layout(source: str) -> str:
     if source.lower().endswith(LIST_SUFFIXES):
         return "list"
-    has_a = storage.list_sizes(storage.join(source, "A"), recursive=True)
-    has_b = storage.list_sizes(storage.join(source, "B"), recursive=True)
-    return "folders" if has_a and has_b else "aligned"
+    both = all(storage.exists(storage.join(source, half)) for half in ("A", "B"))
+    return "folders" if both else "aligned"
 
 
 def _images(folder: str) -> dict[str, int]:
