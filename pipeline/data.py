@@ -387,16 +387,26 @@ def start_position() -> dict:
 def worker_batches(plan: EpochPlan, worker: int, position: dict,
                    device_augment: bool) -> Iterator[dict]:
     """One worker's batches for one epoch, from `position` (see start_position). Each
-    batch carries "_position", this worker's position after it."""
+    batch carries "_position", this worker's position after it; the stream ends with a
+    batch-less {"_position"} so that skips after the last batch are counted too."""
     cfg = plan.cfg
     entries = read_entries(plan.worker_shards(worker), position["shard"], position["offset"])
-    skipped, taken, samples = Counter(position["skipped"]), position["taken"], []
+    skipped, samples = Counter(position["skipped"]), []
+    shard, offset, taken = position["shard"], position["offset"], position["taken"]
+    last_good_shard = shard
+    here = lambda: {"shard": shard, "offset": offset, "taken": taken, "skipped": dict(skipped)}
     while block := list(itertools.islice(entries, cfg.shuffle_buffer)):
-        shard, offset = block[0][:2]
+        if (shard, offset) != block[0][:2]:
+            shard, offset, taken = *block[0][:2], 0
+        if shard - last_good_shard > 2 * len(plan.shards):  # only resampled draws get here
+            log.error("worker %d: no usable sample in %d shard draws; ending its stream",
+                      worker, shard - last_good_shard)
+            break
         order = np.random.default_rng(derive_seed(
             plan.seed, plan.epoch, plan.rank, worker, shard, offset, "block")).permutation(len(block))
-        for taken in range(taken, len(block)):
+        while taken < len(block):
             _, _, key, parts = block[order[taken]]
+            taken += 1
             reason = parts if key is None else None
             if reason is None:
                 pair, reason = try_decode(key, parts, cfg, plan.in_channels, plan.out_channels)
@@ -404,13 +414,11 @@ def worker_batches(plan: EpochPlan, worker: int, position: dict,
                 skipped[reason] += 1
                 continue
             samples.append((key, pair))
+            last_good_shard = shard
             if len(samples) == cfg.batch_size:
-                batch = collate(samples, plan, device_augment)
-                batch["_position"] = {"shard": shard, "offset": offset, "taken": taken + 1,
-                                      "skipped": dict(skipped)}
-                yield batch
+                yield {**collate(samples, plan, device_augment), "_position": here()}
                 samples = []
-        taken = 0
+    yield {"_position": here()}
 
 
 def try_decode(key: str, parts: dict, cfg: DataConfig, in_channels: int,
@@ -545,7 +553,7 @@ class TrainLoader:
                 self._end_epoch()
             if self._iterator is None:
                 self._iterator = self._start_iterator()
-            batch = next(self._iterator, None)
+            batch = self._fetch()
             if self.have_batch_all_ranks(batch is not None):
                 break
             if self.step_in_epoch == 0:
@@ -554,11 +562,18 @@ class TrainLoader:
             log.info("epoch %d ended after %d of %d steps: a rank ran out of good samples",
                      self.epoch, self.step_in_epoch, self.steps_per_epoch)
             self._end_epoch()
-        worker = batch.pop("_worker")
-        self._positions[worker] = batch.pop("_position")
-        self._next_worker = (worker + 1) % self.num_workers
         self.step_in_epoch += 1
         return batch
+
+    def _fetch(self) -> dict | None:
+        """The next batch of this epoch (None at its end), recording worker positions."""
+        for item in self._iterator:
+            worker = item.pop("_worker")
+            self._positions[worker] = item.pop("_position")
+            self._next_worker = (worker + 1) % self.num_workers
+            if item:  # else a worker's end-of-stream position, not a batch
+                return item
+        return None
 
     @property
     def skipped(self) -> dict[str, int]:

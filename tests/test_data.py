@@ -276,14 +276,15 @@ def test_eval_loader_every_sample_once_across_ranks(tmp_path):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("rank,world,counts,total,stops", [
-    (1, 2, [7, 6, 5, 6], 6, (1, 2, 3)),
-    (0, 1, [3, 12, 3, 9], 12, (1, 6, 8, 10)),  # workers with unequal batch counts
+@pytest.mark.parametrize("mode,rank,world,counts,total,stops", [
+    ("exact", 1, 2, [7, 6, 5, 6], 6, (1, 2, 3)),
+    ("exact", 0, 1, [3, 12, 3, 9], 12, (1, 6, 8, 10)),  # workers with unequal batch counts
+    ("resampled", 1, 2, [7, 6, 5, 6], 6, (2, 4)),
 ])
-def test_resume_equals_uninterrupted_stream(tmp_path, workers, rank, world, counts, total,
-                                            stops):
+def test_resume_equals_uninterrupted_stream(tmp_path, workers, mode, rank, world, counts,
+                                            total, stops):
     write_dataset(tmp_path, counts)
-    cfg = config(tmp_path, num_workers=workers, batch_size=3)
+    cfg = config(tmp_path, num_workers=workers, batch_size=3, mode=mode)
     make = lambda: data.make_train_loader(cfg, rank=rank, world_size=world, seed=5,
                                           in_channels=3, out_channels=3,
                                           have_batch_all_ranks=bool)
@@ -323,6 +324,18 @@ def test_resume_deep_in_a_shard_decodes_nothing_skipped(tmp_path, monkeypatch):
     assert next(resumed)["key"] == expected
     assert len(decoded) == 4  # 2 samples x 2 images: the 50 consumed ones were not decoded
     assert len(reads) == 1
+
+
+def test_all_bad_data_ends_instead_of_spinning(tmp_path):
+    write_dataset(tmp_path, [4, 4])
+    for shard in tmp_path.glob("*.tar"):
+        shard.write_bytes(b"not a tar" * 100)
+    for mode in ("exact", "resampled"):
+        loader = data.make_train_loader(config(tmp_path, mode=mode), rank=0, world_size=1,
+                                        seed=0, in_channels=3, out_channels=3)
+        with pytest.raises(RuntimeError, match="no usable batch"):
+            next(loader)
+        assert loader.skipped["truncated_shard"] >= 2
 
 
 def test_changed_world_size_restarts_the_epoch(tmp_path, caplog):
@@ -431,9 +444,12 @@ def corrupt_dataset(folder: Path, world: int) -> tuple[str, str]:
 @pytest.mark.timeout(180)
 def test_bad_data_on_one_rank_no_hang_equal_steps_counted(tmp_path):
     corrupt_dataset(tmp_path, world=2)
-    cases = {"exact": config(tmp_path, num_workers=2), "exact0": config(tmp_path)}
+    cases = {"exact": config(tmp_path, num_workers=2), "exact0": config(tmp_path),
+             "resampled": config(tmp_path, mode="resampled", num_workers=2)}
     results = run_ranks(2, cases, tmp_path)
-    for name in cases:
+    steps = [len(r["resampled"]["keys"]) for r in results]  # endless: bad data never cuts
+    assert steps[0] == steps[1] == results[0]["resampled"]["planned"]
+    for name in ("exact", "exact0"):
         steps = [len(r[name]["keys"]) for r in results]
         assert steps[0] == steps[1] > 0
         assert results[0][name]["skipped"] == {}
