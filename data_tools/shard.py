@@ -428,10 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=parse_size, default=512 * 2**20,
                    help="source bytes per shard at most (accepts K, M, G)")
     p.add_argument("--min-shards", type=positive, default=8,
-                   help="shards per split at least, when it has that many pairs")
+                   help="shards per split at least (a smaller split: one per pair)")
     p.add_argument("--workers", type=positive, default=min(8, os.cpu_count() or 1),
-                   help="packing processes")
-    p.add_argument("--slice", type=parse_slice, default=(0, 1), metavar="I/N",
+                   help="packing processes: min(8, CPU count) unless given")
+    p.add_argument("--slice", type=parse_slice, default="0/1", metavar="I/N",
                    help="pack only part I of N of the shard plan (then `merge`)")
     p.add_argument("--split-pairs", action="store_true",
                    help="store A|B images as separate re-encoded input/target members")
