@@ -5,7 +5,7 @@
 Makes an aligned A|B JPEG folder (the reference pix2pix layout), packs it with
 data_tools/shard.py, then measures on one thread (torch.set_num_threads(1)), as pairs per
 CPU-second (process time: the honest per-core figure on a shared machine):
-  naive        PIL open + split + bicubic resize to load_size + crop + flip + to tensor,
+  jpeg_*       the JPEG decoder alone on the same bytes: PIL against simplejpeg  naive        PIL open + split + bicubic resize to load_size + crop + flip + to tensor,
                one file at a time (the reference's aligned dataset)
   decode       shard read + decode of both halves (no augmentation)
   worker       the training loader, augment_on=worker (decode + resize + crop + flip)
@@ -38,15 +38,16 @@ from pipeline import data, storage  # noqa: E402
 from pipeline.config import DataConfig  # noqa: E402
 
 
-def make_source(folder: Path, pairs: int, size: int) -> None:
-    """A|B JPEGs (q 90) of smooth random scenes with grain: sizes like real photos."""
+def make_source(folder: Path, pairs: int, size: int, grain: float) -> None:
+    """A|B JPEGs (q 90) of smooth random scenes with grain (std `grain` levels): grain 8
+    gives ~42 KB per 512x256 pair, like photos; JPEG decode time grows with it."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(pairs):
         coarse = rng.uniform(0, 255, (8, 16, 3)).astype(np.uint8)
         scene = np.asarray(Image.fromarray(coarse).resize((2 * size, size), Image.BICUBIC))
-        grain = rng.normal(0, 8, scene.shape)
-        Image.fromarray(np.clip(scene + grain, 0, 255).astype(np.uint8)).save(
+        noise = rng.normal(0, grain, scene.shape)
+        Image.fromarray(np.clip(scene + noise, 0, 255).astype(np.uint8)).save(
             folder / f"{i:05d}.jpg", quality=90)
 
 
@@ -88,6 +89,19 @@ def run_decode(cfg: DataConfig) -> int:
         data.decode_sample(parts, cfg, 3, 3)
         pairs += 1
     return pairs
+
+
+def run_jpeg(source: Path, library: str) -> int:
+    """Decode every A|B JPEG from memory: the decoder alone (data.py keeps the faster)."""
+    import io
+    import simplejpeg
+    blobs = [path.read_bytes() for path in sorted(source.glob("*.jpg"))]
+    for blob in blobs:
+        if library == "simplejpeg":
+            simplejpeg.decode_jpeg(blob, colorspace="RGB")
+        else:
+            np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+    return len(blobs)
 
 
 def run_read_only(cfg: DataConfig) -> int:
@@ -147,12 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs", type=int, default=400)
     parser.add_argument("--size", type=int, default=256, help="crop size (halves are this big)")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--grain", type=float, default=8.0, help="image noise (std levels)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 measurements")
     parser.add_argument("--step-steps", type=int, default=2, help="train steps timed (0: skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
-    make_source(work / "source", args.pairs, args.size)
+    make_source(work / "source", args.pairs, args.size, args.grain)
     subprocess.run([sys.executable, "data_tools/shard.py", str(work / "source"),
                     str(work / "shards"), "--min-shards", "4", "--workers", "1", "--quiet"],
                    cwd=ROOT, check=True)
@@ -160,7 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
                      crop_size=args.size, batch_size=args.batch, num_workers=0,
                      shuffle_buffer=64)
     shard_bytes = sum(s.stat().st_size for s in (work / "shards").glob("*.tar"))
-    runs = {"naive": lambda: run_naive(work / "source", cfg),
+    runs = {"jpeg_pil": lambda: run_jpeg(work / "source", "pil"),
+            "jpeg_simplejpeg": lambda: run_jpeg(work / "source", "simplejpeg"),
+            "naive": lambda: run_naive(work / "source", cfg),
             "decode": lambda: run_decode(cfg),
             "worker": lambda: run_loader(cfg),
             "device": lambda: run_loader(replace(cfg, augment_on="device")),
@@ -183,13 +200,15 @@ def main(argv: list[str] | None = None) -> dict:
         if server:
             server.terminate()
     by = {row["path"]: row for row in rows}
-    figures = {"decode_pairs_per_core_s": by["decode"]["pairs_per_cpu_s"],
+    figures = {"simplejpeg_vs_pil": by["jpeg_simplejpeg"]["pairs_per_cpu_s"] /
+               by["jpeg_pil"]["pairs_per_cpu_s"],
+               "decode_pairs_per_core_s": by["decode"]["pairs_per_cpu_s"],
                "worker_pairs_per_core_s": by["worker"]["pairs_per_cpu_s"],
                "device_pairs_per_core_s": by["device"]["pairs_per_cpu_s"],
                "naive_pairs_per_core_s": by["naive"]["pairs_per_cpu_s"],
                "full_vs_naive": max(by["worker"]["pairs_per_cpu_s"],
                                     by["device"]["pairs_per_cpu_s"]) / by["naive"]["pairs_per_cpu_s"],
-               "shard_MB": shard_bytes / 2**20}
+               "shard_MB": shard_bytes / 2**20, "grain": args.grain}
     if "read_only_s3" in by:
         gb = shard_bytes / 2**30
         figures["local_read_cpu_s_per_GB"] = by["read_only"]["cpu_s"] / gb
