@@ -17,6 +17,10 @@ import torch.distributed as dist
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
+class StartupError(RuntimeError):
+    """The launch itself is wrong (world size, run folder); the message says how to fix it."""
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -92,7 +96,7 @@ def check_shared_run_dir(run_dir: str, rank: int, device: torch.device) -> None:
     if rank == 0:
         os.remove(path)
     if not everyone_sees_it:
-        raise RuntimeError(f"train.run_dir {run_dir} is not shared: some ranks cannot read "
+        raise StartupError(f"train.run_dir {run_dir} is not shared: some ranks cannot read "
                            "what rank 0 wrote there; use a filesystem every node mounts")
 
 
@@ -121,8 +125,9 @@ def finish(code: int) -> None:
     """End the process cleanly: gloo can abort at interpreter exit (pytorch#190489), so
     tear the group down ourselves and leave with os._exit once output is flushed. Only a
     successful rank waits for its peers: a failing one must not hang on a barrier."""
-    if is_distributed():
-        print(f"[rank {dist.get_rank()}] exiting with code {code}", file=sys.stderr)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # which rank ended how, for launcher logs
+        print(f"[rank {os.environ.get('RANK', '?')}] exiting with code {code}", file=sys.stderr)
+    if is_distributed():  # accelerator.end_training() may have torn it down already
         if code == 0:
             barrier()
         dist.destroy_process_group()

@@ -43,7 +43,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout))])
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched_world:
-        raise RuntimeError(
+        raise distributed.StartupError(
             f"accelerate sees {accelerator.num_processes} process(es) but the launcher started "
             f"WORLD_SIZE={launched_world}: the ranks would train independently. On CPU use "
             "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N")
@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         distributed.check_shared_run_dir(cfg.train.run_dir, accelerator.process_index, accelerator.device)
         trainer = Trainer(cfg, accelerator)
         trainer.resume()
-    except (ConfigError, FileNotFoundError, ValueError, storage.StorageError) as err:
+    except (ConfigError, distributed.StartupError, FileNotFoundError, ValueError,
+            storage.StorageError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     if accelerator.is_main_process:

@@ -18,4 +18,7 @@ def require_component(available: bool, what: str) -> None:
         pytest.fail(f"{what} is required on CI (CI=true) but is not available")
     pytest.skip(f"{what} not available")
 
-pytest_plugins = ["tests.s3_servers"]  # moto_s3 and seaweed_s3 fixtures
+pytest_plugins = [
+    "tests.s3_servers",  # moto_s3 and seaweed_s3 fixtures
+    "tests.trainer_runs",  # demo_shards
+]
