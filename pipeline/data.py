@@ -32,6 +32,15 @@ Design decisions (the why):
   becomes an entry that is skipped and counted by reason where it is consumed: counts
   are exact across resumes, and nothing raises.
 * Equal steps: see TrainLoader.
+* Plain `tarfile` streaming over storage.open_read rather than webdataset's pipeline:
+  it gives byte positions to resume from, skipping member data without decoding it, and
+  one place that turns every read failure into a counted entry. torchdata's
+  StatefulDataLoader is not needed: the per-worker positions ride along with the
+  batches, and its fast-forward would decode what it skips.
+* Measured here (benchmarks/bench_data.py, one core): simplejpeg decodes JPEG 1.6-2.6x
+  faster than PIL, so JPEG goes through it; torch's uint8 channels-last bicubic resize is
+  ~4x faster than PIL's, so both augmentation paths use it.
+* Do not pass these loaders through accelerator.prepare(): it re-splits or drops data.
 
 EXIF orientation is ignored (pixels are used as stored, as the reference pix2pix does):
 a pair is aligned in its stored pixel grid, shard.py measures `split_x` in stored
@@ -129,7 +138,7 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def count_samples(url: str) -> int:
-    """Samples in a tar shard, reading its headers (for shards without a manifest)."""
+    """Samples in a tar shard, reading it through (for shards without a manifest)."""
     return sum(1 for _, _, key, _ in read_entries([url]) if key is not None)
 
 
@@ -341,7 +350,8 @@ def to_unit_range(images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 
 def _chw(pixels: np.ndarray) -> torch.Tensor:
-    """HxWxC numpy -> 1 x C x H x W tensor view (channels-last memory, no copy)."""
+    """HxWxC numpy -> 1 x C x H x W tensor in channels-last memory (copies only the
+    non-contiguous halves of a pair image)."""
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
 
 
@@ -491,11 +501,17 @@ class TrainLoader:
     by the trainer, called once per step) ends the epoch on every rank together as soon
     as one rank runs out early (bad data). With world_size > 1 it is required.
 
-    `state_dict()` is this rank's position (plain JSON); `load_state_dict` continues the
-    stream exactly where it was: the same batches, the same augmentation, consumed data
-    skipped without decoding. A state saved with another world size, worker count, mode
-    or seed restarts its epoch with the new split (logged as a warning).
-    `skipped` counts the samples dropped for bad data, by reason.
+    `state_dict()` is this rank's position (plain JSON): {"version", "epoch",
+    "step_in_epoch", "next_worker", "workers": [{"shard", "offset", "taken", "skipped"}
+    per worker: index in the worker's shard list (or draw), byte offset of the current
+    shuffle block, entries of the block consumed, skip counts this epoch],
+    "skipped_before" (earlier epochs), and the layout: "seed", "world_size", "rank",
+    "num_workers", "mode", "batch_size", "shuffle_buffer"}. Every rank has its own; the
+    trainer saves all of them. `load_state_dict` continues the stream exactly where it
+    was: the same batches, the same augmentation, consumed data skipped without decoding
+    (one shuffle block at most is read again). A state saved with another layout (world
+    size, workers, mode, seed, ...) restarts its epoch with the new split, logged as a
+    warning. `skipped` counts what bad data dropped, by reason (shards and samples).
     """
 
     def __init__(self, cfg: DataConfig, shards: list[Shard], *, rank: int, world_size: int,
