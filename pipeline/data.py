@@ -328,6 +328,11 @@ def resize_u8(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.device.type == "cpu":
         return F.interpolate(images.contiguous(memory_format=torch.channels_last),
                              size=(size, size), mode="bicubic", antialias=True)
+    return resize_u8_via_float(images, size)
+
+
+def resize_u8_via_float(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The same resize for devices without a uint8 kernel (CUDA): float, round, clamp."""
     resized = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True)
     return resized.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -556,9 +561,12 @@ class TrainLoader:
     def _start_iterator(self):
         dataset = _EpochStream(self._plan(), self._positions, self._next_worker,
                                self.cfg.augment_on == "device")
+        # A private generator: a DataLoader otherwise draws its base seed from the global
+        # torch RNG, which would shift the trainer's dropout masks after every resume.
         return iter(torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.num_workers,
-            pin_memory=torch.cuda.is_available()))
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))))
 
     def __iter__(self):
         return self

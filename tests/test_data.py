@@ -257,6 +257,14 @@ def test_augmentation_keeps_pairs_aligned_in_worker_and_on_device(tmp_path):
     assert torch.equal(data.to_unit_range(manual), batch["input"][0])
 
 
+def test_device_resize_matches_the_cpu_kernel():
+    images = torch.from_numpy(np.stack([sample_pixels("r1", 40), sample_pixels("r2", 40)]))
+    images = images.permute(0, 3, 1, 2)
+    for size in (28, 57):  # down (antialiased) and up
+        cpu, via_float = data.resize_u8(images, size), data.resize_u8_via_float(images, size)
+        assert (cpu.int() - via_float.int()).abs().max() <= 1
+
+
 # ----------------------------------------------------------------------- eval / resume
 
 def test_eval_loader_every_sample_once_across_ranks(tmp_path):
