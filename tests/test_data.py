@@ -434,19 +434,25 @@ def test_ranks_take_equal_steps(tmp_path, world, workers):
                 assert sorted(seen) == sorted(datasets[shards])
 
 
-def corrupt_dataset(folder: Path, world: int) -> tuple[str, str]:
-    """8 shards; one shard of rank 1 gets a corrupt image, another is truncated.
-    Returns the two shard names."""
+def corrupt_dataset(folder: Path, world: int) -> None:
+    """8 shards; in rank 1's shards (epoch 0) a sample loses its target, another gets a
+    corrupt image, and a third shard is truncated."""
     write_dataset(folder, [6] * 8)
     shards = data.list_shards(str(folder), "train")
     mine = data.split_by_node(data.epoch_shards(shards, 7, 0), 1, world)
     corrupt, truncated = Path(mine[0].url), Path(mine[1].url)
+    orphan = f"s{int(corrupt.stem.split('-')[1]):02d}n000.target.png"
+    with tarfile.open(corrupt) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(corrupt, "w") as tar:
+        for member, payload in members:
+            if member.name != orphan:
+                tar.addfile(member, io.BytesIO(payload))
     raw = bytearray(corrupt.read_bytes())
-    png_at = raw.index(b"\x89PNG", 2048)  # the second sample's input image
+    png_at = raw.index(b"\x89PNG", 4096)  # a later sample's image
     raw[png_at + 40:png_at + 120] = b"\x00" * 80
     corrupt.write_bytes(bytes(raw))
     truncated.write_bytes(truncated.read_bytes()[:5000])
-    return corrupt.name, truncated.name
 
 
 @pytest.mark.timeout(180)
@@ -462,7 +468,7 @@ def test_bad_data_on_one_rank_no_hang_equal_steps_counted(tmp_path):
         assert steps[0] == steps[1] > 0
         assert results[0][name]["skipped"] == {}
         skipped = results[1][name]["skipped"]
-        assert skipped.get("truncated_shard") == 1 and skipped.get("corrupt_image") == 1, skipped
+        assert skipped == {"truncated_shard": 1, "corrupt_image": 1, "missing_target": 1}
         assert steps[0] < results[0][name]["planned"]  # rank 1 ran short: all cut together
 
 
