@@ -713,4 +713,5 @@ def make_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, in_channels
     dataset = _EvalStream(cfg, shards, rank, world_size, in_channels, out_channels,
                           batch_size or cfg.batch_size)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(),
+                                       generator=torch.Generator())  # leave the global RNG be
