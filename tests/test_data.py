@@ -346,6 +346,20 @@ def test_all_bad_data_ends_instead_of_spinning(tmp_path):
         assert loader.skipped["truncated_shard"] >= 2
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loaders_leave_the_global_torch_rng_alone(tmp_path, workers):
+    write_dataset(tmp_path, [4, 4], split="train")
+    write_dataset(tmp_path, [2], split="val")
+    cfg = config(tmp_path, num_workers=workers)
+    before = torch.get_rng_state()
+    loader = data.make_train_loader(cfg, rank=0, world_size=1, seed=0, in_channels=3,
+                                    out_channels=3)
+    for _ in range(loader.steps_per_epoch + 1):  # into the next epoch: a new DataLoader
+        next(loader)
+    list(data.make_eval_loader(cfg, rank=0, world_size=1, in_channels=3, out_channels=3))
+    assert torch.equal(torch.get_rng_state(), before)  # the trainer's dropout RNG
+
+
 def test_changed_world_size_restarts_the_epoch(tmp_path, caplog):
     write_dataset(tmp_path, [4, 4, 4, 4])
     cfg = config(tmp_path)
