@@ -54,6 +54,7 @@ import itertools
 import json
 import logging
 import re
+import signal
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -489,6 +490,40 @@ class _EpochStream(torch.utils.data.IterableDataset):
             yield batch
 
 
+# -------------------------------------------------------------------------- workers
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave stopping to the trainer. Launchers signal a worker's whole
+    process group (torchrun's agent, a terminal's Ctrl-C): a loader worker dying of it
+    would crash the trainer before it can checkpoint."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class WorkerLoader(torch.utils.data.DataLoader):
+    """A DataLoader over a batching IterableDataset that leaves the trainer alone: its
+    base seed comes from a private generator (drawing from the global torch RNG would
+    shift the trainer's dropout masks after every resume), and its workers ignore stop
+    signals (held while they fork, so none lands before they can ignore it)."""
+
+    def __init__(self, dataset, num_workers: int, seed: int):
+        super().__init__(dataset, batch_size=None, num_workers=num_workers,
+                         pin_memory=torch.cuda.is_available(),
+                         worker_init_fn=ignore_stop_signals,
+                         generator=torch.Generator().manual_seed(seed))
+
+    def __iter__(self):
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 # -------------------------------------------------------------------------- train loader
 
 class TrainLoader:
@@ -561,12 +596,7 @@ class TrainLoader:
     def _start_iterator(self):
         dataset = _EpochStream(self._plan(), self._positions, self._next_worker,
                                self.cfg.augment_on == "device")
-        # A private generator: a DataLoader otherwise draws its base seed from the global
-        # torch RNG, which would shift the trainer's dropout masks after every resume.
-        return iter(torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self.cfg.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))))
+        return iter(WorkerLoader(dataset, self.cfg.num_workers, derive_seed(self.seed, self.epoch)))
 
     def __iter__(self):
         return self
@@ -712,6 +742,4 @@ def make_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, in_channels
     shards = list_shards(cfg.val, cfg.val_split)
     dataset = _EvalStream(cfg, shards, rank, world_size, in_channels, out_channels,
                           batch_size or cfg.batch_size)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
-                                       pin_memory=torch.cuda.is_available(),
-                                       generator=torch.Generator())  # leave the global RNG be
+    return WorkerLoader(dataset, cfg.num_workers, seed=0)

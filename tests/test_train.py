@@ -212,3 +212,61 @@ def test_independent_world_size_1_runs_are_refused(demo_shards, tmp_path):
     result = run(accelerate(train_args(tmp_path / "run", demo_shards)), cpu_env())
     assert result.returncode != 0
     assert "but the launcher started WORLD_SIZE=2" in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_bf16_runs_the_step_convolutions_in_bf16_on_cpu(demo_shards, tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from pipeline.config import from_cli
+    from pipeline.gan import train_step
+    from pipeline.losses import Pix2PixObjective
+    from pipeline.train import build_training, step_hooks
+
+    cfg, _ = from_cli(train_args(tmp_path / "run", demo_shards))
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    try:
+        G, D, opt_G, opt_D, _ = build_training(cfg, accelerator)
+        dtypes = set()
+        for model in (G, D):
+            for module in model.modules():
+                if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                    module.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+        x = torch.rand(2, 3, 128, 128) * 2 - 1
+        losses = train_step(G, D, opt_G, opt_D, x, x.flip(-1), Pix2PixObjective(),
+                            step_hooks(cfg, accelerator))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert dtypes == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(list(losses.values()))))
+    assert all(p.dtype == torch.float32 for p in G.parameters())  # fp32 master weights
+
+
+@pytest.mark.timeout(300)
+def test_bf16_learns_as_well_as_fp32_on_the_demo_data(demo_shards, tmp_path):
+    final_l1 = {}
+    for precision in ("no", "bf16"):
+        run_dir = tmp_path / precision
+        result = run(single(train_args(run_dir, demo_shards, "--train.max_steps=40")),
+                     cpu_env(ACCELERATE_MIXED_PRECISION=precision))
+        assert result.returncode == 0, explain(result)
+        assert f'"mixed_precision": "{precision}"' in result.stdout
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert metrics[-1]["step"] == 40 and metrics[-1]["l1"] < metrics[0]["l1"]
+        final_l1[precision] = metrics[-1]["l1"]
+    assert abs(final_l1["bf16"] - final_l1["no"]) <= 0.05 * final_l1["no"], final_l1
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_launcher_stops_both_workers_cleanly(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(accelerate(train_args(run_dir, demo_shards, "--train.max_steps=100000")),
+                                cwd=ROOT, env=gloo_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    wait_for_step(run_dir, 2, launcher, timeout=200)
+    launcher.send_signal(signal.SIGTERM)  # the agent forwards it to the workers
+    stdout, stderr = launcher.communicate(timeout=60)
+    # the launcher's own exit code is torchrun's business; the workers' is ours
+    assert "[rank 0] exiting with code 0" in stderr and "[rank 1] exiting with code 0" in stderr
+    assert latest(run_dir) == f"step_{step_log(run_dir)[-1]['step']:08d}"
