@@ -1,0 +1,90 @@
+"""Learn as well as the reference: the facades recipe, 1,200 steps per seed, fp32 and bf16.
+
+Shards ../shared/data/facades with data_tools/shard.py, trains configs/facades.yaml with
+pipeline/train.py for each (precision, seed), and reads the final val metrics the
+trainer computes with the reference's test protocol (bicubic resize to 256, no crop, no
+flip, G in train mode, L1 on [-1, 1], PSNR on uint8 averaged per image). The reference
+(junyanz/pytorch-CycleGAN-and-pix2pix) scored mean L1 0.3591 and PSNR 12.94 dB over
+seeds 0-2 on this kind of machine; ours must reach L1 <= 0.360 and PSNR >= 12.9 dB.
+
+    python benchmarks/bench_quality.py [--steps 1200] [--seeds 0 1 2] [--precisions no bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+from report import report  # benchmarks/ is on the path when run as a script
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = {"l1": 0.3591, "psnr": 12.94}
+TARGET = {"l1": 0.360, "psnr": 12.9}
+
+
+def shard_facades(source: Path, shards: Path) -> None:
+    """Our own tool; a re-run skips finished shards, so this is cheap the second time."""
+    subprocess.run([sys.executable, str(ROOT / "data_tools" / "shard.py"), str(source),
+                    str(shards), "--quiet"], check=True)
+
+
+def train(shards: Path, run_dir: Path, seed: int, precision: str, steps: int) -> dict:
+    """One run of the recipe; returns its final val metrics and wall time."""
+    metrics_file = run_dir / "metrics.jsonl"
+    if not _final(metrics_file, steps):  # a finished run is not repeated
+        command = [sys.executable, str(ROOT / "pipeline" / "train.py"),
+                   "--config", str(ROOT / "configs" / "facades.yaml"),
+                   f"--data.train={shards}", f"--data.val={shards}",
+                   f"--train.run_dir={run_dir}", f"--train.seed={seed}",
+                   f"--train.max_steps={steps}", f"--train.ckpt_every={steps}",
+                   "--train.eval_every=0", "--log.sample_every=0", "--log.progress=false",
+                   "--train.resume=auto"]
+        env = dict(os.environ, ACCELERATE_MIXED_PRECISION=precision)
+        start = time.perf_counter()
+        subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+        (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - start:.1f}")
+    final = _final(metrics_file, steps)
+    wall = float((run_dir / "wall_s.txt").read_text()) if (run_dir / "wall_s.txt").exists() else float("nan")
+    return {"precision": precision, "seed": seed, "val_l1": final["l1"], "psnr_db": final["psnr"],
+            "ssim": final["ssim"], "wall_s": wall, "s_per_step": wall / steps}
+
+
+def _final(metrics_file: Path, steps: int) -> dict | None:
+    if not metrics_file.exists():
+        return None
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return next((r for r in records if r["step"] == steps), None)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--facades", default=str(ROOT.parent / "shared" / "data" / "facades"),
+                        help="the aligned facades folder (train/ val/ test/)")
+    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "quality"),
+                        help="shards and run folders (finished runs are reused)")
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
+    args = parser.parse_args(argv)
+    work = Path(args.work_dir)
+    shards = work / "facades_shards"
+    shard_facades(Path(args.facades), shards)
+    rows = [train(shards, work / f"{precision}_seed{seed}", seed, precision, args.steps)
+            for precision in args.precisions for seed in args.seeds]
+    figures = {"steps": args.steps, "reference_l1": REFERENCE["l1"], "reference_psnr": REFERENCE["psnr"]}
+    for precision in args.precisions:
+        mine = [r for r in rows if r["precision"] == precision]
+        l1, psnr = mean(r["val_l1"] for r in mine), mean(r["psnr_db"] for r in mine)
+        figures[f"{precision}_mean_l1"], figures[f"{precision}_mean_psnr"] = l1, psnr
+        figures[f"{precision}_meets_target"] = l1 <= TARGET["l1"] and psnr >= TARGET["psnr"]
+    return report("bench_quality", rows, figures)
+
+
+if __name__ == "__main__":
+    main()
