@@ -162,22 +162,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=256, help="crop size (halves are this big)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--grain", type=float, default=8.0, help="image noise (std levels)")
+    parser.add_argument("--source", help="an existing aligned A|B JPEG folder to measure instead "
+                                         "(e.g. ../shared/data/facades; its train/ split is used)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 measurements")
     parser.add_argument("--step-steps", type=int, default=2, help="train steps timed (0: skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
-    make_source(work / "source", args.pairs, args.size, args.grain)
-    subprocess.run([sys.executable, "data_tools/shard.py", str(work / "source"),
+    source = Path(args.source) if args.source else work / "source"
+    if not args.source:
+        make_source(source, args.pairs, args.size, args.grain)
+    subprocess.run([sys.executable, "data_tools/shard.py", str(source),
                     str(work / "shards"), "--min-shards", "4", "--workers", "1", "--quiet"],
                    cwd=ROOT, check=True)
+    if (source / "train").is_dir():
+        source = source / "train"  # the split the shards' "train" holds
     cfg = DataConfig(train=str(work / "shards"), load_size=round(args.size * 286 / 256),
                      crop_size=args.size, batch_size=args.batch, num_workers=0,
                      shuffle_buffer=64)
     shard_bytes = sum(s.stat().st_size for s in (work / "shards").glob("*.tar"))
-    runs = {"jpeg_pil": lambda: run_jpeg(work / "source", "pil"),
-            "jpeg_simplejpeg": lambda: run_jpeg(work / "source", "simplejpeg"),
-            "naive": lambda: run_naive(work / "source", cfg),
+    runs = {"jpeg_pil": lambda: run_jpeg(source, "pil"),
+            "jpeg_simplejpeg": lambda: run_jpeg(source, "simplejpeg"),
+            "naive": lambda: run_naive(source, cfg),
             "decode": lambda: run_decode(cfg),
             "worker": lambda: run_loader(cfg),
             "device": lambda: run_loader(replace(cfg, augment_on="device")),
@@ -208,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
                "naive_pairs_per_core_s": by["naive"]["pairs_per_cpu_s"],
                "full_vs_naive": max(by["worker"]["pairs_per_cpu_s"],
                                     by["device"]["pairs_per_cpu_s"]) / by["naive"]["pairs_per_cpu_s"],
-               "shard_MB": shard_bytes / 2**20, "grain": args.grain}
+               "shard_MB": shard_bytes / 2**20,
+               "images": args.source or f"synthetic, grain {args.grain}"}
     if "read_only_s3" in by:
         gb = shard_bytes / 2**30
         figures["local_read_cpu_s_per_GB"] = by["read_only"]["cpu_s"] / gb
