@@ -17,6 +17,7 @@ Resuming needs no pickle: everything is safetensors, JSON or weights_only tensor
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -29,6 +30,8 @@ import torch
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from pipeline import storage
+from pipeline.config import ModelConfig
+from pipeline.models import build_generator
 
 LATEST = "latest"
 EXPORT_FORMAT = "pix2pix-at-scale/generator"
@@ -214,6 +217,30 @@ def _load_module(module: torch.nn.Module, path: str) -> None:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise ValueError(f"{path} does not fit this model (another architecture or config?): "
                          f"{first}") from None
+
+
+def load_generator(path: str) -> tuple[torch.nn.Module, dict]:
+    """(generator in eval mode, its generator.json) from a checkpoint step_N folder, a run
+    folder (its latest checkpoint) or an export folder, local or s3://; no trainer needed.
+    Anything that is not this project's generator fails with a one-line ValueError."""
+    if os.path.exists(os.path.join(checkpoints_dir(path), LATEST)):
+        path = resolve(path, "auto")
+    meta_url = storage.join(path, "generator.json")
+    if not storage.exists(meta_url):
+        raise FileNotFoundError(f"{path}: no generator.json (give a checkpoint step_N folder, "
+                                "a run folder or an export folder)")
+    meta = json.loads(storage.read_bytes(meta_url))
+    if meta.get("format") != EXPORT_FORMAT or meta.get("version") != 1:
+        raise ValueError(f"{meta_url} is not a {EXPORT_FORMAT} version 1 export (format "
+                         f"{meta.get('format')!r}, version {meta.get('version')!r})")
+    try:
+        model_cfg = ModelConfig(**meta["model"])
+    except TypeError as err:
+        raise ValueError(f"{meta_url}: a model config this code cannot build: {err}") from None
+    # checkpointing only matters in backward; inference and export want the plain graph
+    generator = build_generator(dataclasses.replace(model_cfg, activation_checkpointing=False))
+    _load_module(generator, storage.join(path, "generator.safetensors"))
+    return generator.eval(), meta
 
 
 def mirror(checkpoint: str, prefix: str) -> None:

@@ -205,6 +205,20 @@ def init_weights(module: nn.Module, kind: str = "normal", gain: float = 0.02) ->
     return module
 
 
+def set_test_mode(module: nn.Module, dropout: bool, batch_stats: bool) -> nn.Module:
+    """Inference with the test-time behaviour chosen explicitly: the paper keeps dropout
+    and batch statistics at test time (dropout=True, batch_stats=True, i.e. train mode);
+    plain eval() is (False, False). Batch statistics are of the batch that runs, so give
+    one image per forward to get the paper's per-image statistics."""
+    module.eval()
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.train(dropout)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train(batch_stats)
+    return module
+
+
 def build_generator(cfg) -> UNetGenerator:
     """The generator a ModelConfig describes, initialised."""
     g = unet(cfg.generator, in_channels=cfg.in_channels, out_channels=cfg.out_channels,

@@ -1,0 +1,120 @@
+"""Export a trained generator for use without this code base's trainer.
+
+    python pipeline/export.py --checkpoint RUN/checkpoints/step_N --out DIR [--format safetensors,torch-export,onnx]
+
+Formats (all in eval mode: dropout off, BatchNorm running statistics; the graph exports
+cannot switch that at run time, the safetensors export can):
+  safetensors    DIR/generator.safetensors + DIR/generator.json: the weights and the
+                 model config; pipeline.checkpoint.load_generator(DIR) rebuilds it
+  torch-export   DIR/generator.pt2 (torch.export.save): load with torch.export.load,
+                 call .module()(x); batch, height and width are dynamic (H and W
+                 multiples of 2**num_downs)
+  onnx           DIR/generator.onnx (opset 18, the same dynamic axes), checked against
+                 PyTorch with onnxruntime when it is installed (pip install '.[export]')
+Inputs are N x in_channels x H x W floats in [-1, 1]; outputs the same range.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.fx.experimental._config as shape_config
+from safetensors.torch import save as save_safetensors
+
+from pipeline import storage
+from pipeline.checkpoint import load_generator
+
+FORMATS = ("safetensors", "torch-export", "onnx")
+ONNX_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| accepted (measured ~1e-6 in fp32)
+
+
+def example_input(meta: dict, multiple: int, batch: int = 2, tiles: tuple = (2, 3)) -> torch.Tensor:
+    """A non-square example, so that H and W are traced as separate dimensions."""
+    h, w = (multiple * t for t in tiles)
+    return torch.rand(batch, meta["model"]["in_channels"], h, w) * 2 - 1
+
+
+def dynamic_shapes(multiple: int) -> dict:
+    rows, cols = torch.export.Dim("rows", min=1, max=64), torch.export.Dim("cols", min=1, max=64)
+    return {"x": {0: torch.export.Dim("batch", min=1, max=1024), 2: multiple * rows, 3: multiple * cols}}
+
+
+def export_safetensors(generator: torch.nn.Module, meta: dict, out: str) -> None:
+    state = {k: v.detach().contiguous() for k, v in generator.state_dict().items()}
+    storage.write_bytes(storage.join(out, "generator.safetensors"), save_safetensors(state))
+    storage.write_bytes(storage.join(out, "generator.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
+
+
+def export_program(generator: torch.nn.Module, meta: dict, out: str) -> torch.export.ExportedProgram:
+    multiple = 2 ** generator.num_downs
+    # size-oblivious: else a size-1 bottleneck (H or W = 2**num_downs) is guarded out
+    with shape_config.patch(backed_size_oblivious=True):
+        program = torch.export.export(generator, (example_input(meta, multiple),),
+                                      dynamic_shapes=dynamic_shapes(multiple))
+    path = storage.join(out, "generator.pt2")
+    storage.makedirs(out)
+    torch.export.save(program, path)
+    return program
+
+
+def export_onnx(generator: torch.nn.Module, meta: dict, out: str) -> float | None:
+    """Writes generator.onnx; returns max |onnxruntime - PyTorch| on an example input
+    (None when onnxruntime is not installed)."""
+    multiple = 2 ** generator.num_downs
+    path = storage.join(out, "generator.onnx")
+    storage.makedirs(out)
+    torch.onnx.export(generator, (example_input(meta, multiple),), path, dynamo=True,
+                      dynamic_shapes=dynamic_shapes(multiple), input_names=["x"],
+                      output_names=["y"], opset_version=18, external_data=False)
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    x = example_input(meta, multiple, batch=3, tiles=(1, 2))  # other shapes than traced
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (onnx_output,) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        return (torch.from_numpy(onnx_output) - generator(x)).abs().max().item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint step_N folder, run folder (latest checkpoint) or export folder")
+    parser.add_argument("--out", required=True, help="local folder for the exports")
+    parser.add_argument("--format", default=",".join(FORMATS),
+                        help=f"comma-separated subset of {','.join(FORMATS)} (default: all)")
+    args = parser.parse_args(argv)
+    formats = args.format.split(",")
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        parser.error(f"unknown format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
+    try:
+        generator, meta = load_generator(args.checkpoint)
+    except (ValueError, FileNotFoundError, storage.StorageError) as err:
+        print(f"export.py: error: {err}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    if "safetensors" in formats:
+        export_safetensors(generator, meta, args.out)
+        print(f"export.py: {args.out}/generator.safetensors + generator.json")
+    if "torch-export" in formats:
+        export_program(generator, meta, args.out)
+        print(f"export.py: {args.out}/generator.pt2 (torch.export)")
+    if "onnx" in formats:
+        error = export_onnx(generator, meta, args.out)
+        check = "onnxruntime not installed: unchecked" if error is None else \
+            f"onnxruntime vs PyTorch max |diff| {error:.2e} (tolerance {ONNX_TOLERANCE:.0e})"
+        print(f"export.py: {args.out}/generator.onnx; {check}")
+        if error is not None and error > ONNX_TOLERANCE:
+            print("export.py: error: the ONNX export does not match PyTorch", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
