@@ -1,4 +1,11 @@
-"""Validation metrics and sample grids.
+"""Validation metrics and sample grids; as a script, a report on a trained generator.
+
+    python pipeline/evaluate.py --checkpoint RUN/checkpoints/step_N --data SHARDS --out DIR
+    accelerate launch pipeline/evaluate.py ...      (the split shared among the processes)
+
+writes DIR/metrics.json (L1, PSNR, SSIM over the split, and per sample shown),
+DIR/samples.png (rows of input | output | target for the first --samples pairs) and
+DIR/index.html, a page showing both.
 
 The metrics follow the reference's test protocol: L1 on the [-1, 1] scale, PSNR on
 uint8 images (converted as the reference does, by truncation), averaged per image, and
@@ -8,8 +15,12 @@ ranks may hold different numbers of images.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import html
 import io
+import json
+import sys
 from typing import Callable, Iterable
 
 import numpy as np
@@ -88,3 +99,115 @@ def save_png(path: str, pixels: np.ndarray) -> None:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     storage.write_bytes(path, buffer.getvalue())
+
+
+# --------------------------------------------------------------------------- the report
+
+def sample_rows(generator: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                device: torch.device, autocast: Callable, seed: int) -> tuple[np.ndarray, list]:
+    """(grid, metrics per row), one image per forward: batch statistics, if used, are then
+    each image's own, as in the metrics over the split."""
+    pairs = [(x[i:i + 1], y[i:i + 1]) for i in range(len(x))]
+    grid = np.concatenate([sample_grid(generator, a, b, device, autocast, seed) for a, b in pairs])
+    return grid, [evaluate(generator, [pair], device, autocast, seed=seed) for pair in pairs]
+
+
+def report_html(summary: dict) -> str:
+    """The page: what was evaluated and how, the metrics, the grid with a row per sample.
+    The grid's onload marks <body data-grid-width=...>, which a headless browser test reads."""
+    esc = lambda v: html.escape(str(v))
+    rows = "".join(f"<tr><td>{i}</td><td>{esc(s['key'])}</td><td>{s['l1']:.4f}</td>"
+                   f"<td>{s['psnr']:.2f}</td><td>{s['ssim']:.3f}</td></tr>"
+                   for i, s in enumerate(summary["samples"]))
+    mode = summary["test_mode"]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>pix2pix evaluation: {esc(summary['checkpoint'])}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} img{{image-rendering:pixelated;max-width:100%}}</style>
+</head><body>
+<h1>pix2pix evaluation</h1>
+<p>Checkpoint <code>{esc(summary['checkpoint'])}</code> (step {esc(summary['step'])}), data
+<code>{esc(summary['data'])}</code> split <code>{esc(summary['split'])}</code>: {summary['images']} images
+on {summary['world_size']} process(es). Test-time mode: dropout {esc(mode['dropout'])},
+{esc(mode['norm_stats'])} statistics.</p>
+<table><tr><th>L1 ([-1, 1] scale)</th><th>PSNR (dB)</th><th>SSIM</th></tr>
+<tr><td>{summary['l1']:.4f}</td><td>{summary['psnr']:.2f}</td><td>{summary['ssim']:.3f}</td></tr></table>
+<h2>Samples: input | output | target</h2>
+<img id="grid" src="samples.png" alt="rows of input, output and target"
+ onload="document.body.dataset.gridWidth = this.naturalWidth">
+<table><tr><th>row</th><th>key</th><th>L1</th><th>PSNR</th><th>SSIM</th></tr>{rows}</table>
+</body></html>
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint step_N folder, run folder (latest checkpoint) or export folder")
+    parser.add_argument("--data", required=True, help="shards: folder or s3:// prefix with "
+                        "manifest.json, a manifest URL, or a brace pattern")
+    parser.add_argument("--split", default="val", help="manifest split (default: val)")
+    parser.add_argument("--out", required=True, help="report folder (local or s3://)")
+    parser.add_argument("--dropout", choices=("on", "off"), default="on",
+                        help="dropout at test time (default: on, the paper's protocol and the trainer's metrics)")
+    parser.add_argument("--norm-stats", choices=("batch", "running"), default="batch",
+                        help="BatchNorm statistics: each image's own (batch; one image per forward) "
+                             "or the running averages (default: batch)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the dropout masks (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="images per forward with --norm-stats running (default: 16)")
+    parser.add_argument("--samples", type=int, default=8, help="pairs in the grid (default: 8)")
+    parser.add_argument("--num-workers", type=int, default=1, help="loader workers per process")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default: as accelerate is configured)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accelerate import Accelerator
+
+    from pipeline import distributed
+    from pipeline.checkpoint import load_generator
+    from pipeline.config import DataConfig
+    from pipeline.data import make_eval_loader
+    from pipeline.models import set_test_mode
+
+    args = parse_args(argv)
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None)
+    device = accelerator.device
+    try:
+        generator, meta = load_generator(args.checkpoint)
+    except (ValueError, FileNotFoundError, storage.StorageError) as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 2
+    batch_stats = args.norm_stats == "batch"
+    set_test_mode(generator.to(device), args.dropout == "on", batch_stats)
+    cfg = DataConfig(val=args.data, val_split=args.split, num_workers=args.num_workers,
+                     batch_size=1 if batch_stats else args.batch_size, **meta["data"])
+    channels = {"in_channels": meta["model"]["in_channels"], "out_channels": meta["model"]["out_channels"]}
+    loader = make_eval_loader(cfg, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes, **channels)
+    to_device = lambda b: (b["input"].to(device), b["target"].to(device))
+    metrics = evaluate(generator, map(to_device, loader), device, accelerator.autocast,
+                       distributed.sum_across_ranks, seed=args.seed)
+    if accelerator.is_main_process:
+        first = next(iter(make_eval_loader(cfg, rank=0, world_size=1, batch_size=args.samples, **channels)))
+        grid, per_sample = sample_rows(generator, *to_device(first), device, accelerator.autocast, args.seed)
+        summary = {"checkpoint": args.checkpoint, "step": meta["step"], "data": args.data,
+                   "split": args.split, "world_size": accelerator.num_processes, **metrics,
+                   "test_mode": {"dropout": args.dropout, "norm_stats": args.norm_stats, "seed": args.seed},
+                   "samples": [{"key": k, "l1": m["l1"], "psnr": m["psnr"], "ssim": m["ssim"]}
+                               for k, m in zip(first["key"], per_sample)]}
+        save_png(storage.join(args.out, "samples.png"), grid)
+        storage.write_bytes(storage.join(args.out, "metrics.json"), json.dumps(summary, indent=1).encode())
+        storage.write_bytes(storage.join(args.out, "index.html"), report_html(summary).encode())
+        print(f"evaluate.py: L1 {metrics['l1']:.4f}, PSNR {metrics['psnr']:.2f} dB, SSIM "
+              f"{metrics['ssim']:.3f} over {metrics['images']} images; report in {args.out}/index.html")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
