@@ -1,19 +1,22 @@
 """Save and resume a whole training run, atomically, with rotation.
 
 A checkpoint is one folder `RUN/checkpoints/step_00001000/` holding:
-    generator.safetensors, generator.json   the generator export (weights + what it needs
-                                            to be rebuilt without the trainer)
-    discriminator.safetensors
-    optimizers.pt                           both optimisers and lr schedulers (tensors and
-                                            numbers only: loaded with weights_only=True)
+    generator.safetensors, generator.json   the generator export: fp32 weights (gathered
+                                            across ranks under ZeRO) + what it needs to be
+                                            rebuilt without the trainer
     trainer.json                            step, world size, config
     rank_00000.json ...                     per rank: data-stream position, Python and
     rank_00000_rng.pt ...                   NumPy RNG states; torch RNG states
+and the models' training state, written by the engines (pipeline/engines.py):
+    DDP:       discriminator.safetensors, optimizers.pt (both optimisers and lr schedulers:
+               tensors and numbers only, loaded with weights_only=True); G is the export
+    DeepSpeed: G/ and D/, each engine's own checkpoint (every rank writes its optimiser
+               partition). DeepSpeed checkpoints are pickles: resume only from trusted ones.
 Every rank writes its own files into `step_N.tmp/`; once all have, rank 0 renames the
 folder to `step_N/`, then rewrites the `latest` marker, then removes the oldest
 checkpoints beyond keep_last. A crash at any moment leaves the previous checkpoint and
 marker intact; a `.tmp` folder is never loaded and is cleared by the next save.
-Resuming needs no pickle: everything is safetensors, JSON or weights_only tensors.
+A DDP resume needs no pickle: everything is safetensors, JSON or weights_only tensors.
 """
 from __future__ import annotations
 
@@ -95,13 +98,14 @@ def export_metadata(config: dict, step: int) -> dict:
 
 
 def save(run_dir: str, step: int, *, rank: int, world_size: int,
-         generator: torch.nn.Module, discriminator: torch.nn.Module,
-         optimizers: dict, schedulers: dict, data_state: dict, config: dict,
-         keep_last: int, barrier: Callable[[], None]) -> str:
+         save_models: Callable[[str, int], None], generator_state: dict[str, torch.Tensor],
+         data_state: dict, config: dict, keep_last: int, barrier: Callable[[], None]) -> str:
     """Write a checkpoint from every rank and commit it; returns its final folder.
 
-    `generator`/`discriminator` are the unwrapped modules. All ranks must call this at the
-    same step: rank 0 writes the shared files, every rank its own position and RNG.
+    All ranks must call this at the same step: `save_models(staging, rank)` writes the
+    models' training state (engines.save), rank 0 the generator export from
+    `generator_state` (the fp32 state dict) and trainer.json, every rank its own
+    position and RNG.
     """
     root = checkpoints_dir(run_dir)
     final = os.path.join(root, step_name(step))
@@ -110,15 +114,11 @@ def save(run_dir: str, step: int, *, rank: int, world_size: int,
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-save
         os.makedirs(staging)
     barrier()
+    save_models(staging, rank)
     if rank == 0:
         storage.write_bytes(os.path.join(staging, "generator.safetensors"),
-                            save_safetensors(_contiguous(generator.state_dict())))
+                            save_safetensors(_contiguous(generator_state)))
         _write_json(os.path.join(staging, "generator.json"), export_metadata(config, step))
-        storage.write_bytes(os.path.join(staging, "discriminator.safetensors"),
-                            save_safetensors(_contiguous(discriminator.state_dict())))
-        _write_torch(os.path.join(staging, "optimizers.pt"),
-                     {"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                      "schedulers": {k: s.state_dict() for k, s in schedulers.items()}})
         _write_json(os.path.join(staging, "trainer.json"),
                     {"step": step, "world_size": world_size, "config": config})
     as_json, tensors = rng_state()
@@ -134,6 +134,29 @@ def save(run_dir: str, step: int, *, rank: int, world_size: int,
         rotate(root, keep_last, keep=step_name(step))
     barrier()
     return final
+
+
+def write_weights_and_optimizers(staging: str, discriminator: torch.nn.Module,
+                                 optimizers: dict, schedulers: dict) -> None:
+    """The DDP training state besides the generator export (which doubles as G's weights)."""
+    storage.write_bytes(os.path.join(staging, "discriminator.safetensors"),
+                        save_safetensors(_contiguous(discriminator.state_dict())))
+    _write_torch(os.path.join(staging, "optimizers.pt"),
+                 {"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                  "schedulers": {k: s.state_dict() for k, s in schedulers.items()}})
+
+
+def load_weights_and_optimizers(path: str, generator: torch.nn.Module, discriminator: torch.nn.Module,
+                                optimizers: dict, schedulers: dict) -> None:
+    """What write_weights_and_optimizers and the export wrote, into the unwrapped modules."""
+    _load_module(generator, os.path.join(path, "generator.safetensors"))
+    _load_module(discriminator, os.path.join(path, "discriminator.safetensors"))
+    with open(os.path.join(path, "optimizers.pt"), "rb") as f:
+        states = torch.load(f, map_location="cpu", weights_only=True)
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(states["optimizers"][name])
+    for name, scheduler in schedulers.items():
+        scheduler.load_state_dict(states["schedulers"][name])
 
 
 def _contiguous(state: dict) -> dict:
@@ -185,18 +208,12 @@ def resolve(run_dir: str, resume: str) -> str | None:
     return path
 
 
-def load(path: str, *, rank: int, world_size: int, generator: torch.nn.Module,
-         discriminator: torch.nn.Module, optimizers: dict, schedulers: dict) -> TrainingState:
-    """Restore a checkpoint into the (unwrapped) modules, optimisers and schedulers."""
+def load(path: str, *, rank: int, world_size: int,
+         load_models: Callable[[str], None]) -> TrainingState:
+    """Restore a checkpoint: the models' training state through `load_models(path)`
+    (engines.load), then this rank's RNG and data position if the world size is the same."""
     trainer = json.loads(storage.read_bytes(os.path.join(path, "trainer.json")))
-    _load_module(generator, os.path.join(path, "generator.safetensors"))
-    _load_module(discriminator, os.path.join(path, "discriminator.safetensors"))
-    with open(os.path.join(path, "optimizers.pt"), "rb") as f:
-        states = torch.load(f, map_location="cpu", weights_only=True)
-    for name, optimizer in optimizers.items():
-        optimizer.load_state_dict(states["optimizers"][name])
-    for name, scheduler in schedulers.items():
-        scheduler.load_state_dict(states["schedulers"][name])
+    load_models(path)
     same_world = trainer["world_size"] == world_size
     rank_file = os.path.join(path, f"rank_{rank:05d}.json")
     data_state = None
@@ -247,6 +264,8 @@ def mirror(checkpoint: str, prefix: str) -> None:
     """Copy a committed checkpoint to object storage (e.g. s3://bucket/run), then its
     `latest` marker, so the mirror too only ever points at complete checkpoints."""
     name = os.path.basename(checkpoint)
-    for file in sorted(os.listdir(checkpoint)):
-        storage.put(os.path.join(checkpoint, file), storage.join(prefix, name, file))
+    for folder, _, files in sorted(os.walk(checkpoint)):  # DeepSpeed's G/ and D/ too
+        for file in sorted(files):
+            local = os.path.join(folder, file)
+            storage.put(local, storage.join(prefix, name, os.path.relpath(local, checkpoint)))
     storage.write_bytes(storage.join(prefix, LATEST), name.encode())

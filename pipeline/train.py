@@ -13,7 +13,6 @@ import platform
 import sys
 import time
 import traceback
-from contextlib import nullcontext
 from datetime import timedelta
 
 import torch
@@ -23,9 +22,9 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, data, distributed, evaluate, storage
 from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
-from pipeline.gan import StepHooks, train_step
+from pipeline.engines import Engines, make_engines
+from pipeline.gan import train_step
 from pipeline.losses import Pix2PixObjective
-from pipeline.models import build_discriminator, build_generator
 
 
 def log0(accelerator: Accelerator, message: str) -> None:
@@ -36,59 +35,31 @@ def log0(accelerator: Accelerator, message: str) -> None:
 
 # --------------------------------------------------------------------------- set-up
 
+def launched_with_deepspeed() -> bool:
+    """What `accelerate launch` tells its processes when the config says DEEPSPEED."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     trackers = None if cfg.log.tracker == "none" else cfg.log.tracker
-    accelerator = Accelerator(
-        log_with=trackers, project_dir=cfg.train.run_dir,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout))])
+    group = dict(timeout=timedelta(seconds=cfg.train.collective_timeout))
+    if launched_with_deepspeed() and not torch.cuda.is_available():
+        # else accelerate reports world size 1 while the engines all-reduce across ranks
+        group["backend"] = "gloo"
+    accelerator = Accelerator(log_with=trackers, project_dir=cfg.train.run_dir,
+                              kwargs_handlers=[InitProcessGroupKwargs(**group)])
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched_world:
         raise distributed.StartupError(
             f"accelerate sees {accelerator.num_processes} process(es) but the launcher started "
             f"WORLD_SIZE={launched_world}: the ranks would train independently. On CPU use "
-            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N")
+            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N (DDP), or "
+            "an accelerate config with distributed_type: DEEPSPEED and no ACCELERATE_USE_CPU")
     if accelerator.mixed_precision not in ("no", "bf16"):
         raise ConfigError(f"mixed precision {accelerator.mixed_precision!r} is not supported: use "
                           "'no' or 'bf16' (fp16 would share one grad scaler between G and D)")
     validate_runtime(cfg, accelerator.device.type, accelerator.num_processes)
     return accelerator
-
-
-def lr_factor(step: int, constant_steps: int, decay_steps: int) -> float:
-    """The reference schedule: constant, then linear decay to zero."""
-    if decay_steps <= 0 or step < constant_steps:
-        return 1.0
-    return max(0.0, 1.0 - (step - constant_steps) / decay_steps)
-
-
-def build_training(cfg: Config, accelerator: Accelerator):
-    """Models, optimisers and lr schedulers; models and optimisers prepared (DDP)."""
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    G, D = build_generator(cfg.model), build_discriminator(cfg.model)
-    if cfg.model.norm == "syncbatch":
-        G, D = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
-    if cfg.train.channels_last:
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    adam = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
-    opt_G, opt_D = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
-    # Stepped by us once per step: a prepared scheduler steps once per process per call.
-    schedule = lambda step: lr_factor(step, cfg.optim.constant_steps, cfg.optim.decay_steps)
-    schedulers = {"G": torch.optim.lr_scheduler.LambdaLR(opt_G, schedule),
-                  "D": torch.optim.lr_scheduler.LambdaLR(opt_D, schedule)}
-    G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
-    if cfg.train.compile:
-        G, D = torch.compile(G), torch.compile(D)
-    return G, D, opt_G, opt_D, schedulers
-
-
-def step_hooks(cfg: Config, accelerator: Accelerator) -> StepHooks:
-    def step(optimizer, model):
-        if cfg.optim.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-
-    return StepHooks(backward=lambda loss, model: accelerator.backward(loss), step=step,
-                     autocast=accelerator.autocast, frozen_view=accelerator.unwrap_model)
 
 
 def environment(accelerator: Accelerator) -> dict:
@@ -105,8 +76,8 @@ class Evaluator:
     """Val metrics across ranks, logged and appended to RUN/metrics.jsonl, and sample
     grids from a fixed val batch on the main process."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator):
-        self.cfg, self.accelerator = cfg, accelerator
+    def __init__(self, cfg: Config, accelerator: Accelerator, engines: Engines):
+        self.cfg, self.accelerator, self.engines = cfg, accelerator, engines
         self.enabled = bool(cfg.data.val)
         self.metrics_path = os.path.join(cfg.train.run_dir, "metrics.jsonl")
         self.sample_batch = self._first_val_batch() if self.enabled else None
@@ -128,12 +99,12 @@ class Evaluator:
     def _to_device(self, batch):
         return batch["input"].to(self.accelerator.device), batch["target"].to(self.accelerator.device)
 
-    def metrics(self, G, step: int) -> dict | None:
+    def metrics(self, step: int) -> dict | None:
         if not self.enabled:
             return None
-        generator = self.accelerator.unwrap_model(G)  # no DDP collectives: ranks differ in count
+        generator = self.engines.generator  # no DDP collectives: ranks differ in count
         result = evaluate.evaluate(generator, (self._to_device(b) for b in self._loader()),
-                                   self.accelerator.device, self.accelerator.autocast,
+                                   self.accelerator.device, self.engines.autocast,
                                    distributed.sum_across_ranks, seed=self.cfg.train.seed)
         if self.accelerator.is_main_process:
             with open(self.metrics_path, "a") as f:
@@ -141,12 +112,11 @@ class Evaluator:
         self.accelerator.log({f"val/{k}": v for k, v in result.items()}, step=step)
         return result
 
-    def samples(self, G, step: int) -> None:
+    def samples(self, step: int) -> None:
         if self.sample_batch is None:
             return
-        generator = self.accelerator.unwrap_model(G)
-        grid = evaluate.sample_grid(generator, *self.sample_batch, self.accelerator.device,
-                                    self.accelerator.autocast, seed=self.cfg.train.seed)
+        grid = evaluate.sample_grid(self.engines.generator, *self.sample_batch, self.accelerator.device,
+                                    self.engines.autocast, seed=self.cfg.train.seed)
         evaluate.save_png(os.path.join(self.cfg.train.run_dir, "samples", f"step_{step:08d}.png"), grid)
         if self.cfg.log.tracker == "tensorboard":
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
@@ -167,14 +137,13 @@ class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator):
         self.cfg, self.acc = cfg, accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.G, self.D, self.opt_G, self.opt_D, self.schedulers = build_training(cfg, accelerator)
-        self.hooks = step_hooks(cfg, accelerator)
+        self.engines = make_engines(cfg, accelerator)
         self.objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1)
         self.loader = data.make_train_loader(
             cfg.data, rank=self.rank, world_size=self.world, seed=cfg.train.seed,
             in_channels=cfg.model.in_channels, out_channels=cfg.model.out_channels,
             have_batch_all_ranks=lambda flag: distributed.all_ranks(flag, accelerator.device))
-        self.evaluator = Evaluator(cfg, accelerator)
+        self.evaluator = Evaluator(cfg, accelerator, self.engines)
         self.step = 0
         self.stop = distributed.StopRequest()
 
@@ -185,10 +154,7 @@ class Trainer:
                 log0(self.acc, f"resume: no checkpoint in {self.cfg.train.run_dir} yet, starting fresh")
             return
         state = checkpoint.load(path, rank=self.rank, world_size=self.world,
-                                generator=self.acc.unwrap_model(self.G),
-                                discriminator=self.acc.unwrap_model(self.D),
-                                optimizers={"G": self.opt_G, "D": self.opt_D},
-                                schedulers=self.schedulers)
+                                load_models=self.engines.load)
         self.step = state.step
         if state.data_state is not None:
             self.loader.load_state_dict(state.data_state)
@@ -202,8 +168,7 @@ class Trainer:
     def save(self) -> None:
         path = checkpoint.save(
             self.cfg.train.run_dir, self.step, rank=self.rank, world_size=self.world,
-            generator=self.acc.unwrap_model(self.G), discriminator=self.acc.unwrap_model(self.D),
-            optimizers={"G": self.opt_G, "D": self.opt_D}, schedulers=self.schedulers,
+            save_models=self.engines.save, generator_state=self.engines.generator_state_fp32(),
             data_state=self.loader.state_dict(), config=to_dict(self.cfg),
             keep_last=self.cfg.train.keep_last, barrier=distributed.barrier)
         if self.cfg.train.mirror and self.acc.is_main_process:
@@ -220,15 +185,15 @@ class Trainer:
         x, y = data.to_device(batch, self.acc.device, cfg=self.cfg.data,
                               channels_last=self.cfg.train.channels_last)
         waited = time.perf_counter() - start
-        losses = train_step(self.G, self.D, self.opt_G, self.opt_D, x, y, self.objective, self.hooks)
-        for scheduler in self.schedulers.values():
-            scheduler.step()
+        e = self.engines
+        losses = train_step(e.G, e.D, e.opt_G, e.opt_D, x, y, self.objective, e.hooks)
+        e.step_schedulers()
         return losses, waited, time.perf_counter() - start
 
     def log(self, losses: dict, waited: float, elapsed: float) -> None:
         batch = self.cfg.data.batch_size * self.world
         scalars = {f"train/{k}": v for k, v in losses.items()}
-        scalars.update({"train/lr": self.schedulers["G"].get_last_lr()[0],
+        scalars.update({"train/lr": self.engines.lr(),
                         "perf/samples_per_s": batch / max(elapsed, 1e-9),
                         "perf/data_wait_share": waited / max(elapsed, 1e-9)})
         scalars.update({f"data/skipped_{k}": v for k, v in self.loader.skipped.items()})
@@ -240,7 +205,7 @@ class Trainer:
     def run(self) -> int:
         cfg = self.cfg
         if self.step == 0:
-            self.evaluator.metrics(self.G, 0)  # the untrained baseline
+            self.evaluator.metrics(0)  # the untrained baseline
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.acc.is_main_process and cfg.log.progress))
         batch_iter = iter(self.loader)
@@ -265,9 +230,9 @@ class Trainer:
                 self.save()
                 return 0
             if self.periodic(cfg.train.eval_every):
-                self.evaluator.metrics(self.G, self.step)
+                self.evaluator.metrics(self.step)
             if self.periodic(cfg.log.sample_every):
-                self.evaluator.samples(self.G, self.step)
+                self.evaluator.samples(self.step)
             if self.periodic(cfg.train.ckpt_every):
                 self.save()
         bar.close()
@@ -275,10 +240,10 @@ class Trainer:
         return 0
 
     def finish_run(self) -> None:
-        final = self.evaluator.metrics(self.G, self.step)
-        self.evaluator.samples(self.G, self.step)
+        final = self.evaluator.metrics(self.step)
+        self.evaluator.samples(self.step)
         self.save()
-        digests = distributed.replica_digests(self.acc.unwrap_model(self.G), self.acc.unwrap_model(self.D))
+        digests = distributed.replica_digests(*self.engines.modules())
         if len(set(digests)) != 1:
             raise RuntimeError(f"replicas diverged: parameter digests differ across ranks {digests}")
         log0(self.acc, f"replicas agree: G and D digest {digests[0][:16]} on {len(digests)} rank(s)")
@@ -302,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if accelerator.is_main_process:
         storage.write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())
-        log0(accelerator, "config:\n" + to_yaml(cfg) + "environment: " + json.dumps(environment(accelerator)))
+        log0(accelerator, "config:\n" + to_yaml(cfg) + "environment: "
+             + json.dumps({**environment(accelerator), **trainer.engines.describe()}))
     if cfg.log.tracker != "none":
         accelerator.init_trackers("logs", config=_flat_config(cfg))
     code = trainer.run()
