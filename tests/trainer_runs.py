@@ -81,3 +81,31 @@ def step_log(run_dir) -> list[dict]:
 
 def latest(run_dir) -> str:
     return (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+# DeepSpeed JIT-compiles its CPU shared-memory comm op (~25 s) on first use: into a folder
+# that outlives the test run, compiled once by tests/helpers/build_deepspeed_ops.py.
+TORCH_EXTENSIONS_DIR = os.environ.get(
+    "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "pix2pix-at-scale" / "torch_extensions"))
+
+
+def deepspeed_env(**extra) -> dict:
+    """CPU processes for a DeepSpeed launch: gloo, and never ACCELERATE_USE_CPU (it would
+    silently drop DeepSpeed)."""
+    env = cpu_env(TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR, **extra)
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def deepspeed(args, stage=2, processes=2, machines=1, machine_rank=0, port=None, script=TRAIN,
+              precision="no") -> list[str]:
+    """`accelerate launch` with one of launch/accelerate's DeepSpeed configs (ZeRO `stage`
+    on one node; the multi-node config, ZeRO-2 and the standard launcher, for machines > 1)."""
+    config = "deepspeed_multi_node.yaml" if machines > 1 else f"deepspeed_zero{stage}.yaml"
+    return ["accelerate", "launch", "--config_file", str(ROOT / "launch" / "accelerate" / config),
+            "--num_processes", str(processes), "--num_machines", str(machines),
+            "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
+            "--main_process_port", str(port or free_port()), "--mixed_precision", precision,
+            script, *args]

@@ -1,0 +1,169 @@
+"""The trainer under DeepSpeed, launched for real: G and D in one engine each, ZeRO-1 and
+ZeRO-2, fp32 and bf16, 2 CPU processes over gloo (and 2 "nodes" on 127.0.0.1). Checked
+against the DDP trainer on the same data and seed: losses and the generator export bit
+for bit. With CI=true a missing deepspeed fails these tests instead of skipping them."""
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import require_component
+from tests.test_train import DECAY, LOSSES, losses_by_step, run_then_resume
+from tests.trainer_runs import (ROOT, accelerate, deepspeed, deepspeed_env, explain, free_port,
+                                gloo_env, latest, run, step_log, train_args)
+
+DEEPSPEED = all(importlib.util.find_spec(name) for name in ("deepspeed", "transformers"))
+STEPS = 8
+RUN = (f"--train.max_steps={STEPS}", "--data.num_workers=1", *DECAY)
+LAUNCH_TIMEOUT = 420  # one 8-step launch; ~90 s on 2 busy cores
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deepspeed_ops():
+    """DeepSpeed installed, and its CPU comm op compiled once (not by racing ranks)."""
+    require_component(DEEPSPEED, "DeepSpeed (pip install -e '.[deepspeed]')")
+    result = subprocess.run([sys.executable, "-m", "tests.helpers.build_deepspeed_ops"], cwd=ROOT,
+                            env=deepspeed_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, explain(result)
+
+
+def launch(args, stage, precision="no") -> tuple[list[str], dict]:
+    """(command, environment) of a 2-process launch: DDP for stage None, else ZeRO-`stage`."""
+    if stage is None:
+        return accelerate(args, precision=precision), gloo_env()
+    return deepspeed(args, stage=stage, precision=precision), deepspeed_env()
+
+
+@pytest.fixture(scope="module")
+def runs(demo_shards, tmp_path_factory):
+    """Uninterrupted 8-step runs with a decaying lr, each launched once on first use:
+    runs(stage, precision) -> (run_dir, result); stage None is the DDP trainer."""
+    done = {}
+
+    def get(stage, precision="no"):
+        if (stage, precision) not in done:
+            run_dir = tmp_path_factory.mktemp(f"zero{stage}-{precision}") / "run"
+            command, env = launch(train_args(run_dir, demo_shards, *RUN), stage, precision)
+            done[stage, precision] = run_dir, run(command, env, timeout=LAUNCH_TIMEOUT)
+        return done[stage, precision]
+    return get
+
+
+def export(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / latest(run_dir) / "generator.safetensors")
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_zero_keeps_g_and_d_equal_across_ranks(runs, stage, precision):
+    run_dir, result = runs(stage, precision)
+    assert result.returncode == 0, explain(result)
+    # a real ZeRO world of 2: not silently DDP, not two runs of world size 1
+    assert '"world_size": 2' in result.stdout and '"engines": "deepspeed"' in result.stdout
+    assert f'"zero_stage": {stage}' in result.stdout
+    assert ("DeepSpeedZeroOptimizer" in result.stdout) == (stage > 0)
+    assert f'"mixed_precision": "{precision}"' in result.stdout
+    assert "replicas agree: G and D digest" in result.stdout and "on 2 rank(s)" in result.stdout
+    assert "[rank 0] exiting with code 0" in result.stderr
+    assert "[rank 1] exiting with code 0" in result.stderr
+    records = step_log(run_dir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert torch.isfinite(torch.tensor([[r[k] for k in LOSSES] for r in records])).all()
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 60)
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_zero_fp32_losses_and_export_equal_ddp_bit_for_bit(runs, stage):
+    (ddp_dir, ddp), (zero_dir, zero) = runs(None), runs(stage)
+    assert ddp.returncode == 0, explain(ddp)
+    assert zero.returncode == 0, explain(zero)
+    assert losses_by_step(step_log(zero_dir)) == losses_by_step(step_log(ddp_dir))
+    ddp_export, zero_export = export(ddp_dir), export(zero_dir)
+    assert sorted(zero_export) == sorted(ddp_export)
+    differing = [name for name in ddp_export if not torch.equal(zero_export[name], ddp_export[name])]
+    assert not differing, f"export differs from DDP's in {differing}"
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_export_is_the_fp32_masters_not_the_bf16_working_copy(runs, stage):
+    run_dir, result = runs(stage, "bf16")
+    assert result.returncode == 0, explain(result)
+    master = export(run_dir)
+    assert all(t.dtype in (torch.float32, torch.int64) for t in master.values())
+    # the engine's own copy of the module (written by us, so trusted for the pickle)
+    engine_file = run_dir / "checkpoints" / latest(run_dir) / "G" / "engine" / "mp_rank_00_model_states.pt"
+    working = torch.load(engine_file, map_location="cpu", weights_only=False)["module"]
+    weights = [name for name, t in working.items() if t.dtype == torch.bfloat16 and name.endswith("weight")]
+    assert weights, "no bf16 working copy in the engine's checkpoint"
+    for name in weights:  # the working copy is the masters rounded to bf16 ...
+        assert torch.equal(master[name].bfloat16(), working[name]), name
+    # ... and the masters hold what bf16 cannot: the export is not an upcast working copy
+    assert any(not torch.equal(master[name], working[name].float()) for name in weights)
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
+def test_g_step_without_freezing_d_fails_under_zero2(demo_shards, tmp_path):
+    # D left trainable in the G step: G's loss reaches D's parameters, and ZeRO-2's
+    # gradient hooks reduce them a second time in D's next update
+    helper = str(ROOT / "tests" / "helpers" / "train_without_freezing_d.py")
+    result = run(deepspeed(train_args(tmp_path / "run", demo_shards, "--train.max_steps=3", *RUN[1:]),
+                           stage=2, script=helper), deepspeed_env(), timeout=LAUNCH_TIMEOUT)
+    assert result.returncode != 0
+    assert "Gradient computed twice for this partition" in result.stderr
+    assert "[rank 0] exiting with code 1" in result.stderr
+
+
+@pytest.mark.slow  # the file takes > 4 min on 2 cores; CI still runs these
+@pytest.mark.timeout(3 * LAUNCH_TIMEOUT + 60)
+def test_zero2_bf16_resume_reproduces_the_uninterrupted_losses(runs, demo_shards, tmp_path):
+    whole_dir, whole = runs(2, "bf16")
+    assert whole.returncode == 0, explain(whole)
+    run_dir = tmp_path / "resumed"
+    resumed = run_then_resume(lambda args: deepspeed(args, stage=2, precision="bf16"), deepspeed_env(),
+                              run_dir, demo_shards, 4, STEPS, *RUN[1:])
+    expected, got = losses_by_step(step_log(whole_dir)), losses_by_step(resumed)
+    assert sorted(got) == list(range(1, STEPS + 1))  # no step lost or repeated
+    for step in range(5, STEPS + 1):
+        assert got[step] == expected[step], f"step {step} differs after resume"
+    checkpoint = run_dir / "checkpoints" / latest(run_dir)
+    for model, rank in [("G", 0), ("G", 1), ("D", 0), ("D", 1)]:  # every rank saved its partition
+        assert list((checkpoint / model / "engine").glob(f"*zero_pp_rank_{rank}_*optim_states.pt")), (model, rank)
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.slow  # the file takes > 4 min on 2 cores; CI still runs these
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
+def test_two_nodes_on_loopback_train_as_one_deepspeed_world(demo_shards, tmp_path):
+    port, args = free_port(), train_args(tmp_path / "run", demo_shards, "--train.max_steps=3")
+    nodes = [subprocess.Popen(deepspeed(args, processes=2, machines=2, machine_rank=rank, port=port),
+                              cwd=ROOT, env=deepspeed_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=LAUNCH_TIMEOUT) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()  # a node left alone would wait for its peer forever
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert '"world_size": 2' in outputs[0][0] and '"engines": "deepspeed"' in outputs[0][0]
+    assert "replicas agree: G and D digest" in outputs[0][0] and "on 2 rank(s)" in outputs[0][0]
+    assert "[rank 1] exiting with code 0" in outputs[1][1]
+
+
+@pytest.mark.slow  # the file takes > 4 min on 2 cores; CI still runs these
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 60)
+@pytest.mark.parametrize("stage", [None, 2], ids=["ddp", "zero2"])
+def test_activation_checkpointing_changes_no_loss(runs, stage, demo_shards, tmp_path):
+    plain_dir, plain = runs(stage)
+    assert plain.returncode == 0, explain(plain)
+    run_dir = tmp_path / "run"
+    command, env = launch(train_args(run_dir, demo_shards, *RUN, "--model.activation_checkpointing=true"), stage)
+    result = run(command, env, timeout=LAUNCH_TIMEOUT)
+    assert result.returncode == 0, explain(result)
+    assert "activation_checkpointing: true" in result.stdout
+    # recomputed in backward, dropout masks replayed: the same numbers, bit for bit
+    assert losses_by_step(step_log(run_dir)) == losses_by_step(step_log(plain_dir))
