@@ -1,0 +1,135 @@
+"""Peak memory per rank of real GAN steps under DDP, ZeRO-1 and ZeRO-2 (bf16), with and
+without activation checkpointing, 2 processes, through the trainer's own engines.
+
+    python benchmarks/bench_memory.py                      # every variant, a table + JSON
+    python benchmarks/bench_memory.py --models unet_256@512 --batch 4 --engines ddp zero2
+
+Each variant is its own `accelerate launch` (peak memory never goes down in a process):
+the DDP ones with launch/accelerate/cpu_2proc.yaml, the ZeRO ones with
+launch/accelerate/deepspeed_zero{1,2}.yaml. A rank reports its peak resident memory
+(CPU: ru_maxrss; CUDA: max_memory_allocated) and the part above what it held before the
+models were built ("training"), i.e. weights, gradients, optimiser states, activations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from report import report  # benchmarks/ is on the path when run as a script
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = {"ddp": "cpu_2proc.yaml", "zero1": "deepspeed_zero1.yaml", "zero2": "deepspeed_zero2.yaml"}
+MARK = "bench_memory rank:"
+
+
+def peak_mb() -> float:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(args) -> None:
+    """One rank: the trainer's engines, `steps` GAN steps on random data, then report."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from pipeline.config import Config
+    from pipeline.engines import make_engines
+    from pipeline.gan import train_step
+    from pipeline.losses import Pix2PixObjective
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
+    group = {"backend": "gloo"} if deepspeed and not torch.cuda.is_available() else {}
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(**group)])
+    cfg = Config()
+    cfg.model.generator, cfg.data.crop_size = args.generator, args.crop
+    cfg.model.activation_checkpointing = args.checkpointing
+    before = peak_mb()
+    engines = make_engines(cfg, accelerator)
+    x = torch.rand(args.batch, 3, args.crop, args.crop, device=accelerator.device) * 2 - 1
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(engines.G, engines.D, engines.opt_G, engines.opt_D, x, x.flip(-1),
+                   Pix2PixObjective(), engines.hooks)
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = peak_mb()
+    print(MARK, json.dumps({"rank": accelerator.process_index, "peak_mb": round(peak),
+                            "training_mb": round(peak - before), "s_per_step": round(seconds, 2)}),
+          flush=True)
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+    os._exit(0)  # gloo may abort at interpreter exit (TRAPS.md)
+
+
+def variant(kind: str, generator: str, crop: int, checkpointing: bool, args) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    env.pop("ACCELERATE_USE_CPU", None)  # it would silently drop DeepSpeed
+    if kind == "ddp" and not _cuda():
+        env["ACCELERATE_USE_CPU"] = "1"  # the only real multi-process CPU DDP launch
+    command = ["accelerate", "launch", "--config_file", str(ROOT / "launch" / "accelerate" / LAUNCH[kind]),
+               "--num_processes", "2", "--mixed_precision", "bf16", __file__, "--worker",
+               "--generator", generator, "--crop", str(crop), "--steps", str(args.steps),
+               "--batch", str(args.batch)]
+    command += ["--checkpointing"] if checkpointing else []
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    # the two ranks share one stdout: their lines may interleave
+    ranks = [json.loads(found) for found in re.findall(MARK + r" (\{[^}]*\})", result.stdout)]
+    if result.returncode != 0 or len(ranks) != 2:
+        raise RuntimeError(f"{kind} {generator}@{crop}: exit {result.returncode}\n{result.stderr[-3000:]}")
+    return {"model": f"{generator}@{crop}", "batch": args.batch, "engines": kind, "act_ckpt": checkpointing,
+            "peak_mb": max(r["peak_mb"] for r in ranks),
+            "training_mb": max(r["training_mb"] for r in ranks),
+            "s_per_step": max(r["s_per_step"] for r in ranks)}
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def savings(rows: list[dict]) -> dict:
+    """Per model and checkpointing setting: each ZeRO stage's training memory vs DDP's."""
+    base = {(r["model"], r["act_ckpt"]): r["training_mb"] for r in rows if r["engines"] == "ddp"}
+    return {f'{r["model"]} {r["engines"]}{" +ckpt" if r["act_ckpt"] else ""}':
+            round(1 - r["training_mb"] / base[r["model"], r["act_ckpt"]], 3)
+            for r in rows if r["engines"] != "ddp" and (r["model"], r["act_ckpt"]) in base}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["unet_256@256", "unet_256@512", "unet_512@512"],
+                        help="GENERATOR@CROP pairs")
+    parser.add_argument("--engines", nargs="+", default=list(LAUNCH), choices=list(LAUNCH))
+    parser.add_argument("--steps", type=int, default=2, help="GAN steps per variant (>= 2: "
+                        "the optimiser states exist from the first step on)")
+    parser.add_argument("--batch", type=int, default=1, help="batch per process")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--generator", help=argparse.SUPPRESS)
+    parser.add_argument("--crop", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+    rows = []
+    for model in args.models:
+        generator, crop = model.split("@")
+        for checkpointing in (False, True):
+            for kind in args.engines:
+                rows.append(variant(kind, generator, int(crop), checkpointing, args))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
+    return report("bench_memory", rows, {"training_memory_saved_vs_ddp": savings(rows),
+                                         "processes": 2, "precision": "bf16"})
+
+
+if __name__ == "__main__":
+    main()
