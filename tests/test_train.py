@@ -178,13 +178,19 @@ def test_stop_signal_checkpoints_at_a_step_boundary_and_exits_0(sig, demo_shards
     assert f"stop requested ({sig.name})" in stdout
 
 
-@pytest.mark.timeout(300)
-def test_two_processes_stop_together_on_sigusr1_to_the_workers(demo_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(accelerate(train_args(run_dir, demo_shards, "--train.max_steps=100000")),
+def start_endless_two_process_run(run_dir, shards) -> subprocess.Popen:
+    """A 2-process launch that trains until stopped; returns once step 2 is logged."""
+    launcher = subprocess.Popen(accelerate(train_args(run_dir, shards, "--train.max_steps=100000")),
                                 cwd=ROOT, env=gloo_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     wait_for_step(run_dir, 2, launcher, timeout=200)
+    return launcher
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_stop_together_on_sigusr1_to_the_workers(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = start_endless_two_process_run(run_dir, demo_shards)
     workers = psutil.Process(launcher.pid).children()
     assert len(workers) == 2
     for worker in workers:  # what Slurm's --signal=USR1 does: every task gets it
@@ -262,10 +268,7 @@ def test_bf16_learns_as_well_as_fp32_on_the_demo_data(demo_shards, tmp_path):
 @pytest.mark.timeout(300)
 def test_sigterm_to_the_launcher_stops_both_workers_cleanly(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(accelerate(train_args(run_dir, demo_shards, "--train.max_steps=100000")),
-                                cwd=ROOT, env=gloo_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    wait_for_step(run_dir, 2, launcher, timeout=200)
+    launcher = start_endless_two_process_run(run_dir, demo_shards)
     launcher.send_signal(signal.SIGTERM)  # the agent forwards it to the workers
     stdout, stderr = launcher.communicate(timeout=60)
     # the launcher's own exit code is torchrun's business; the workers' is ours
