@@ -267,7 +267,10 @@ def pack(dest: str, shards: list[Shard], options: dict, workers: int, progress: 
     bar = tqdm(total=sum(len(s.pairs) for s in todo), unit="pair", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     jobs = [(dest, shard, options) for shard in todo]
-    pool = multiprocessing.Pool(workers, _worker_signals) if workers > 1 and len(jobs) > 1 else None
+    # spawn, not fork: a fork of a process that runs threads (an S3 client's event loop,
+    # tqdm's monitor) can copy a held lock into a worker that then never starts.
+    pool = multiprocessing.get_context("spawn").Pool(workers, _worker_signals) \
+        if workers > 1 and len(jobs) > 1 else None
     try:
         parts = pool.imap_unordered(pack_shard, jobs) if pool else map(pack_shard, jobs)
         for part in parts:
@@ -276,10 +279,13 @@ def pack(dest: str, shards: list[Shard], options: dict, workers: int, progress: 
             stats["bytes"] += part["bytes"]
             bar.update(part["planned"])
             bar.set_postfix_str(f"{stats['bytes'] / 2**20 / (time.perf_counter() - start):.1f} MB/s")
+        if pool:
+            pool.close()  # all done: let the workers exit on their own
+            pool.join()
     finally:
         bar.close()
         if pool:
-            pool.terminate()  # workers are done or, on Ctrl-C, must stop now
+            pool.terminate()  # on Ctrl-C or an error the workers must stop now
     stats["seconds"] = time.perf_counter() - start
     return stats
 
