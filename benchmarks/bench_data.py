@@ -146,11 +146,9 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def train_step_seconds(steps: int, size: int) -> float:
-    import bench_step
+    import bench_train
     torch.set_num_threads(os.cpu_count())
-    args = argparse.Namespace(generator=f"unet_{size}", batch=1, size=size, steps=steps,
-                              warmup=1)
-    seconds = bench_step.time_steps("fp32", args, torch.device("cpu"))["s_per_step"]
+    seconds = bench_train.measure("fp32", 1, f"unet_{size}", size, steps, warmup=1)["s_per_step"]
     torch.set_num_threads(1)
     return seconds
 

@@ -95,6 +95,9 @@ class OptimConfig:
                                  "(0 with decay_steps 0: constant lr)")
     decay_steps: int = opt(0, "steps of linear decay to zero after constant_steps")
     grad_clip: float = opt(0.0, "clip gradient norm to this (0: no clipping, as pix2pix)")
+    adam_impl: Literal["auto", "foreach", "fused"] = opt(
+        "auto", "Adam kernel: auto (torch's choice: foreach on CUDA, a per-tensor loop on CPU), "
+                "foreach, or fused (one kernel for all parameters)")
 
 
 @dataclass

@@ -50,6 +50,8 @@ def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
 def build_optimizers(cfg: Config, G: torch.nn.Module, D: torch.nn.Module):
     """(opt_G, opt_D, {"G": scheduler, "D": scheduler}): Adam and the reference schedule."""
     adam = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    if cfg.optim.adam_impl != "auto":
+        adam[cfg.optim.adam_impl] = True
     opt_G, opt_D = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
     schedule = lambda step: lr_factor(step, cfg.optim.constant_steps, cfg.optim.decay_steps)
     schedulers = {"G": torch.optim.lr_scheduler.LambdaLR(opt_G, schedule),

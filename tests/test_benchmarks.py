@@ -1,4 +1,4 @@
-"""The shared benchmark format: a table, then one JSON line last."""
+"""The shared benchmark format, on the train-step benchmark: a table, then one JSON line."""
 import json
 import subprocess
 import sys
@@ -9,16 +9,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.timeout(120)
-def test_bench_step_prints_a_table_then_one_json_line():
-    run = subprocess.run([sys.executable, "benchmarks/bench_step.py", "--generator", "unet_128",
-                          "--size", "128", "--steps", "1", "--warmup", "0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=110)
+@pytest.mark.timeout(180)
+def test_bench_train_compares_variants_in_a_table_then_one_json_line():
+    run = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--generator", "unet_128",
+                          "--size", "128", "--batch", "1", "--steps", "1", "--warmup", "1",
+                          "--variants", "fp32", "bf16+cl+fused"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     record = json.loads(lines[-1])
-    assert record["benchmark"] == "bench_step"
+    assert record["benchmark"] == "bench_train" and "variant" in lines[1]  # the table first
     assert {"cpu", "cores"} <= set(record["machine"]) and record["torch"]
-    assert [row["precision"] for row in record["rows"]] == ["fp32", "bf16"]
-    assert all(row["samples_per_s"] > 0 for row in record["rows"])
-    assert "precision" in lines[1]  # the human table comes first
+    fp32, fast = record["rows"]
+    assert (fp32["variant"], fast["variant"]) == ("fp32", "bf16+cl+fused")
+    assert all(row["samples_per_s"] > 0 and row["peak_mem_mib"] > 0 for row in record["rows"])
+    # the same seeded pairs and weights: a working bf16 step lands on fp32's loss
+    assert fp32["l1_first"] == pytest.approx(fast["l1_first"], rel=0.02)
+    assert abs(fast["l1_vs_fp32"]) < 0.02 and fast["speedup"] > 0
+    # unet_128 + PatchGAN at 128x128: about a quarter of the 86.9 GFLOP at 256x256
+    assert 15 < record["figures"]["gflop_per_sample"] < 30
+
+
+def test_bench_train_refuses_an_unknown_variant_option():
+    run = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--variants", "bf16+turbo"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "bad variant 'bf16+turbo'" in run.stderr

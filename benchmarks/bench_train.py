@@ -1,0 +1,186 @@
+"""Time the full pix2pix training step (D update + G update) exactly as the trainer runs
+it, variant by variant, side by side: samples/s, peak memory, and the L1 loss reached, so
+that speed never hides a broken step.
+
+    python benchmarks/bench_train.py --batch 1 4 --steps 5
+    python benchmarks/bench_train.py --batch 1 16 64 --variants fp32 bf16+cl bf16+cl+compile
+
+A variant is a precision (fp32: the reference's arithmetic, TF32 off on CUDA; bf16:
+autocast) plus options: cl (channels_last), fused / foreach (the Adam kernel), compile
+(torch.compile). Each (variant, batch) runs in a fresh process, built by the trainer's
+own code (config -> Accelerator -> engines -> gan.train_step) on the same seeded
+synthetic pairs, so peak memory is its own and the losses are comparable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from report import report  # benchmarks/ is on the path when run as a script
+
+OPTIONS = {"cl", "fused", "foreach", "compile"}
+DEFAULT_VARIANTS = ["fp32", "bf16", "bf16+cl", "bf16+fused", "bf16+cl+fused", "bf16+fused+compile"]
+# Dense peak TFLOP/s per precision, for the model FLOPs utilisation (SXM parts)
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "fp32": 67.0},
+               "A100": {"bf16": 312.0, "fp32": 19.5}}
+
+
+def parse_variant(variant: str) -> tuple[str, set[str]]:
+    precision, *options = variant.split("+")
+    if precision not in ("fp32", "bf16") or not set(options) <= OPTIONS:
+        raise SystemExit(f"bench_train.py: bad variant {variant!r}: a precision (fp32 or bf16), "
+                         f"then +options from {', '.join(sorted(OPTIONS))}")
+    return precision, set(options)
+
+
+def trainer_config(variant: str, generator: str, batch: int):
+    from pipeline.config import Config
+    _, options = parse_variant(variant)
+    cfg = Config()
+    cfg.model.generator, cfg.data.batch_size = generator, batch
+    cfg.train.channels_last, cfg.train.compile = "cl" in options, "compile" in options
+    cfg.optim.adam_impl = next((o for o in ("fused", "foreach") if o in options), "auto")
+    return cfg
+
+
+def synthetic_pairs(count: int, batch: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Smooth random inputs and a target the U-Net can learn (a mirrored negative)."""
+    generator = torch.Generator().manual_seed(0)
+    pairs = []
+    for _ in range(count):
+        coarse = torch.rand(batch, 3, size // 16, size // 16, generator=generator) * 2 - 1
+        x = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
+        pairs.append((x, -x.flip(-1)))
+    return pairs
+
+
+def measure(variant: str, batch: int, generator: str, size: int, steps: int, warmup: int) -> dict:
+    """One variant in this process: seconds per step, peak memory and L1 losses."""
+    from accelerate import Accelerator
+    from pipeline import data
+    from pipeline.engines import make_engines
+    from pipeline.gan import train_step
+    from pipeline.losses import Pix2PixObjective
+
+    precision, _ = parse_variant(variant)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = trainer_config(variant, generator, batch)
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    engines = make_engines(cfg, accelerator)
+    objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1)
+    pairs = [data.to_device({"input": x, "target": y}, accelerator.device, cfg=cfg.data,
+                            channels_last=cfg.train.channels_last)
+             for x, y in synthetic_pairs(4, batch, size)]
+    step = lambda i: train_step(engines.G, engines.D, engines.opt_G, engines.opt_D,
+                                *pairs[i % len(pairs)], objective, engines.hooks)
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    l1 = [step(i)["loss_G_l1"] for i in range(warmup)]
+    start = time.perf_counter()
+    l1 += [step(i)["loss_G_l1"] for i in range(warmup, warmup + steps)]  # each syncs on its losses
+    seconds = (time.perf_counter() - start) / steps
+    return {"variant": variant, "batch": batch, "s_per_step": seconds,
+            "samples_per_s": batch / seconds, "peak_mem_mib": peak_memory_mib(accelerator.device),
+            "l1_first": l1[0], "l1_last": sum(l1[-steps:]) / steps}
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The device's peak allocation on CUDA; the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def flops_per_sample(generator: str, size: int) -> float:
+    """FLOPs of one step (G forward, D on fake and real, D backward, D on G's fake,
+    G backward) per sample, by torch's FLOP counter on a batch-1 fp32 CPU step."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from pipeline.engines import build_models
+    from pipeline.gan import train_step
+    from pipeline.losses import Pix2PixObjective
+
+    cfg = trainer_config("fp32", generator, 1)
+    G, D = build_models(cfg)
+    (x, y), = synthetic_pairs(1, 1, size)
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.0)  # its step adds no FLOPs worth counting
+    with FlopCounterMode(display=False) as counter:
+        train_step(G, D, sgd(G), sgd(D), x, y, Pix2PixObjective())
+    return float(counter.get_total_flops())
+
+
+def run_child(variant: str, batch: int, args) -> dict:
+    """measure() in a fresh process: its own peak memory, compile caches and OOMs."""
+    command = [sys.executable, __file__, "--child", variant, "--batch", str(batch),
+               "--generator", args.generator, "--size", str(args.size),
+               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = "out of memory" if "out of memory" in result.stderr.lower() else result.stderr.strip().splitlines()[-1:]
+        return {"variant": variant, "batch": batch, "error": str(reason)}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def add_comparisons(rows: list[dict], flops: float, device_name: str, peak_override: float | None) -> None:
+    """Speed-up and L1 against fp32 at the same batch, achieved TFLOP/s and MFU."""
+    fp32 = {row["batch"]: row for row in rows if row["variant"] == "fp32" and "error" not in row}
+    for row in rows:
+        if "error" in row:
+            continue
+        base = fp32.get(row["batch"])
+        row["speedup"] = base and base["s_per_step"] / row["s_per_step"]
+        row["l1_vs_fp32"] = base and row["l1_last"] / base["l1_last"] - 1
+        row["tflops"] = flops * row["samples_per_s"] / 1e12
+        peak = peak_override or next((p[parse_variant(row["variant"])[0]] for name, p in PEAK_TFLOPS.items()
+                                      if name in device_name), None)
+        row["mfu"] = peak and row["tflops"] / peak
+
+
+def summary(rows: list[dict], flops: float, device_name: str) -> dict:
+    """The headline figures: the best variant at the largest batch against fp32 there,
+    and against fp32 at batch 1 (the reference's setting)."""
+    ok = [row for row in rows if "error" not in row]
+    largest = max(row["batch"] for row in ok)
+    best = max((row for row in ok if row["batch"] == largest), key=lambda row: row["samples_per_s"])
+    fp32_b1 = next((row for row in ok if row["variant"] == "fp32" and row["batch"] == 1), None)
+    return {"device": device_name, "gflop_per_sample": flops / 1e9, "largest_batch": largest,
+            "best_variant": best["variant"], "best_samples_per_s": best["samples_per_s"],
+            "best_speedup_vs_fp32_same_batch": best["speedup"],
+            "best_l1_vs_fp32": best["l1_vs_fp32"],
+            "best_vs_fp32_batch1": fp32_b1 and best["samples_per_s"] / fp32_b1["samples_per_s"],
+            "best_mfu": best["mfu"]}
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--generator", default="unet_256", choices=["unet_128", "unet_256", "unet_512"])
+    parser.add_argument("--size", type=int, default=256, help="crop size")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                        help="precision[+cl][+fused|+foreach][+compile]; fp32 is the baseline")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU "
+                        "(default: known for H100/H200/A100; none on CPUs)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one variant
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child, args.batch[0], args.generator, args.size, args.steps, args.warmup)))
+        return None
+    for variant in args.variants:
+        parse_variant(variant)
+    device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    flops = flops_per_sample(args.generator, args.size)
+    rows = [run_child(variant, batch, args) for batch in args.batch for variant in args.variants]
+    add_comparisons(rows, flops, device_name, args.peak_tflops)
+    return report("bench_train", rows, summary(rows, flops, device_name))
+
+
+if __name__ == "__main__":
+    main()
