@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data_tools import sources
-from pipeline import storage
+from pipeline import faults, storage
 
 FORMAT_VERSION = 1
 TAR_MTIME = 946684800  # 2000-01-01: a fixed stamp keeps shards byte-identical across runs
@@ -232,6 +232,7 @@ def pack_shard(job: tuple) -> dict:
                 _add_member(tar, f"{pair.key}.json", json.dumps(meta, sort_keys=True).encode())
                 samples += 1
         nbytes = f.tell()
+    faults.kill_point("shard.after_tar")  # the shard is in place, its part file not yet
     part = {"name": shard.name, "split": shard.split, "digest": shard.digest,
             "samples": samples, "bytes": nbytes, "planned": len(shard.pairs),
             "rejected": rejected}
@@ -333,6 +334,7 @@ def merge(dest: str) -> dict:
             reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
     rejected_rows = [json.dumps(row, sort_keys=True) + "\n" for p in parts for row in p["rejected"]]
     storage.write_bytes(storage.join(dest, "rejected.jsonl"), "".join(rejected_rows).encode())
+    faults.kill_point("shard.before_manifest")
     manifest = {"format_version": FORMAT_VERSION, "splits": splits,
                 "rejected": dict(sorted(reasons.items())), "options": plan["options"]}
     storage.write_bytes(storage.join(dest, "manifest.json"), _dumps(manifest))

@@ -14,8 +14,11 @@ and the models' training state, written by the engines (pipeline/engines.py):
                partition). DeepSpeed checkpoints are pickles: resume only from trusted ones.
 Every rank writes its own files into `step_N.tmp/`; once all have, rank 0 renames the
 folder to `step_N/`, then rewrites the `latest` marker, then removes the oldest
-checkpoints beyond keep_last. A crash at any moment leaves the previous checkpoint and
-marker intact; a `.tmp` folder is never loaded and is cleared by the next save.
+checkpoints beyond keep_last (each renamed to `.tmp` first, then deleted). A crash at any
+moment leaves the previous checkpoint and marker intact and every `step_N/` complete; a
+`.tmp` folder is never loaded and is cleared by the next save. A failed write (a full
+disk) removes its `.tmp` folder and raises CheckpointError naming the intact checkpoint;
+weights with a NaN or inf are refused before anything is written.
 A DDP resume needs no pickle: everything is safetensors, JSON or weights_only tensors.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Callable
@@ -32,11 +36,12 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
-from pipeline import storage
+from pipeline import faults, storage
 from pipeline.config import ModelConfig
 from pipeline.models import build_generator
 
 LATEST = "latest"
+TMP, OLD = ".tmp", ".old"  # suffixes of folders that are not (or no longer) checkpoints
 EXPORT_FORMAT = "pix2pix-at-scale/generator"
 
 
@@ -46,6 +51,10 @@ def checkpoints_dir(run_dir: str) -> str:
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint was not written; the message names the newest one that is intact."""
 
 
 @dataclass
@@ -99,22 +108,54 @@ def export_metadata(config: dict, step: int) -> dict:
 
 def save(run_dir: str, step: int, *, rank: int, world_size: int,
          save_models: Callable[[str, int], None], generator_state: dict[str, torch.Tensor],
-         data_state: dict, config: dict, keep_last: int, barrier: Callable[[], None]) -> str:
+         discriminator_state: dict[str, torch.Tensor], data_state: dict, config: dict,
+         keep_last: int, barrier: Callable[[], None], any_rank: Callable[[bool], bool]) -> str:
     """Write a checkpoint from every rank and commit it; returns its final folder.
 
     All ranks must call this at the same step: `save_models(staging, rank)` writes the
     models' training state (engines.save), rank 0 the generator export from
     `generator_state` (the fp32 state dict) and trainer.json, every rank its own
-    position and RNG.
+    position and RNG. `any_rank(flag)` (distributed.any_rank) makes every rank refuse
+    or fail together, never leaving a peer waiting at a barrier.
     """
     root = checkpoints_dir(run_dir)
     final = os.path.join(root, step_name(step))
-    staging = final + ".tmp"
+    staging = final + TMP
+    bad = nonfinite({**_prefixed("generator", generator_state),
+                     **_prefixed("discriminator", discriminator_state)})
+    if any_rank(bool(bad)):
+        raise CheckpointError(f"checkpoint at step {step} refused: non-finite weights "
+                              f"({', '.join(bad[:3]) or 'on another rank'}); {_intact(root)}")
     if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-save
+        clear_uncommitted(root)
         os.makedirs(staging)
     barrier()
+    try:
+        _write_staging(staging, step, rank, world_size, save_models, generator_state,
+                       data_state, config)
+        error = None
+    except Exception as err:  # a full disk, a quota, a dead mount: OSError mostly
+        error = err
+    if any_rank(error is not None):  # also the barrier before the commit
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"checkpoint at step {step} failed "
+                              f"({error or 'on another rank'}); {_intact(root)}") from error
+    if rank == 0:
+        faults.kill_point("checkpoint.staged")
+        _commit(staging, final)
+        faults.kill_point("checkpoint.renamed")
+        storage.write_bytes(os.path.join(root, LATEST), step_name(step).encode())
+        rotate(root, keep_last, keep=step_name(step))
+    barrier()
+    return final
+
+
+def _write_staging(staging: str, step: int, rank: int, world_size: int,
+                   save_models: Callable[[str, int], None], generator_state: dict,
+                   data_state: dict, config: dict) -> None:
     save_models(staging, rank)
+    faults.kill_point("checkpoint.after_models")
     if rank == 0:
         storage.write_bytes(os.path.join(staging, "generator.safetensors"),
                             save_safetensors(_contiguous(generator_state)))
@@ -124,16 +165,39 @@ def save(run_dir: str, step: int, *, rank: int, world_size: int,
     as_json, tensors = rng_state()
     _write_json(os.path.join(staging, f"rank_{rank:05d}.json"), {"data": data_state, "rng": as_json})
     _write_torch(os.path.join(staging, f"rank_{rank:05d}_rng.pt"), tensors)
-    barrier()
-    if rank == 0:
-        if os.path.exists(final):  # a re-save of the same step (e.g. resumed then stopped)
-            shutil.rmtree(final)
+
+
+def _commit(staging: str, final: str) -> None:
+    """Rename the complete staging folder to its final name. A step committed before (an
+    older checkpoint resumed explicitly, then trained past this step again) is set aside as
+    `.old` first: a directory cannot be renamed over a non-empty one, and deleting it
+    first would leave the marker naming nothing on a crash; resolve falls back to `.old`."""
+    if os.path.exists(final):
+        os.replace(final, final + OLD)
         os.replace(staging, final)
-        _fsync_dir(root)
-        storage.write_bytes(os.path.join(root, LATEST), step_name(step).encode())
-        rotate(root, keep_last, keep=step_name(step))
-    barrier()
-    return final
+        shutil.rmtree(final + OLD)
+    else:
+        os.replace(staging, final)
+    _fsync_dir(os.path.dirname(final))
+
+
+def nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an inf."""
+    return [name for name, t in state.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _prefixed(prefix: str, state: dict) -> dict:
+    return {f"{prefix}.{name}": t for name, t in state.items()}
+
+
+def _intact(root: str) -> str:
+    """What a failed save leaves: the checkpoint the marker names, untouched."""
+    marker = os.path.join(root, LATEST)
+    if not os.path.exists(marker):
+        return "no earlier checkpoint exists in this run"
+    name = storage.read_bytes(marker).decode().strip()
+    return f"the previous one (step {int(name.removeprefix('step_'))}, {os.path.join(root, name)}) is intact"
 
 
 def write_weights_and_optimizers(staging: str, discriminator: torch.nn.Module,
@@ -175,16 +239,32 @@ def committed(root: str) -> list[str]:
     """Committed checkpoint folder names, oldest first."""
     if not os.path.isdir(root):
         return []
-    names = [n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp")]
-    return sorted(names)
+    return sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d{8}", n))
+
+
+def clear_uncommitted(root: str) -> None:
+    """Remove what crashes leave: staging and rotation `.tmp` folders, and an `.old` copy
+    whose step was committed again (else it is what resolve falls back to)."""
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        stale = name.endswith(TMP) or (name.endswith(OLD) and
+                                       os.path.isdir(os.path.join(root, name.removesuffix(OLD))))
+        if name.startswith("step_") and stale:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def rotate(root: str, keep_last: int, keep: str) -> None:
     """Remove the oldest committed checkpoints beyond keep_last (never `keep`), after
-    the new one is committed: the opposite order would leave nothing on a crash."""
+    the new one is committed: the opposite order would leave nothing on a crash. Each is
+    renamed to `.tmp` first, so a crash mid-delete never leaves a half folder that looks
+    committed."""
     for name in committed(root)[:-keep_last]:
         if name != keep:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            trash = os.path.join(root, name + TMP)
+            os.replace(os.path.join(root, name), trash)
+            faults.kill_point("checkpoint.rotating")
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- resume
@@ -200,6 +280,8 @@ def resolve(run_dir: str, resume: str) -> str | None:
             return None
         name = storage.read_bytes(marker).decode().strip()
         path = os.path.join(checkpoints_dir(run_dir), name)
+        if not os.path.isdir(path) and os.path.isdir(path + OLD):  # a crash in _commit
+            path += OLD
     else:
         path = resume
     if not os.path.isfile(os.path.join(path, "trainer.json")):

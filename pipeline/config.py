@@ -112,6 +112,10 @@ class TrainConfig:
     mirror: str = opt("", "copy each committed checkpoint to this s3:// prefix (empty: off)")
     collective_timeout: int = opt(
         600, "seconds a rank waits in a collective before failing (a dead peer ends the run)")
+    on_nonfinite: Literal["stop", "skip"] = opt(
+        "stop", "a step with NaN/inf losses or gradients: 'stop' exits with code 1 before "
+                "applying it (the last checkpoint stays the newest); 'skip' applies no update "
+                "with non-finite gradients, logs the step and trains on (not under DeepSpeed)")
     channels_last: bool = opt(False, "use channels_last memory format")
     compile: bool = opt(False, "torch.compile the models")
 

@@ -6,6 +6,7 @@ step runs single-process, under DDP and under DeepSpeed.
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
@@ -38,6 +39,25 @@ class StepHooks:
     step: Callable[[torch.optim.Optimizer, nn.Module], None] = _plain_step
     autocast: Callable[[], ContextManager] = field(default=nullcontext)
     frozen_view: Callable[[nn.Module], nn.Module] = field(default=lambda model: model)
+
+
+def finite_gradients(model: nn.Module) -> bool:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
+
+
+def guard_updates(hooks: StepHooks, on_nonfinite: Callable[[nn.Module], None]) -> StepHooks:
+    """`hooks` whose step never applies a NaN or inf gradient: it calls
+    `on_nonfinite(model)` instead (which may raise to stop the run) and drops the
+    gradients. Under DDP they are all-reduced by now, and a NaN or inf on any rank stays
+    non-finite in the sum: every rank decides the same without another collective."""
+    def step(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        if finite_gradients(model):
+            hooks.step(optimizer, model)
+        else:
+            on_nonfinite(model)
+            optimizer.zero_grad(set_to_none=True)
+    return dataclasses.replace(hooks, step=step)
 
 
 def set_requires_grad(model: nn.Module, flag: bool) -> None:

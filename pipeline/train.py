@@ -20,10 +20,10 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from tqdm import tqdm
 
-from pipeline import checkpoint, data, distributed, evaluate, storage
+from pipeline import checkpoint, data, distributed, evaluate, faults, storage
 from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
-from pipeline.engines import Engines, make_engines
-from pipeline.gan import train_step
+from pipeline.engines import DDPEngines, Engines, make_engines
+from pipeline.gan import guard_updates, train_step
 from pipeline.losses import Pix2PixObjective
 
 
@@ -40,7 +40,15 @@ def launched_with_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf in a step under train.on_nonfinite=stop; the message names the step."""
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
+    if launched_with_deepspeed() and cfg.train.on_nonfinite == "skip":
+        raise ConfigError("train.on_nonfinite: 'skip' is not supported under DeepSpeed (its "
+                          "engines step partitioned gradients the trainer cannot inspect); "
+                          "use 'stop'")
     trackers = None if cfg.log.tracker == "none" else cfg.log.tracker
     group = dict(timeout=timedelta(seconds=cfg.train.collective_timeout))
     if launched_with_deepspeed() and not torch.cuda.is_available():
@@ -144,8 +152,12 @@ class Trainer:
             in_channels=cfg.model.in_channels, out_channels=cfg.model.out_channels,
             have_batch_all_ranks=lambda flag: distributed.all_ranks(flag, accelerator.device))
         self.evaluator = Evaluator(cfg, accelerator, self.engines)
-        self.step = 0
+        self.step = self.resumed_step = 0
         self.stop = distributed.StopRequest()
+        self.skipped: list[str] = []  # this step's updates not applied: "D", "G"
+        self.hooks = self.engines.hooks
+        if isinstance(self.engines, DDPEngines):  # DeepSpeed's gradients are partitioned
+            self.hooks = guard_updates(self.hooks, self.nonfinite_gradients)
 
     def resume(self) -> None:
         path = checkpoint.resolve(self.cfg.train.run_dir, self.cfg.train.resume)
@@ -155,7 +167,7 @@ class Trainer:
             return
         state = checkpoint.load(path, rank=self.rank, world_size=self.world,
                                 load_models=self.engines.load)
-        self.step = state.step
+        self.step = self.resumed_step = state.step
         if state.data_state is not None:
             self.loader.load_state_dict(state.data_state)
             log0(self.acc, f"resumed from {path} at step {self.step}")
@@ -169,8 +181,10 @@ class Trainer:
         path = checkpoint.save(
             self.cfg.train.run_dir, self.step, rank=self.rank, world_size=self.world,
             save_models=self.engines.save, generator_state=self.engines.generator_state_fp32(),
+            discriminator_state=self.engines.discriminator.state_dict(),
             data_state=self.loader.state_dict(), config=to_dict(self.cfg),
-            keep_last=self.cfg.train.keep_last, barrier=distributed.barrier)
+            keep_last=self.cfg.train.keep_last, barrier=distributed.barrier,
+            any_rank=lambda flag: distributed.any_rank(flag, self.acc.device))
         if self.cfg.train.mirror and self.acc.is_main_process:
             checkpoint.mirror(path, self.cfg.train.mirror)
         log0(self.acc, f"step {self.step}: checkpoint {path}")
@@ -184,11 +198,49 @@ class Trainer:
         batch = next(batch_iter)
         x, y = data.to_device(batch, self.acc.device, cfg=self.cfg.data,
                               channels_last=self.cfg.train.channels_last)
+        if faults.triggered("train.nonfinite_batch"):  # tests: NaN through the real step
+            x = torch.full_like(x, float("nan"))
         waited = time.perf_counter() - start
         e = self.engines
-        losses = train_step(e.G, e.D, e.opt_G, e.opt_D, x, y, self.objective, e.hooks)
+        buffers = [b.clone() for b in self.buffers()] if self.cfg.train.on_nonfinite == "skip" else None
+        self.skipped = []
+        losses = train_step(e.G, e.D, e.opt_G, e.opt_D, x, y, self.objective, self.hooks)
+        finite = all(math.isfinite(v) for v in losses.values())
+        if distributed.any_rank(not finite, self.acc.device) or self.skipped:
+            self.nonfinite_step(losses, buffers)
         e.step_schedulers()
         return losses, waited, time.perf_counter() - start
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [b for m in self.engines.modules() for b in m.buffers()]
+
+    def nonfinite_gradients(self, model) -> None:
+        """Called by the guarded step instead of an update with NaN or inf gradients."""
+        which = "D" if model is self.engines.D else "G"
+        if self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteError(f"step {self.step + 1}: non-finite gradients in {which}; stopped "
+                                 f"before applying them (train.on_nonfinite=stop); "
+                                 f"{self.newest_checkpoint()}")
+        self.skipped.append(which)
+
+    def nonfinite_step(self, losses: dict, buffers: list[torch.Tensor] | None) -> None:
+        """A step whose losses (on some rank) or gradients held a NaN or an inf."""
+        step = self.step + 1
+        if buffers is None:  # stop; or DeepSpeed, where the update may be applied already
+            raise NonFiniteError(f"step {step}: non-finite loss {losses} (on some rank); "
+                                 f"stopped (train.on_nonfinite=stop), no checkpoint written "
+                                 f"with these weights; {self.newest_checkpoint()}")
+        # the forward passes already folded the bad batch into BatchNorm's running stats
+        with torch.no_grad():
+            for buffer, saved in zip(self.buffers(), buffers):
+                buffer.copy_(saved)
+        log0(self.acc, f"step {step}: non-finite loss or gradients; updates skipped: "
+                       f"{', '.join(self.skipped) or 'none (finite gradients)'} "
+                       "(train.on_nonfinite=skip)")
+
+    def newest_checkpoint(self) -> str:
+        path = checkpoint.resolve(self.cfg.train.run_dir, "auto")
+        return f"the newest checkpoint is {path}" if path else "no checkpoint written yet"
 
     def log(self, losses: dict, waited: float, elapsed: float) -> None:
         batch = self.cfg.data.batch_size * self.world
@@ -197,10 +249,14 @@ class Trainer:
                         "perf/samples_per_s": batch / max(elapsed, 1e-9),
                         "perf/data_wait_share": waited / max(elapsed, 1e-9)})
         scalars.update({f"data/skipped_{k}": v for k, v in self.loader.skipped.items()})
+        scalars["train/skipped_updates"] = len(self.skipped)  # non-finite gradients
         self.acc.log(scalars, step=self.step)
         if self.acc.is_main_process:  # a plain record of every logged step, for people and tests
+            record = {"step": self.step, **scalars}
+            if self.skipped:
+                record["skipped"] = self.skipped
             with open(os.path.join(self.cfg.train.run_dir, "train_log.jsonl"), "a") as f:
-                f.write(json.dumps({"step": self.step, **scalars}) + "\n")
+                f.write(json.dumps(record) + "\n")
 
     def run(self) -> int:
         cfg = self.cfg
@@ -214,10 +270,7 @@ class Trainer:
             losses, waited, elapsed = self.train_one_step(batch_iter)
             self.step += 1
             wait_total, time_total = wait_total + waited, time_total + elapsed
-            if not all(math.isfinite(v) for v in losses.values()):
-                raise FloatingPointError(f"step {self.step}: non-finite loss {losses}; "
-                                         "no checkpoint written with these weights")
-            if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
+            if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps or self.skipped:
                 self.log(losses, waited, elapsed)
             bar.update(1)
             bar.set_postfix(D=f"{losses['loss_D']:.3f}", G=f"{losses['loss_G']:.2f}",
@@ -242,7 +295,8 @@ class Trainer:
     def finish_run(self) -> None:
         final = self.evaluator.metrics(self.step)
         self.evaluator.samples(self.step)
-        self.save()
+        if self.step > self.resumed_step:  # else the checkpoint just loaded is this state
+            self.save()
         digests = distributed.replica_digests(*self.engines.modules())
         if len(set(digests)) != 1:
             raise RuntimeError(f"replicas diverged: parameter digests differ across ranks {digests}")
@@ -271,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
              + json.dumps({**environment(accelerator), **trainer.engines.describe()}))
     if cfg.log.tracker != "none":
         accelerator.init_trackers("logs", config=_flat_config(cfg))
-    code = trainer.run()
+    try:
+        code = trainer.run()
+    except (checkpoint.CheckpointError, NonFiniteError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 1
     accelerator.end_training()
     return code
 
