@@ -34,3 +34,15 @@ def test_bench_train_refuses_an_unknown_variant_option():
     run = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--variants", "bf16+turbo"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "bad variant 'bf16+turbo'" in run.stderr
+
+
+@pytest.mark.timeout(240)
+def test_bench_scaling_launches_one_two_processes_and_two_nodes():
+    run = subprocess.run([sys.executable, "benchmarks/bench_scaling.py", "--generator", "unet_128",
+                          "--size", "128", "--steps", "1", "--warmup", "1", "--timeout", "200"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=230)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(run.stdout.strip().splitlines()[-1])["rows"]
+    assert [(row["world"], row["nodes"]) for row in rows] == [(1, 1), (2, 1), (2, 2)]
+    assert rows[0]["efficiency"] == 1 and rows[0]["allreduce_s"] == 0
+    assert all(row["allreduce_s"] > 0 and 0 < row["efficiency"] for row in rows[1:])
