@@ -2,7 +2,8 @@
 
     python data_tools/inspect_shards.py DEST [--decode N]
 
-Streams every shard listed in the manifest: sample counts and bytes must match it, every
+Streams every shard listed in the manifest: sample counts and bytes must match it, as
+must the splits' totals; no .tar may be left unlisted, no name point outside DEST; every
 sample must be complete (KEY.json + KEY.pair.EXT or KEY.input.EXT and KEY.target.EXT);
 the first N samples of each split are decoded (A|B pairs split at "split_x") and their
 sizes reported. Exits 1 on any unreadable or inconsistent shard.
@@ -74,11 +75,15 @@ def inspect(dest: str, decode: int) -> list[str]:
     if not storage.exists(manifest_url):
         return [f"no manifest.json in {dest}: not a finished shard folder"]
     manifest = json.loads(storage.read_bytes(manifest_url))
-    problems = []
+    problems = _unlisted(dest, manifest)
     for split, info in manifest["splits"].items():
         found, nbytes, sizes, left = 0, 0, {}, decode
+        entries_total = sum(shard["samples"] for shard in info["shards"])
+        if entries_total != info["samples"]:
+            problems.append(f"{manifest_url}: split {split} says {info['samples']} samples, "
+                            f"its shards' entries add up to {entries_total}")
         for shard in info["shards"]:
-            url = storage.join(dest, shard["name"])
+            url = storage.inside(dest, shard["name"])
             try:
                 result = read_shard(url, left)
             except (tarfile.TarError, OSError, EOFError) as err:
@@ -97,6 +102,15 @@ def inspect(dest: str, decode: int) -> list[str]:
               f"{nbytes / 2**20:.1f} MB, {info.get('rejected', 0)} rejected; "
               f"decoded input sizes: {seen or 'none'}")
     return problems
+
+
+def _unlisted(dest: str, manifest: dict) -> list[str]:
+    """A problem per .tar in dest that the manifest does not list (a stale manifest, or
+    shards from another run): the trainer would never read them."""
+    listed = {shard["name"] for info in manifest["splits"].values() for shard in info["shards"]}
+    return [f"{url}: a shard that manifest.json does not list"
+            for url in storage.list_sizes(dest, ".tar", recursive=False)
+            if url.rsplit("/", 1)[-1] not in listed]
 
 
 def main(argv: list[str] | None = None) -> int:

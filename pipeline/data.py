@@ -111,7 +111,7 @@ def list_shards(spec: str, split: str) -> list[Shard]:
         raise ValueError(f"split {split!r} not in {manifest_url} "
                          f"(it has: {', '.join(manifest['splits'])})")
     folder = _folder(manifest_url)
-    return [Shard(storage.join(folder, entry["name"]), entry["samples"])
+    return [Shard(storage.inside(folder, entry["name"]), entry["samples"])
             for entry in manifest["splits"][split]["shards"]]
 
 

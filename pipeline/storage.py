@@ -139,6 +139,17 @@ def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")])
 
 
+def inside(folder: str, name: str) -> str:
+    """`folder/name` for a name read from a file (a manifest's shard name): only a path
+    relative to the folder and inside it; a URL, a `pipe:` command, an absolute path or a
+    `..` is refused with a ValueError."""
+    if not name or ":" in name or name.startswith(("/", "\\")) or \
+            ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"refusing {name!r} as a file of {folder}: only a path relative to "
+                         "that folder is accepted (pipe: names run a shell)")
+    return join(folder, name)
+
+
 def exists(url: str) -> bool:
     with _s3_errors(url):
         if is_s3(url):
