@@ -28,9 +28,10 @@ Design decisions (the why):
   each batch carries its worker's position, so the loader's state is the last position
   of every worker plus who is next. On resume the worker ids are rotated so the
   round-robin starts at the right worker.
-* Bad data (truncated tar, unreadable shard, corrupt image, missing half, too large)
-  becomes an entry that is skipped and counted by reason where it is consumed: counts
-  are exact across resumes, and nothing raises.
+* Bad data (truncated tar, unreadable shard, corrupt image, missing half, too large,
+  unsafe member name) becomes an entry that is skipped and counted by reason where it is
+  consumed: counts are exact across resumes, and nothing raises. A shard holding another
+  sample count than its manifest says is counted too (manifest_mismatch) and logged.
 * Equal steps: see TrainLoader.
 * Plain `tarfile` streaming over storage.open_read rather than webdataset's pipeline:
   it gives byte positions to resume from, skipping member data without decoding it, and
@@ -74,6 +75,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 READ_ERRORS = (tarfile.TarError, EOFError, OSError, storage.StorageError)
+MANIFEST_MISMATCH = "manifest_mismatch"  # counts shards, not samples: nothing is skipped
 
 
 class BadSample(Exception):
@@ -174,18 +176,24 @@ def resampled_shards(shards: list, seed: int, epoch: int, rank: int, worker: int
 
 # ------------------------------------------------------------------------------ reading
 
-def read_entries(urls, start_shard: int = 0, start_offset: int = 0) -> Iterator[tuple]:
+def read_entries(urls, start_shard: int = 0, start_offset: int = 0,
+                 check_counts: bool = False) -> Iterator[tuple]:
     """(shard index, byte offset, key, {suffix: bytes}) per sample, from the shard at
     index `start_shard` (at the tar header at `start_offset`) onwards. A shard that
     cannot be read to its end gives (index, offset, None, reason) and the stream goes on
-    with the next shard; the sample cut by the failure is dropped with it."""
+    with the next shard; the sample cut by the failure is dropped with it. With
+    `check_counts`, a Shard read from its first byte to a clean end with another sample
+    count than its manifest's is logged and followed by (index, end, None,
+    MANIFEST_MISMATCH)."""
     for index, url in enumerate(itertools.islice(urls, start_shard, None), start_shard):
-        yield from _read_tar(index, url.url if isinstance(url, Shard) else url,
-                             start_offset if index == start_shard else 0)
+        offset = start_offset if index == start_shard else 0
+        whole = check_counts and isinstance(url, Shard) and offset == 0
+        yield from _read_tar(index, url.url if isinstance(url, Shard) else url, offset,
+                             url.samples if whole else None)
 
 
-def _read_tar(index: int, url: str, offset: int) -> Iterator[tuple]:
-    key, parts, start = None, {}, offset
+def _read_tar(index: int, url: str, offset: int, expected: int | None = None) -> Iterator[tuple]:
+    key, parts, start, found = None, {}, offset, 0
     try:
         with storage.open_read(url) as f:
             f.seek(offset)
@@ -199,6 +207,7 @@ def _read_tar(index: int, url: str, offset: int) -> Iterator[tuple]:
                 if member_key != key:
                     if key is not None:
                         yield index, start, key, parts
+                        found += 1
                     key, parts, start = member_key, {}, offset + member.offset
                 parts[suffix] = tar.extractfile(member).read()
             # tarfile ends quietly at a bad or missing header past the first one: a
@@ -214,6 +223,10 @@ def _read_tar(index: int, url: str, offset: int) -> Iterator[tuple]:
         return
     if key is not None:
         yield index, start, key, parts
+        found += 1
+    if expected is not None and found != expected:
+        log.warning("shard %s holds %d samples, its manifest says %d", url, found, expected)
+        yield index, end, None, MANIFEST_MISMATCH
 
 
 # ------------------------------------------------------------------------------- decode
@@ -266,7 +279,11 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
 def decode_sample(parts: dict, cfg: DataConfig, in_channels: int,
                   out_channels: int) -> tuple[np.ndarray, np.ndarray]:
     """A sample's members -> (network input, network target) as uint8 HxWxC, with the
-    direction applied: stored input = A, target = B; BtoA swaps them."""
+    direction applied: stored input = A, target = B; BtoA swaps them. Each image gets the
+    configured channels whatever its own mode (gray and RGB mix freely). Halves of
+    different sizes are kept as they are and later resized alike, each to load_size (to
+    crop_size for evaluation), as the reference pix2pix does: shard.py is where such a
+    pair is rejected or resized by policy (--on-size-mismatch)."""
     swap = cfg.direction == "BtoA"
     a_channels, b_channels = (out_channels, in_channels) if swap else (in_channels, out_channels)
     found = {suffix.split(".")[0]: suffix for suffix in parts
@@ -406,11 +423,14 @@ def worker_batches(plan: EpochPlan, worker: int, position: dict,
     batch carries "_position", this worker's position after it; the stream ends with a
     batch-less {"_position"} so that skips after the last batch are counted too."""
     cfg = plan.cfg
-    entries = read_entries(plan.worker_shards(worker), position["shard"], position["offset"])
+    mismatched = set(position.get("mismatched", ()))
+    entries = _noting_mismatches(read_entries(plan.worker_shards(worker), position["shard"],
+                                              position["offset"], check_counts=True), mismatched)
     skipped, samples = Counter(position["skipped"]), []
     shard, offset, taken = position["shard"], position["offset"], position["taken"]
     last_good_shard = shard
-    here = lambda: {"shard": shard, "offset": offset, "taken": taken, "skipped": dict(skipped)}
+    here = lambda: {"shard": shard, "offset": offset, "taken": taken, "skipped": dict(skipped),
+                    "mismatched": sorted(mismatched)}
     while block := list(itertools.islice(entries, cfg.shuffle_buffer)):
         if (shard, offset) != block[0][:2]:
             shard, offset, taken = *block[0][:2], 0
@@ -437,9 +457,26 @@ def worker_batches(plan: EpochPlan, worker: int, position: dict,
     yield {"_position": here()}
 
 
+def _noting_mismatches(entries: Iterator[tuple], mismatched: set) -> Iterator[tuple]:
+    """The entries without MANIFEST_MISMATCH notes, whose shard indices go to `mismatched`.
+    A note exists only when its shard is read from the first byte, so it must stay out of
+    the shuffle blocks (a resumed block is re-read from inside a shard); a set, as a resume
+    can read a shard from its start again."""
+    for entry in entries:
+        if entry[2] is None and entry[3] == MANIFEST_MISMATCH:
+            mismatched.add(entry[0])
+        else:
+            yield entry
+
+
 def try_decode(key: str, parts: dict, cfg: DataConfig, in_channels: int,
                out_channels: int) -> tuple[tuple | None, str | None]:
-    """(pair, None), or (None, reason): bad data never raises out of a worker."""
+    """(pair, None), or (None, reason): bad data never raises out of a worker. Member
+    names that are absolute or climb with `..` make their sample "unsafe_name": nothing
+    is extracted from a tar, but keys become file names (translate.py's outputs). Keys
+    end at the first dot, so a `..` or `./` leaves a '/' in a suffix or an empty key."""
+    if not key or key.startswith("/") or any("/" in suffix for suffix in parts):
+        return None, "unsafe_name"
     try:
         return decode_sample(parts, cfg, in_channels, out_channels), None
     except BadSample as bad:
@@ -542,16 +579,20 @@ class TrainLoader:
     as one rank runs out early (bad data). With world_size > 1 it is required.
 
     `state_dict()` is this rank's position (plain JSON): {"version", "epoch",
-    "step_in_epoch", "next_worker", "workers": [{"shard", "offset", "taken", "skipped"}
-    per worker: index in the worker's shard list (or draw), byte offset of the current
-    shuffle block, entries of the block consumed, skip counts this epoch],
+    "step_in_epoch", "next_worker", "workers": [{"shard", "offset", "taken", "skipped",
+    "mismatched"} per worker: index in the worker's shard list (or draw), byte offset of
+    the current shuffle block, entries of the block consumed, skip counts this epoch,
+    indices of shards whose sample count is not the manifest's],
     "skipped_before" (earlier epochs), and the layout: "seed", "world_size", "rank",
     "num_workers", "mode", "batch_size", "shuffle_buffer"}. Every rank has its own; the
     trainer saves all of them. `load_state_dict` continues the stream exactly where it
     was: the same batches, the same augmentation, consumed data skipped without decoding
     (one shuffle block at most is read again). A state saved with another layout (world
     size, workers, mode, seed, ...) restarts its epoch with the new split, logged as a
-    warning. `skipped` counts what bad data dropped, by reason (shards and samples).
+    warning. `skipped` counts what bad data dropped, by reason (shards and samples), and
+    as "manifest_mismatch" the shards found holding another sample count than the
+    manifest says (logged as warnings; steps stay equal, planned from the manifest: a rank
+    that runs out ends the epoch on all, and samples beyond the plan may go unseen).
     """
 
     def __init__(self, cfg: DataConfig, shards: list[Shard], *, rank: int, world_size: int,
@@ -562,6 +603,9 @@ class TrainLoader:
         if world_size > 1 and have_batch_all_ranks is None:
             raise ValueError("world_size > 1 needs have_batch_all_ranks (an all-reduce MIN) "
                              "so that ranks end an epoch together when one runs out")
+        # the manifest's counts plan every epoch: a shard listed as empty would only leave
+        # some rank's share of some epoch without a full batch, so it is not read at all
+        shards = [shard for shard in shards if shard.samples > 0]
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
         self.seed, self.in_channels, self.out_channels = seed, in_channels, out_channels
         self.num_workers = max(1, cfg.num_workers)
@@ -634,7 +678,8 @@ class TrainLoader:
         total = Counter(self._skipped_before)
         for position in self._positions:
             total.update(position["skipped"])
-        return dict(total)
+            total.update({MANIFEST_MISMATCH: len(position.get("mismatched", ()))})
+        return {reason: n for reason, n in total.items() if n}
 
     def _layout(self) -> dict:
         return {"seed": self.seed, "world_size": self.world_size, "rank": self.rank,
