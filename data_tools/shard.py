@@ -170,13 +170,13 @@ def reencode(pair, a: bytes, b: bytes | None, options: dict):
     """Decode, split an A|B image, resize (target to input's size, then to --resize),
     encode as PNG or JPEG; the only path that changes pixels, and only when asked."""
     try:
-        input_im = Image.open(io.BytesIO(a)).convert("RGB")
+        input_im = _rgb(a)
         if b is None:
             half = input_im.width // 2
             target_im = input_im.crop((half, 0, input_im.width, input_im.height))
             input_im = input_im.crop((0, 0, half, input_im.height))
         else:
-            target_im = Image.open(io.BytesIO(b)).convert("RGB")
+            target_im = _rgb(b)
     except Exception as err:  # truncated data shows only now, without --verify
         raise Rejected("decode_error", str(err)[:200]) from None
     target_im = target_im.resize(input_im.size, Image.BICUBIC) \
@@ -192,6 +192,15 @@ def reencode(pair, a: bytes, b: bytes | None, options: dict):
             "reencoded": "png" if ext == "png" else f"jpeg q{options['jpeg_quality']}"}
     return meta, [("input." + ext, _encode(input_im, options)),
                   ("target." + ext, _encode(target_im, options))]
+
+
+def _rgb(data: bytes) -> Image.Image:
+    """Decoded as RGB (gray and RGB halves then match), 16-bit grayscale scaled to 8 bits
+    as the trainer's reader does: PIL's convert would clip it, a white image."""
+    im = Image.open(io.BytesIO(data))
+    if im.mode.startswith("I"):
+        im = im.point(lambda value: value * (255 / 65535) + 0.5)
+    return im.convert("RGB")
 
 
 def _encode(im: Image.Image, options: dict) -> bytes:
