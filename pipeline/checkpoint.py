@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -34,6 +35,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from pipeline import faults, storage
@@ -215,8 +217,7 @@ def load_weights_and_optimizers(path: str, generator: torch.nn.Module, discrimin
     """What write_weights_and_optimizers and the export wrote, into the unwrapped modules."""
     _load_module(generator, os.path.join(path, "generator.safetensors"))
     _load_module(discriminator, os.path.join(path, "discriminator.safetensors"))
-    with open(os.path.join(path, "optimizers.pt"), "rb") as f:
-        states = torch.load(f, map_location="cpu", weights_only=True)
+    states = load_tensors(os.path.join(path, "optimizers.pt"))
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(states["optimizers"][name])
     for name, scheduler in schedulers.items():
@@ -290,32 +291,84 @@ def resolve(run_dir: str, resume: str) -> str | None:
     return path
 
 
-def load(path: str, *, rank: int, world_size: int,
-         load_models: Callable[[str], None]) -> TrainingState:
+def load(path: str, *, rank: int, world_size: int, load_models: Callable[[str], None],
+         model: dict | None = None) -> TrainingState:
     """Restore a checkpoint: the models' training state through `load_models(path)`
-    (engines.load), then this rank's RNG and data position if the world size is the same."""
+    (engines.load), then this rank's RNG and data position if the world size is the same.
+    `model` (this run's model config) is checked first against the checkpoint's: another
+    architecture fails in one line naming the keys, under DDP and DeepSpeed alike."""
     trainer = json.loads(storage.read_bytes(os.path.join(path, "trainer.json")))
+    if model is not None:
+        check_architecture(trainer["config"]["model"], model, path)
     load_models(path)
     same_world = trainer["world_size"] == world_size
     rank_file = os.path.join(path, f"rank_{rank:05d}.json")
     data_state = None
     if same_world:
         per_rank = json.loads(storage.read_bytes(rank_file))
-        with open(os.path.join(path, f"rank_{rank:05d}_rng.pt"), "rb") as f:
-            set_rng_state(per_rank["rng"], torch.load(f, weights_only=True))
+        set_rng_state(per_rank["rng"], load_tensors(os.path.join(path, f"rank_{rank:05d}_rng.pt")))
         data_state = per_rank["data"]
     return TrainingState(step=trainer["step"], data_state=data_state,
                          world_size=trainer["world_size"])
 
 
+# model keys that change the weights' names or shapes (norm: batch and syncbatch share them)
+ARCHITECTURE = ("generator", "in_channels", "out_channels", "g_filters", "discriminator",
+                "d_layers", "d_filters", "norm")
+
+
+def check_architecture(saved: dict, current: dict, path: str) -> None:
+    """ValueError naming every architecture key in which `saved` (a checkpoint's model
+    config) differs from `current`; dropout, init or activation checkpointing may change."""
+    tensors_of = lambda config, key: "batch" if config.get(key) == "syncbatch" else config.get(key)
+    changed = [f"model.{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in ARCHITECTURE
+               if tensors_of(saved, k) != tensors_of(current, k)]
+    if changed:
+        raise ValueError(f"{path} was trained with another architecture ({', '.join(changed)} "
+                         "in this run): its weights cannot be loaded")
+
+
+def load_tensors(path: str):
+    """torch.load(weights_only=True): tensors and plain containers only. A file that is not
+    (a pickle that would import and run code, or not a torch file at all) is refused in one
+    line, and nothing in it runs; torch's own message is many lines and suggests
+    weights_only=False."""
+    with open(path, "rb") as f:
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as err:
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            why = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else
+                       type(err).__name__)
+            raise ValueError(f"{path} refused: not a weights-only torch file ({why.strip()}); "
+                             "only this project's checkpoints can be resumed") from None
+
+
 def _load_module(module: torch.nn.Module, path: str) -> None:
-    state = load_safetensors(storage.read_bytes(path))
+    """A safetensors file with exactly this module's tensors and shapes into it; anything
+    else fails in one line naming the first difference (load_state_dict would list them all)."""
     try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        state = load_safetensors(storage.read_bytes(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a safetensors weights file ({err})") from None
+    differences = _differences(module.state_dict(), state)
+    if differences:
         raise ValueError(f"{path} does not fit this model (another architecture or config?): "
-                         f"{first}") from None
+                         f"{differences}")
+    module.load_state_dict(state)
+
+
+def _differences(expected: dict, found: dict) -> str:
+    """'' when `found` has exactly the tensor names and shapes of `expected`, else the count
+    and first name of each kind of difference, on one line."""
+    kinds = {"tensors of another shape": [k for k in expected if k in found
+                                          and found[k].shape != expected[k].shape],
+             "missing": [k for k in expected if k not in found],
+             "unexpected": [k for k in found if k not in expected]}
+    shapes = lambda k: (f" is {list(found[k].shape)} in the file, {list(expected[k].shape)} "
+                        "here") if k in found and k in expected else ""
+    return "; ".join(f"{len(keys)} {kind} (first: {keys[0]}{shapes(keys[0])})"
+                     for kind, keys in kinds.items() if keys)
 
 
 def load_generator(path: str) -> tuple[torch.nn.Module, dict]:

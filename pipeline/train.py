@@ -166,7 +166,7 @@ class Trainer:
                 log0(self.acc, f"resume: no checkpoint in {self.cfg.train.run_dir} yet, starting fresh")
             return
         state = checkpoint.load(path, rank=self.rank, world_size=self.world,
-                                load_models=self.engines.load)
+                                load_models=self.engines.load, model=to_dict(self.cfg)["model"])
         self.step = self.resumed_step = state.step
         if state.data_state is not None:
             self.loader.load_state_dict(state.data_state)
