@@ -19,8 +19,11 @@ import fsspec
 
 READ_BLOCK_SIZE = 8 * 2**20  # s3 readahead block: tar streams crawl without buffering
 WRITE_BLOCK_SIZE = 64 * 2**20  # s3 multipart part size: larger writes upload in parts
+# 4 retries, jittered exponential backoff (~7 s in all, 15 s at most): rides out resets,
+# stalls and 5xx replies (tests/test_faults_s3.py), yet an endpoint that refuses every
+# connection still fails a start-up within seconds. s3fs retries some errors on top.
 S3_CONFIG = {"connect_timeout": 10, "read_timeout": 60,
-             "retries": {"max_attempts": 3, "mode": "standard"}}
+             "retries": {"max_attempts": 4, "mode": "standard"}}
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
@@ -292,6 +295,16 @@ def remove(url: str) -> None:
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(_local(url))
+
+
+def check_writable(url: str) -> None:
+    """Raise a StorageError now, not hours later, if objects cannot be written below `url`
+    (an s3:// prefix): a small probe object is written there, then removed."""
+    probe = join(url, ".write-probe")
+    write_bytes(probe, b"pix2pix-at-scale checks it may write here\n")
+    # a prefix that takes writes but refuses deletes still works: mirrors never delete
+    with contextlib.suppress(StorageError):
+        remove(probe)
 
 
 def makedirs(url: str) -> None:

@@ -311,6 +311,8 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, _ = from_cli(argv, prog="train.py", description=__doc__.split("\n\n")[0])
+        if cfg.train.mirror:  # a mirror that cannot be written fails now, in one line
+            storage.check_writable(cfg.train.mirror)
         accelerator = make_accelerator(cfg)
         distributed.check_shared_run_dir(cfg.train.run_dir, accelerator.process_index, accelerator.device)
         trainer = Trainer(cfg, accelerator)
