@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import uuid
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,15 @@ def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """{name: total over ranks} of per-rank counters that may name different things."""
+    everyone = [counts]
+    if is_distributed():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, counts)
+    return dict(sorted(sum((Counter(c) for c in everyone), Counter()).items()))
 
 
 def barrier() -> None:

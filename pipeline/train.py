@@ -248,7 +248,9 @@ class Trainer:
         scalars.update({"train/lr": self.engines.lr(),
                         "perf/samples_per_s": batch / max(elapsed, 1e-9),
                         "perf/data_wait_share": waited / max(elapsed, 1e-9)})
-        scalars.update({f"data/skipped_{k}": v for k, v in self.loader.skipped.items()})
+        # every rank's skips (a shard one rank could not read shows in rank 0's log too)
+        skipped = distributed.sum_counts(self.loader.skipped)
+        scalars.update({f"data/skipped_{k}": v for k, v in skipped.items()})
         scalars["train/skipped_updates"] = len(self.skipped)  # non-finite gradients
         self.acc.log(scalars, step=self.step)
         if self.acc.is_main_process:  # a plain record of every logged step, for people and tests
