@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from bench_train import parse_variant
 from report import report  # benchmarks/ is on the path when run as a script
 
 
@@ -36,12 +37,13 @@ def measure_world(args) -> dict | None:
     from pipeline.gan import train_step
     from pipeline.losses import Pix2PixObjective
 
-    accelerator = Accelerator(mixed_precision="bf16" if args.precision == "bf16" else "no")
-    cfg = trainer_config(args.precision, args.generator, args.batch)
+    precision, _ = parse_variant(args.variant)
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    cfg = trainer_config(args.variant, args.generator, args.batch)
     engines = make_engines(cfg, accelerator)
     objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1)
     x, y = data.to_device(dict(zip(("input", "target"), synthetic_pairs(1, args.batch, args.size)[0])),
-                          accelerator.device, cfg=cfg.data, channels_last=False)
+                          accelerator.device, cfg=cfg.data, channels_last=cfg.train.channels_last)
     step = lambda: train_step(engines.G, engines.D, engines.opt_G, engines.opt_D, x, y, objective, engines.hooks)
     for _ in range(args.warmup):
         step()
@@ -82,7 +84,7 @@ def free_port() -> int:
 def launch(processes: int, nodes: int, args) -> dict:
     """`processes` in all (accelerate counts them over every machine) under `nodes`
     launchers on 127.0.0.1; rank 0's row."""
-    port = free_port()
+    port, precision = free_port(), {"fp32": "no", "bf16": "bf16"}[parse_variant(args.variant)[0]]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), GLOO_SOCKET_IFNAME="lo",
                P2P_BENCH_NODES=str(nodes), PYTHONUNBUFFERED="1")
     if not torch.cuda.is_available():
@@ -91,7 +93,7 @@ def launch(processes: int, nodes: int, args) -> dict:
     multi = ["--multi_gpu"] if processes > 1 else []
     commands = [["accelerate", "launch", *multi, "--num_processes", str(processes), "--num_machines", str(nodes),
                  "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                 "--main_process_port", str(port), "--mixed_precision", args.precision, *worker]
+                 "--main_process_port", str(port), "--mixed_precision", precision, *worker]
                 for rank in range(nodes)]
     launchers = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for c in commands]
@@ -104,7 +106,7 @@ def launch(processes: int, nodes: int, args) -> dict:
 
 def child_options(args) -> list[str]:
     return ["--generator", args.generator, "--size", str(args.size), "--batch", str(args.batch),
-            "--precision", args.precision, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            "--variant", args.variant, "--steps", str(args.steps), "--warmup", str(args.warmup)]
 
 
 def add_efficiency(rows: list[dict]) -> None:
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--generator", default="unet_256", choices=["unet_128", "unet_256", "unet_512"])
     parser.add_argument("--size", type=int, default=256, help="crop size")
     parser.add_argument("--batch", type=int, default=1, help="batch per process (weak scaling)")
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--variant", default="bf16+cl+fused",
+                        help="as bench_train.py's; the default is the trainer's defaults")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--processes", type=int, nargs="+", help="world sizes on this machine "
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     add_efficiency(rows)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu, {args.threads} thread(s)/process"
     return report("bench_scaling", rows, {"device": device, "batch_per_process": args.batch,
-                                          "precision": args.precision, "generator": args.generator,
+                                          "variant": args.variant, "generator": args.generator,
                                           "min_efficiency": min(r["efficiency"] for r in rows)})
 
 

@@ -96,8 +96,8 @@ class OptimConfig:
     decay_steps: int = opt(0, "steps of linear decay to zero after constant_steps")
     grad_clip: float = opt(0.0, "clip gradient norm to this (0: no clipping, as pix2pix)")
     adam_impl: Literal["auto", "foreach", "fused"] = opt(
-        "auto", "Adam kernel: auto (torch's choice: foreach on CUDA, a per-tensor loop on CPU), "
-                "foreach, or fused (one kernel for all parameters)")
+        "fused", "Adam kernel: fused (one kernel for all parameters; measured faster), foreach, "
+                 "or auto (torch's choice: foreach on CUDA, a per-tensor loop on CPU)")
 
 
 @dataclass
@@ -116,7 +116,8 @@ class TrainConfig:
         "stop", "a step with NaN/inf losses or gradients: 'stop' exits with code 1 before "
                 "applying it (the last checkpoint stays the newest); 'skip' applies no update "
                 "with non-finite gradients, logs the step and trains on (not under DeepSpeed)")
-    channels_last: bool = opt(False, "use channels_last memory format")
+    channels_last: bool = opt(True, "channels_last memory format for models and batches "
+                                    "(measured faster for bf16 on CPU and GPU)")
     compile: bool = opt(False, "torch.compile the models")
 
 
