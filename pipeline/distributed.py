@@ -131,6 +131,17 @@ def replica_digests(*modules: torch.nn.Module) -> list[str]:
     return everyone
 
 
+def lost_peer(err: BaseException) -> str | None:
+    """One line for a collective that failed because another rank died, froze past
+    train.collective_timeout or became unreachable; None for any other error."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not is_distributed() or not (isinstance(err, dist.DistError) or "gloo" in text.lower()):
+        return None
+    return (f"rank {dist.get_rank()} lost contact with another rank (dead, frozen past "
+            f"train.collective_timeout, or unreachable): {text}; the job stops here: restart "
+            "it with --train.resume=auto once every node is up")
+
+
 def finish(code: int) -> None:
     """End the process cleanly: gloo can abort at interpreter exit (pytorch#190489), so
     tear the group down ourselves and leave with os._exit once output is flushed. Only a

@@ -347,8 +347,10 @@ def _flat_config(cfg: Config) -> dict:
 def run_and_exit() -> None:
     try:
         code = main()
-    except Exception:  # report it, then leave without waiting for peers
+    except Exception as err:  # report it, then leave without waiting for peers
         traceback.print_exc()
+        if lost := distributed.lost_peer(err):  # the line to read in a launcher's log
+            print(f"train.py: error: {lost}", file=sys.stderr)
         code = 1
     distributed.finish(code)
 
