@@ -69,7 +69,7 @@ class FaultProxy:
                 fault = self._rng.choice(self.kinds)
             else:
                 fault = None
-            drop = self._rng.random() < 0.5
+            drop = fault == "stall" and self._rng.random() < 0.5
             self.counts[fault or "forwarded"] += 1
             return fault, drop
 
@@ -87,7 +87,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._reset()
         elif fault == "stall":
             time.sleep(self.server.proxy.stall_s)
-            self._reset() if drop else self._forward(body)
+            if drop:
+                self._reset()
+            else:
+                self._forward(body)
         elif fault in ("500", "503", "always_fail"):
             self._s3_error(503 if fault == "503" else 500)
         else:
