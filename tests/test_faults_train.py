@@ -60,10 +60,6 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(demo_shards, tmp_p
     assert message.endswith(f"the previous one (step 2, {run_dir}/checkpoints/step_00000002) is intact")
     assert checkpoints(run_dir) == ["latest", "step_00000002"]  # no step_4, no step_4.tmp
     assert latest(run_dir) == "step_00000002" and assert_newest_checkpoint_loads(run_dir) == 2
-    # space freed: the same command resumes from step 2 and finishes
-    again = run(single([*args, "--train.max_steps=4"]), cpu_env(), timeout=120)
-    assert again.returncode == 0, explain(again)
-    assert "at step 2" in again.stdout and latest(run_dir) == "step_00000004"
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
