@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import sys
 import uuid
@@ -131,11 +132,18 @@ def replica_digests(*modules: torch.nn.Module) -> list[str]:
     return everyone
 
 
+# what gloo and NCCL say when a peer is gone, whichever collective noticed (not every
+# one raises a DistError: DDP's buffer broadcast reports "Application timeout caused pair
+# closure" as a plain RuntimeError)
+PEER_LOST = re.compile(r"gloo|nccl|timed? ?out|connection|closed|reset by peer|pair closure", re.I)
+
+
 def lost_peer(err: BaseException) -> str | None:
     """One line for a collective that failed because another rank died, froze past
     train.collective_timeout or became unreachable; None for any other error."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if not is_distributed() or not (isinstance(err, dist.DistError) or "gloo" in text.lower()):
+    if not is_distributed() or not (isinstance(err, dist.DistError) or
+                                    isinstance(err, RuntimeError) and PEER_LOST.search(text)):
         return None
     return (f"rank {dist.get_rank()} lost contact with another rank (dead, frozen past "
             f"train.collective_timeout, or unreachable): {text}; the job stops here: restart "
