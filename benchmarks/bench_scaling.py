@@ -43,7 +43,7 @@ def measure_world(args) -> dict | None:
     engines = make_engines(cfg, accelerator)
     objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1)
     x, y = data.to_device(dict(zip(("input", "target"), synthetic_pairs(1, args.batch, args.size)[0])),
-                          accelerator.device, cfg=cfg.data, channels_last=cfg.train.channels_last)
+                          accelerator.device, cfg=cfg.data, channels_last=engines.channels_last)
     step = lambda: train_step(engines.G, engines.D, engines.opt_G, engines.opt_D, x, y, objective, engines.hooks)
     for _ in range(args.warmup):
         step()

@@ -75,7 +75,7 @@ def measure(variant: str, batch: int, generator: str, size: int, steps: int, war
     engines = make_engines(cfg, accelerator)
     objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1)
     pairs = [data.to_device({"input": x, "target": y}, accelerator.device, cfg=cfg.data,
-                            channels_last=cfg.train.channels_last)
+                            channels_last=engines.channels_last)
              for x, y in synthetic_pairs(4, batch, size)]
     step = lambda i: train_step(engines.G, engines.D, engines.opt_G, engines.opt_D,
                                 *pairs[i % len(pairs)], objective, engines.hooks)
@@ -106,7 +106,7 @@ def flops_per_sample(generator: str, size: int) -> float:
     from pipeline.losses import Pix2PixObjective
 
     cfg = trainer_config("fp32", generator, 1)
-    G, D = build_models(cfg)
+    G, D = build_models(cfg, channels_last=False)
     (x, y), = synthetic_pairs(1, 1, size)
     sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.0)  # its step adds no FLOPs worth counting
     with FlopCounterMode(display=False) as counter:

@@ -117,7 +117,7 @@ class TrainConfig:
                 "applying it (the last checkpoint stays the newest); 'skip' applies no update "
                 "with non-finite gradients, logs the step and trains on (not under DeepSpeed)")
     channels_last: bool = opt(True, "channels_last memory format for models and batches "
-                                    "(measured faster for bf16 on CPU and GPU)")
+                                    "(measured faster in bf16; DDP only: DeepSpeed ignores it)")
     compile: bool = opt(False, "torch.compile the models")
 
 

@@ -37,12 +37,12 @@ def lr_factor(step: int, constant_steps: int, decay_steps: int) -> float:
     return max(0.0, 1.0 - (step - constant_steps) / decay_steps)
 
 
-def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_models(cfg: Config, channels_last: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     G, D = build_generator(cfg.model), build_discriminator(cfg.model)
     if cfg.model.norm == "syncbatch":
         G, D = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
-    if cfg.train.channels_last:
+    if channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     return G, D
 
@@ -60,8 +60,10 @@ def build_optimizers(cfg: Config, G: torch.nn.Module, D: torch.nn.Module):
 
 
 class Engines:
-    """What both kinds share; subclasses set G, D, opt_G, opt_D, hooks, schedulers, autocast."""
+    """What both kinds share; subclasses set G, D, opt_G, opt_D, hooks, schedulers, autocast
+    and channels_last (the memory format batches should come in)."""
     schedulers: dict
+    channels_last: bool
 
     def step_schedulers(self) -> None:
         # Ours, once per step: a prepared scheduler would step once per process per call.
@@ -83,7 +85,8 @@ class DDPEngines(Engines):
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
-        G, D = build_models(cfg)
+        self.channels_last = cfg.train.channels_last
+        G, D = build_models(cfg, self.channels_last)
         opt_G, opt_D, self.schedulers = build_optimizers(cfg, G, D)
         self.G, self.D, self.opt_G, self.opt_D = accelerator.prepare(G, D, opt_G, opt_D)
         if cfg.train.compile:
@@ -121,7 +124,7 @@ class DDPEngines(Engines):
         return {"G": self.opt_G, "D": self.opt_D}
 
     def describe(self) -> dict:
-        return {"engines": "ddp"}
+        return {"engines": "ddp", "channels_last": self.channels_last}
 
     def generator_state_fp32(self) -> dict[str, torch.Tensor]:
         return dict(self.generator.state_dict())
@@ -162,7 +165,10 @@ class DeepSpeedEngines(Engines):
 
         if cfg.train.compile:
             raise ConfigError("train.compile: not supported under DeepSpeed yet; set it to false")
-        G, D = build_models(cfg)
+        # DeepSpeed flattens parameters into contiguous buffers: channels_last weights
+        # fail its initialisation, so train.channels_last is a DDP-only speed-up
+        self.channels_last = False
+        G, D = build_models(cfg, self.channels_last)
         opt_G, opt_D, self.schedulers = build_optimizers(cfg, G, D)
         bf16 = accelerator.mixed_precision == "bf16"
         config = deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, bf16)

@@ -197,7 +197,7 @@ class Trainer:
         start = time.perf_counter()
         batch = next(batch_iter)
         x, y = data.to_device(batch, self.acc.device, cfg=self.cfg.data,
-                              channels_last=self.cfg.train.channels_last)
+                              channels_last=self.engines.channels_last)
         if faults.triggered("train.nonfinite_batch"):  # tests: NaN through the real step
             x = torch.full_like(x, float("nan"))
         waited = time.perf_counter() - start
