@@ -185,9 +185,19 @@ class Trainer:
             data_state=self.loader.state_dict(), config=to_dict(self.cfg),
             keep_last=self.cfg.train.keep_last, barrier=distributed.barrier,
             any_rank=lambda flag: distributed.any_rank(flag, self.acc.device))
-        if self.cfg.train.mirror and self.acc.is_main_process:
-            checkpoint.mirror(path, self.cfg.train.mirror)
         log0(self.acc, f"step {self.step}: checkpoint {path}")
+        if self.cfg.train.mirror and self.acc.is_main_process:
+            self.mirror(path)
+
+    def mirror(self, path: str) -> None:
+        """A failed copy costs the mirror one checkpoint, never the run: the local one
+        is committed, the mirror's marker still names its last complete copy, and the
+        next checkpoint tries again."""
+        try:
+            checkpoint.mirror(path, self.cfg.train.mirror)
+        except (storage.StorageError, OSError) as err:
+            log0(self.acc, f"step {self.step}: mirror to {self.cfg.train.mirror} failed ({err}); "
+                           "the local checkpoint is intact, the next one is mirrored again")
 
     def periodic(self, every: int) -> bool:
         return every > 0 and self.step % every == 0 and self.step < self.cfg.train.max_steps

@@ -131,6 +131,25 @@ def test_training_through_a_flaky_network_skips_and_counts_only_a_dead_shard(
     print(f"training: {dict(proxy.counts)}; skipped {log[-1]['data/skipped_unreadable_shard']}")
 
 
+@pytest.mark.timeout(180)
+def test_a_mirror_that_breaks_mid_run_costs_copies_not_the_run(
+        demo_shards, moto_s3, fault_proxy, monkeypatch, tmp_path):
+    moto_s3.use(monkeypatch)
+    mirror = f"s3://{moto_s3.make_bucket()}/mirror"
+    # the start-up write probe passes; every checkpoint upload fails
+    proxy = fault_proxy(moto_s3, always_fail="/mirror/step_")
+    run_dir = tmp_path / "run"
+    result = _train(run_dir, demo_shards, f"--train.mirror={mirror}", "--train.ckpt_every=2",
+                    steps=4, env=cpu_env(AWS_ENDPOINT_URL=proxy.endpoint_url))
+    assert result.returncode == 0, explain(result)
+    assert result.stdout.count(f"mirror to {mirror} failed") == 2  # steps 2 and 4
+    assert "the local checkpoint is intact" in result.stdout
+    assert [r["step"] for r in step_log(run_dir)] == [1, 2, 3, 4]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+    _point_at(moto_s3.endpoint_url, monkeypatch)
+    assert not storage.exists(storage.join(mirror, "latest"))  # never names a partial copy
+
+
 def _refusing_s3(problem: str, request, monkeypatch) -> tuple[dict, str, str]:
     """(env, url, secret key) for a start-up that S3 refuses because of `problem`."""
     if problem == "missing bucket":  # on moto: SeaweedFS creates a missing bucket on write
