@@ -116,8 +116,8 @@ class TrainConfig:
         "stop", "a step with NaN/inf losses or gradients: 'stop' exits with code 1 before "
                 "applying it (the last checkpoint stays the newest); 'skip' applies no update "
                 "with non-finite gradients, logs the step and trains on (not under DeepSpeed)")
-    channels_last: bool = opt(True, "channels_last memory format for models and batches "
-                                    "(measured faster in bf16; DDP only: DeepSpeed ignores it)")
+    channels_last: bool = opt(False, "channels_last memory format for models and batches (no "
+                                     "gain measured on CPU; try it on GPUs; DDP only)")
     compile: bool = opt(False, "torch.compile the models")
 
 
