@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--generator", default="unet_256", choices=["unet_128", "unet_256", "unet_512"])
     parser.add_argument("--size", type=int, default=256, help="crop size")
     parser.add_argument("--batch", type=int, default=1, help="batch per process (weak scaling)")
-    parser.add_argument("--variant", default="bf16+cl+fused",
+    parser.add_argument("--variant", default="bf16+fused",
                         help="as bench_train.py's; the default is the trainer's defaults")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
