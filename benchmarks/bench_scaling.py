@@ -31,20 +31,18 @@ from report import report  # benchmarks/ is on the path when run as a script
 def measure_world(args) -> dict | None:
     """Under a launcher: time steps of the trainer's engines, then the gradient all-reduce."""
     from accelerate import Accelerator
-    from bench_train import synthetic_pairs, trainer_config
+    from bench_train import synthetic_pairs, trainer_config, trainer_step
     from pipeline import data
     from pipeline.engines import make_engines
-    from pipeline.gan import train_step
-    from pipeline.losses import Pix2PixObjective
 
     precision, _ = parse_variant(args.variant)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
     cfg = trainer_config(args.variant, args.generator, args.batch)
     engines = make_engines(cfg, accelerator)
-    objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1)
     x, y = data.to_device(dict(zip(("input", "target"), synthetic_pairs(1, args.batch, args.size)[0])),
                           accelerator.device, cfg=cfg.data, channels_last=engines.channels_last)
-    step = lambda: train_step(engines.G, engines.D, engines.opt_G, engines.opt_D, x, y, objective, engines.hooks)
+    step_on = trainer_step(cfg, engines)
+    step = lambda: step_on(x, y)
     for _ in range(args.warmup):
         step()
     accelerator.wait_for_everyone()

@@ -60,25 +60,37 @@ def synthetic_pairs(count: int, batch: int, size: int) -> list[tuple[torch.Tenso
     return pairs
 
 
+def trainer_step(cfg, engines):
+    """step(x, y) -> losses: gan.train_step with the trainer's objective and its guard
+    against non-finite updates (part of every trainer step)."""
+    from pipeline.engines import DDPEngines
+    from pipeline.gan import guard_updates, train_step
+    from pipeline.losses import Pix2PixObjective
+
+    objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1)
+    hooks = engines.hooks
+    if isinstance(engines, DDPEngines):  # as the trainer guards them
+        hooks = guard_updates(hooks, lambda model: None)
+    return lambda x, y: train_step(engines.G, engines.D, engines.opt_G, engines.opt_D, x, y,
+                                   objective, hooks)
+
+
 def measure(variant: str, batch: int, generator: str, size: int, steps: int, warmup: int) -> dict:
     """One variant in this process: seconds per step, peak memory and L1 losses."""
     from accelerate import Accelerator
     from pipeline import data
     from pipeline.engines import make_engines
-    from pipeline.gan import train_step
-    from pipeline.losses import Pix2PixObjective
 
     precision, _ = parse_variant(variant)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     cfg = trainer_config(variant, generator, batch)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
     engines = make_engines(cfg, accelerator)
-    objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1)
     pairs = [data.to_device({"input": x, "target": y}, accelerator.device, cfg=cfg.data,
                             channels_last=engines.channels_last)
              for x, y in synthetic_pairs(4, batch, size)]
-    step = lambda i: train_step(engines.G, engines.D, engines.opt_G, engines.opt_D,
-                                *pairs[i % len(pairs)], objective, engines.hooks)
+    step_on = trainer_step(cfg, engines)
+    step = lambda i: step_on(*pairs[i % len(pairs)])
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     l1 = [step(i)["loss_G_l1"] for i in range(warmup)]
