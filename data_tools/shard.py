@@ -30,9 +30,6 @@ import signal
 import sys
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
-from typing import Iterator
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -280,54 +277,27 @@ def pack(dest: str, shards: list[Shard], options: dict, workers: int, progress: 
     bar = tqdm(total=sum(len(s.pairs) for s in todo), unit="pair", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     jobs = [(dest, shard, options) for shard in todo]
-    # A process pool that notices a worker killed mid-shard (multiprocessing.Pool would
-    # wait for its result forever). spawn, not fork: a fork of a process that runs threads
-    # (an S3 client's event loop, tqdm's monitor) can copy a held lock into a worker that
-    # then never starts.
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _worker_signals) \
+    # spawn, not fork: a fork of a process that runs threads (an S3 client's event loop,
+    # tqdm's monitor) can copy a held lock into a worker that then never starts.
+    pool = multiprocessing.get_context("spawn").Pool(workers, _worker_signals) \
         if workers > 1 and len(jobs) > 1 else None
-    finished = False
     try:
-        parts = _completed(pool.submit(_pack_in_worker, job) for job in jobs) if pool else map(pack_shard, jobs)
+        parts = pool.imap_unordered(pack_shard, jobs) if pool else map(pack_shard, jobs)
         for part in parts:
             stats["packed"] += 1
             stats["pairs"] += part["planned"]
             stats["bytes"] += part["bytes"]
             bar.update(part["planned"])
             bar.set_postfix_str(f"{stats['bytes'] / 2**20 / (time.perf_counter() - start):.1f} MB/s")
-        finished = True
+        if pool:
+            pool.close()  # all done: let the workers exit on their own
+            pool.join()
     finally:
         bar.close()
         if pool:
-            _stop(pool, finished)
+            pool.terminate()  # on Ctrl-C or an error the workers must stop now
     stats["seconds"] = time.perf_counter() - start
     return stats
-
-
-def _pack_in_worker(job: tuple) -> dict:
-    try:
-        return pack_shard(job)
-    except SystemExit as stop:  # SIGTERM (_worker_signals), the temp file unwound: leave now,
-        os._exit(stop.code)     # before the pool hands this worker its next shard
-
-
-def _completed(futures) -> Iterator[dict]:
-    try:
-        for future in as_completed(list(futures)):
-            yield future.result()
-    except BrokenProcessPool:
-        raise SystemExit("shard.py: error: a packing worker died (killed, or out of memory?); "
-                         "finished shards are kept, run the same command again to resume") from None
-
-
-def _stop(pool: ProcessPoolExecutor, finished: bool) -> None:
-    """All done: let the workers exit. On Ctrl-C or an error they must stop now: SIGTERM
-    unwinds their atomic writes (see _worker_signals), then they are reaped."""
-    if not finished:
-        for worker in multiprocessing.active_children():  # shard.py's only children
-            worker.terminate()
-            worker.join(timeout=30)
-    pool.shutdown(wait=finished, cancel_futures=True)
 
 
 def _interrupt(signum, frame):
