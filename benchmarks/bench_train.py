@@ -63,14 +63,11 @@ def synthetic_pairs(count: int, batch: int, size: int) -> list[tuple[torch.Tenso
 def trainer_step(cfg, engines):
     """step(x, y) -> losses: gan.train_step with the trainer's objective and its guard
     against non-finite updates (part of every trainer step)."""
-    from pipeline.engines import DDPEngines
-    from pipeline.gan import guard_updates, train_step
+    from pipeline.gan import train_step
     from pipeline.losses import Pix2PixObjective
 
     objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1)
-    hooks = engines.hooks
-    if isinstance(engines, DDPEngines):  # as the trainer guards them
-        hooks = guard_updates(hooks, lambda model: None)
+    hooks = engines.guarded_hooks(lambda model: None)
     return lambda x, y: train_step(engines.G, engines.D, engines.opt_G, engines.opt_D, x, y,
                                    objective, hooks)
 

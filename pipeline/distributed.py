@@ -27,22 +27,27 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _reduce_flag(flag: bool, op: str, device: torch.device) -> bool:
+def _reduce_flags(flags: list[bool], op: str, device: torch.device) -> list[bool]:
     if not is_distributed():
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
-    return bool(value.item())
+        return list(flags)
+    values = torch.tensor([int(flag) for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def all_ranks(flag: bool, device: torch.device) -> bool:
     """True on every rank iff `flag` is true on every rank."""
-    return _reduce_flag(flag, "min", device)
+    return _reduce_flags([flag], "min", device)[0]
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank iff `flag` is true on some rank."""
-    return _reduce_flag(flag, "max", device)
+    return _reduce_flags([flag], "max", device)[0]
+
+
+def any_rank_each(flags: list[bool], device: torch.device) -> list[bool]:
+    """any_rank of each flag, in one collective."""
+    return _reduce_flags(flags, "max", device)
 
 
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -69,8 +74,8 @@ def barrier() -> None:
 class StopRequest:
     """Remembers SIGTERM, SIGINT and SIGUSR1 ("stop soon") instead of dying of them.
 
-    The trainer asks `agreed(device)` at each step boundary: all ranks stop together,
-    after the same step, so they can checkpoint collectively.
+    The trainer reduces `requested` over ranks at each step boundary: all ranks stop
+    together, after the same step, so they can checkpoint collectively.
     """
 
     def __init__(self):
@@ -81,8 +86,9 @@ class StopRequest:
     def _remember(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self, device: torch.device) -> bool:
-        return any_rank(self.signal_name is not None, device)
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
 
 
 def check_shared_run_dir(run_dir: str, rank: int, device: torch.device) -> None:

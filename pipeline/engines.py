@@ -3,6 +3,8 @@
 The accelerate config alone decides which (`distributed_type: DEEPSPEED` or not). Both
 kinds offer one interface to the trainer:
     G, D, opt_G, opt_D, hooks   what `gan.train_step` takes
+    guarded_hooks(on_nonfinite) hooks that never apply a NaN/inf gradient, where the
+                                engines can see whole gradients (DDP)
     schedulers, step_schedulers our LambdaLRs, stepped once per step by us (never prepared)
     generator, modules()        the plain modules: evaluation, replica digests
     autocast                    the forward-pass precision context, for evaluation too
@@ -26,7 +28,7 @@ from accelerate.utils import DistributedType
 
 from pipeline import checkpoint
 from pipeline.config import Config, ConfigError
-from pipeline.gan import StepHooks
+from pipeline.gan import StepHooks, guard_updates
 from pipeline.models import build_discriminator, build_generator
 
 
@@ -72,6 +74,11 @@ class Engines:
 
     def lr(self) -> float:
         return self.schedulers["G"].get_last_lr()[0]
+
+    def guarded_hooks(self, on_nonfinite) -> StepHooks:
+        """`hooks` whose optimiser steps call `on_nonfinite(model)` instead of applying a
+        NaN or inf gradient (gan.guard_updates)."""
+        return guard_updates(self.hooks, on_nonfinite)
 
     def modules(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         return self.generator, self.discriminator
@@ -180,6 +187,11 @@ class DeepSpeedEngines(Engines):
         self.hooks = StepHooks(backward=lambda loss, engine: engine.backward(loss),
                                step=lambda optimizer, engine: engine.step(),
                                autocast=self.autocast, frozen_view=lambda engine: engine.module)
+
+    def guarded_hooks(self, on_nonfinite) -> StepHooks:
+        """Unguarded: each rank holds only its partition of the gradients, and the engine
+        steps inside engine.step(); the trainer's loss check is the only guard here."""
+        return self.hooks
 
     def describe(self) -> dict:
         return {"engines": "deepspeed", "zero_stage": self.G.zero_optimization_stage(),

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, data, distributed, evaluate, faults, storage
 from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
-from pipeline.engines import DDPEngines, Engines, make_engines
-from pipeline.gan import guard_updates, train_step
+from pipeline.engines import Engines, make_engines
+from pipeline.gan import train_step
 from pipeline.losses import Pix2PixObjective
 
 
@@ -155,9 +155,8 @@ class Trainer:
         self.step = self.resumed_step = 0
         self.stop = distributed.StopRequest()
         self.skipped: list[str] = []  # this step's updates not applied: "D", "G"
-        self.hooks = self.engines.hooks
-        if isinstance(self.engines, DDPEngines):  # DeepSpeed's gradients are partitioned
-            self.hooks = guard_updates(self.hooks, self.nonfinite_gradients)
+        self.stopping = False  # every rank agreed to stop after this step
+        self.hooks = self.engines.guarded_hooks(self.nonfinite_gradients)
 
     def resume(self) -> None:
         path = checkpoint.resolve(self.cfg.train.run_dir, self.cfg.train.resume)
@@ -216,7 +215,10 @@ class Trainer:
         self.skipped = []
         losses = train_step(e.G, e.D, e.opt_G, e.opt_D, x, y, self.objective, self.hooks)
         finite = all(math.isfinite(v) for v in losses.values())
-        if distributed.any_rank(not finite, self.acc.device) or self.skipped:
+        # one collective a step for the two things all ranks must agree on
+        nonfinite, self.stopping = distributed.any_rank_each(
+            [not finite, self.stop.requested], self.acc.device)
+        if nonfinite or self.skipped:
             self.nonfinite_step(losses, buffers)
         e.step_schedulers()
         return losses, waited, time.perf_counter() - start
@@ -289,7 +291,7 @@ class Trainer:
                             L1=f"{losses['loss_G_l1']:.3f}",
                             sps=f"{cfg.data.batch_size * self.world / max(elapsed, 1e-9):.1f}",
                             wait=f"{wait_total / max(time_total, 1e-9):.0%}", refresh=False)
-            if self.stop.agreed(self.acc.device):
+            if self.stopping:
                 log0(self.acc, f"step {self.step}: stop requested ({self.stop.signal_name or 'by a peer'}); "
                                "checkpointing and exiting")
                 self.save()
