@@ -5,9 +5,11 @@ pipeline/train.py for each (precision, seed), and reads the final val metrics th
 trainer computes with the reference's test protocol (bicubic resize to 256, no crop, no
 flip, G in train mode, L1 on [-1, 1], PSNR on uint8 averaged per image). The reference
 (junyanz/pytorch-CycleGAN-and-pix2pix) scored mean L1 0.3591 and PSNR 12.94 dB over
-seeds 0-2 on this kind of machine; ours must reach L1 <= 0.360 and PSNR >= 12.9 dB.
+seeds 0-2 on this kind of machine; ours must reach L1 <= 0.360 and PSNR >= 12.9 dB
+over the same seeds. Seeds beyond 2 add the spread over seeds (the reference's own val
+L1 spans 0.3515-0.3685), to tell a real gap from noise.
 
-    python benchmarks/bench_quality.py [--steps 1200] [--seeds 0 1 2] [--precisions no bf16]
+    python benchmarks/bench_quality.py [--steps 1200] [--seeds 0 1 2 3 4 5] [--precisions no bf16]
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 from report import report  # benchmarks/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_SEEDS = {0: (0.3515, 13.13), 1: (0.3685, 12.69), 2: (0.3574, 13.01)}  # val L1, PSNR
 REFERENCE = {"l1": 0.3591, "psnr": 12.94}
-TARGET = {"l1": 0.360, "psnr": 12.9}
+TARGET = {"l1": 0.360, "psnr": 12.9}  # on the mean over seeds 0-2, as the reference's
 
 
 def shard_facades(source: Path, shards: Path) -> None:
@@ -77,13 +80,28 @@ def main(argv: list[str] | None = None) -> dict:
     shard_facades(Path(args.facades), shards)
     rows = [train(shards, work / f"{precision}_seed{seed}", seed, precision, args.steps)
             for precision in args.precisions for seed in args.seeds]
-    figures = {"steps": args.steps, "reference_l1": REFERENCE["l1"], "reference_psnr": REFERENCE["psnr"]}
+    figures = {"steps": args.steps, "reference_l1": REFERENCE["l1"], "reference_psnr": REFERENCE["psnr"],
+               "reference_l1_sd": stdev(l1 for l1, _ in REFERENCE_SEEDS.values())}
     for precision in args.precisions:
-        mine = [r for r in rows if r["precision"] == precision]
-        l1, psnr = mean(r["val_l1"] for r in mine), mean(r["psnr_db"] for r in mine)
+        figures.update(summarise(precision, [r for r in rows if r["precision"] == precision]))
+    return report("bench_quality", rows, figures)
+
+
+def summarise(precision: str, runs: list[dict]) -> dict:
+    """The target is judged on seeds 0-2, like the reference's figures; more seeds give
+    the spread that tells a real gap from seed-to-seed noise."""
+    figures = {}
+    target_runs = [r for r in runs if r["seed"] in REFERENCE_SEEDS]
+    if len(target_runs) == len(REFERENCE_SEEDS):
+        l1, psnr = mean(r["val_l1"] for r in target_runs), mean(r["psnr_db"] for r in target_runs)
         figures[f"{precision}_mean_l1"], figures[f"{precision}_mean_psnr"] = l1, psnr
         figures[f"{precision}_meets_target"] = l1 <= TARGET["l1"] and psnr >= TARGET["psnr"]
-    return report("bench_quality", rows, figures)
+    if len(runs) > 1:
+        figures[f"{precision}_seeds"] = len(runs)
+        figures[f"{precision}_mean_l1_all_seeds"] = mean(r["val_l1"] for r in runs)
+        figures[f"{precision}_l1_sd"] = stdev(r["val_l1"] for r in runs)
+        figures[f"{precision}_mean_psnr_all_seeds"] = mean(r["psnr_db"] for r in runs)
+    return figures
 
 
 if __name__ == "__main__":
