@@ -119,6 +119,9 @@ class TrainConfig:
     channels_last: bool = opt(False, "channels_last memory format for models and batches (no "
                                      "gain measured on CPU; try it on GPUs; DDP only)")
     compile: bool = opt(False, "torch.compile the models")
+    allow_emulated_bf16: bool = opt(
+        False, "keep bf16 (from the accelerate config) on a device that only emulates it, "
+               "far slower than fp32; by default such a run trains in fp32 and says so")
 
 
 @dataclass

@@ -160,21 +160,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="images per forward with --norm-stats running (default: 16)")
     parser.add_argument("--samples", type=int, default=8, help="pairs in the grid (default: 8)")
     parser.add_argument("--num-workers", type=int, default=1, help="loader workers per process")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default: as accelerate is configured)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast, also on hardware that only emulates it (default: as "
+                             "accelerate is configured, where the hardware computes bf16)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
 
-    from pipeline import distributed
+    from pipeline import distributed, precision
     from pipeline.checkpoint import load_generator
     from pipeline.config import DataConfig
     from pipeline.data import make_eval_loader
     from pipeline.models import set_test_mode
 
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None)
+    device_type = precision.launch_device_type()
+    mixed_precision, notice = precision.resolve(
+        "bf16" if args.bf16 else precision.requested_precision(), device_type,
+        precision.native_bf16(device_type), allow_emulated=args.bf16, keep="pass --bf16")
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    if notice and accelerator.is_main_process:
+        print(f"evaluate.py: {notice}", file=sys.stderr)
     device = accelerator.device
     try:
         generator, meta = load_generator(args.checkpoint)

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from tqdm import tqdm
 
-from pipeline import checkpoint, data, distributed, evaluate, faults, storage
+from pipeline import checkpoint, data, distributed, evaluate, faults, precision, storage
 from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
 from pipeline.engines import Engines, make_engines
 from pipeline.gan import train_step
@@ -54,8 +54,15 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if launched_with_deepspeed() and not torch.cuda.is_available():
         # else accelerate reports world size 1 while the engines all-reduce across ranks
         group["backend"] = "gloo"
+    device_type = precision.launch_device_type()
+    mixed_precision, notice = precision.resolve(precision.requested_precision(), device_type,
+                                                precision.native_bf16(device_type),
+                                                cfg.train.allow_emulated_bf16)
     accelerator = Accelerator(log_with=trackers, project_dir=cfg.train.run_dir,
+                              mixed_precision=mixed_precision,
                               kwargs_handlers=[InitProcessGroupKwargs(**group)])
+    if notice:
+        log0(accelerator, notice)
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched_world:
         raise distributed.StartupError(

@@ -35,9 +35,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# bf16 launches test bf16 itself, also on CPUs that only emulate it (where the trainer
+# would otherwise fall back to fp32: test_precision.py covers that)
+REAL_BF16 = "--train.allow_emulated_bf16=true"
+
+
 def train_args(run_dir, shards, *extra) -> list[str]:
     return [f"--train.run_dir={run_dir}", f"--data.train={shards}", f"--data.val={shards}",
-            *TINY, *extra]
+            *TINY, REAL_BF16, *extra]
 
 
 def cpu_env(**extra) -> dict:

@@ -1,0 +1,42 @@
+"""Which precision a run really uses: bf16 only where the hardware computes it.
+
+The accelerate config asks for `no` or `bf16`. bf16 autocast also runs where bf16 is
+only emulated (CPUs without AVX512-BF16 or AMX, GPUs before Ampere), and there it is
+far slower than fp32: convolutions ~75x on an AVX2-only CPU (measured on this
+project's 2-core CI machine kind). Such a run falls back to fp32 and says so, unless
+train.allow_emulated_bf16 keeps bf16 (tests of bf16 itself, or to reproduce a run).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def launch_device_type() -> str:
+    """The device accelerate will give this process, known before it is created."""
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    return "cuda" if torch.cuda.is_available() and not forced_cpu else "cpu"
+
+
+def requested_precision() -> str:
+    """What `accelerate launch` (its config or --mixed_precision) asked for."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
+def native_bf16(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve(requested: str, device_type: str, native: bool, allow_emulated: bool,
+            keep: str = "set train.allow_emulated_bf16=true") -> tuple[str, str | None]:
+    """(the precision to run, a one-line notice or None); `keep` says how to keep bf16."""
+    if requested != "bf16" or native:
+        return requested, None
+    hardware = "CPU (no AVX512-BF16 or AMX)" if device_type == "cpu" else "GPU (bf16 needs Ampere or newer)"
+    if allow_emulated:
+        return "bf16", f"bf16 on this {hardware} is emulated: expect it to run far slower than fp32"
+    return "no", (f"bf16 was requested, but this {hardware} only emulates it, far slower than "
+                  f"fp32: running in fp32 instead ({keep} to keep bf16)")
