@@ -46,7 +46,8 @@ def train(shards: Path, run_dir: Path, seed: int, precision: str, steps: int) ->
                    f"--train.run_dir={run_dir}", f"--train.seed={seed}",
                    f"--train.max_steps={steps}", f"--train.ckpt_every={steps}",
                    "--train.eval_every=0", "--log.sample_every=0", "--log.progress=false",
-                   "--train.resume=auto"]
+                   "--train.resume=auto",
+                   "--train.allow_emulated_bf16=true"]  # measure the precision asked for
         env = dict(os.environ, ACCELERATE_MIXED_PRECISION=precision)
         start = time.perf_counter()
         subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
