@@ -175,10 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.models import set_test_mode
 
     args = parse_args(argv)
-    device_type = precision.launch_device_type()
-    mixed_precision, notice = precision.resolve(
-        "bf16" if args.bf16 else precision.requested_precision(), device_type,
-        precision.native_bf16(device_type), allow_emulated=args.bf16, keep="pass --bf16")
+    mixed_precision, notice = precision.choose(
+        "bf16" if args.bf16 else precision.requested_precision(), allow_emulated=args.bf16,
+        keep="pass --bf16")
     accelerator = Accelerator(mixed_precision=mixed_precision)
     if notice and accelerator.is_main_process:
         print(f"evaluate.py: {notice}", file=sys.stderr)

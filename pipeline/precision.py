@@ -40,3 +40,10 @@ def resolve(requested: str, device_type: str, native: bool, allow_emulated: bool
         return "bf16", f"bf16 on this {hardware} is emulated: expect it to run far slower than fp32"
     return "no", (f"bf16 was requested, but this {hardware} only emulates it, far slower than "
                   f"fp32: running in fp32 instead ({keep} to keep bf16)")
+
+
+def choose(requested: str, allow_emulated: bool,
+           keep: str = "set train.allow_emulated_bf16=true") -> tuple[str, str | None]:
+    """resolve() for the device accelerate will give this process."""
+    device_type = launch_device_type()
+    return resolve(requested, device_type, native_bf16(device_type), allow_emulated, keep)

@@ -54,10 +54,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if launched_with_deepspeed() and not torch.cuda.is_available():
         # else accelerate reports world size 1 while the engines all-reduce across ranks
         group["backend"] = "gloo"
-    device_type = precision.launch_device_type()
-    mixed_precision, notice = precision.resolve(precision.requested_precision(), device_type,
-                                                precision.native_bf16(device_type),
-                                                cfg.train.allow_emulated_bf16)
+    mixed_precision, notice = precision.choose(precision.requested_precision(),
+                                               cfg.train.allow_emulated_bf16)
     accelerator = Accelerator(log_with=trackers, project_dir=cfg.train.run_dir,
                               mixed_precision=mixed_precision,
                               kwargs_handlers=[InitProcessGroupKwargs(**group)])
