@@ -5,7 +5,8 @@
 Makes an aligned A|B JPEG folder (the reference pix2pix layout), packs it with
 data_tools/shard.py, then measures on one thread (torch.set_num_threads(1)), as pairs per
 CPU-second (process time: the honest per-core figure on a shared machine):
-  jpeg_*       the JPEG decoder alone on the same bytes: PIL against simplejpeg  naive        PIL open + split + bicubic resize to load_size + crop + flip + to tensor,
+  jpeg_*       the JPEG decoder alone on the same bytes: PIL against simplejpeg
+  naive        PIL open + split + bicubic resize to load_size + crop + flip + to tensor,
                one file at a time (the reference's aligned dataset)
   decode       shard read + decode of both halves (no augmentation)
   worker       the training loader, augment_on=worker (decode + resize + crop + flip)
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,8 +34,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from report import report  # noqa: E402  benchmarks/ is on the path when run as a script
+
 from pipeline import data, storage  # noqa: E402
 from pipeline.config import DataConfig  # noqa: E402
+from pipeline.distributed import free_port  # noqa: E402
 
 
 def make_source(folder: Path, pairs: int, size: int, grain: float) -> None:
@@ -85,15 +87,17 @@ def run_naive(source: Path, cfg: DataConfig) -> int:
 
 def run_decode(cfg: DataConfig) -> int:
     pairs = 0
-    for _, _, key, parts in data.read_entries(data.list_shards(cfg.train, cfg.train_split)):
-        data.decode_sample(parts, cfg, 3, 3)
-        pairs += 1
+    for record in data.read_entries(data.list_shards(cfg.train, cfg.train_split)):
+        if isinstance(record, data.Entry):
+            data.decode_sample(record.parts, cfg, 3, 3)
+            pairs += 1
     return pairs
 
 
 def run_jpeg(source: Path, library: str) -> int:
-    """Decode every A|B JPEG from memory: the decoder alone (data.py keeps the faster)."""
+    """Decode every A|B JPEG from memory: the decoder alone (pipeline/data/decode.py keeps the faster)."""
     import io
+
     import simplejpeg
     blobs = [path.read_bytes() for path in sorted(source.glob("*.jpg"))]
     for blob in blobs:
@@ -119,12 +123,6 @@ def run_loader(cfg: DataConfig) -> int:
     return pairs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_moto() -> tuple[subprocess.Popen, str]:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
@@ -140,7 +138,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
         try:
             client.create_bucket(Bucket="bench")
             return server, "s3://bench"
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure to reach it means: not ready yet
             time.sleep(0.1)
     raise RuntimeError("moto server did not start")
 
@@ -161,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--grain", type=float, default=8.0, help="image noise (std levels)")
     parser.add_argument("--source", help="an existing aligned A|B JPEG folder to measure instead "
-                                         "(e.g. ../shared/data/facades; its train/ split is used)")
+                                         "(e.g. datasets/facades; its train/ split is used)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 measurements")
     parser.add_argument("--step-steps", type=int, default=2, help="train steps timed (0: skip)")
     args = parser.parse_args(argv)

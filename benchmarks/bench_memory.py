@@ -67,7 +67,7 @@ def worker(args) -> None:
           flush=True)
     accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group()
-    os._exit(0)  # gloo may abort at interpreter exit (TRAPS.md)
+    os._exit(0)  # gloo may abort at interpreter exit (pytorch issue 190489)
 
 
 def variant(kind: str, generator: str, crop: int, checkpointing: bool, args) -> dict:

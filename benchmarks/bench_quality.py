@@ -1,6 +1,9 @@
 """Learn as well as the reference: the facades recipe, 1,200 steps per seed, fp32 and bf16.
 
-Shards ../shared/data/facades with data_tools/shard.py, trains configs/facades.yaml with
+Shards the facades dataset (--facades, default datasets/facades: the pix2pix datasets'
+facades.tar.gz unpacked there, train/ val/ test/ of 512x256 A|B JPEGs, as the
+reference's datasets/download_pix2pix_dataset.sh leaves it) with data_tools/shard.py,
+trains configs/facades.yaml with
 pipeline/train.py for each (precision, seed), and reads the final val metrics the
 trainer computes with the reference's test protocol (bicubic resize to 256, no crop, no
 flip, G in train mode, L1 on [-1, 1], PSNR on uint8 averaged per image). The reference
@@ -68,14 +71,18 @@ def _final(metrics_file: Path, steps: int) -> dict | None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--facades", default=str(ROOT.parent / "shared" / "data" / "facades"),
-                        help="the aligned facades folder (train/ val/ test/)")
+    parser.add_argument("--facades", default=str(ROOT / "datasets" / "facades"),
+                        help="the aligned facades folder (train/ val/ test/ of A|B JPEGs)")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "quality"),
                         help="shards and run folders (finished runs are reused)")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
     args = parser.parse_args(argv)
+    if not (Path(args.facades) / "val").is_dir():
+        parser.error(f"no facades dataset at {args.facades} (train/ val/ test/ folders): get "
+                     "facades.tar.gz from the pix2pix datasets (see the reference repository's "
+                     "datasets/download_pix2pix_dataset.sh), unpack it there or pass --facades")
     work = Path(args.work_dir)
     shards = work / "facades_shards"
     shard_facades(Path(args.facades), shards)

@@ -17,21 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 
 import torch
-
 from bench_train import parse_variant
 from report import report  # benchmarks/ is on the path when run as a script
+
+from pipeline.distributed import free_port
 
 
 def measure_world(args) -> dict | None:
     """Under a launcher: time steps of the trainer's engines, then the gradient all-reduce."""
     from accelerate import Accelerator
     from bench_train import synthetic_pairs, trainer_config, trainer_step
+
     from pipeline import data
     from pipeline.engines import make_engines
 
@@ -73,12 +73,6 @@ def allreduce_seconds(engines, accelerator) -> float:
     return (time.perf_counter() - start) / 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(processes: int, nodes: int, args) -> dict:
     """`processes` in all (accelerate counts them over every machine) under `nodes`
     launchers on 127.0.0.1; rank 0's row."""
@@ -89,7 +83,8 @@ def launch(processes: int, nodes: int, args) -> dict:
         env["ACCELERATE_USE_CPU"] = "1"
     worker = [__file__, "--worker", *child_options(args)]
     multi = ["--multi_gpu"] if processes > 1 else []
-    commands = [["accelerate", "launch", *multi, "--num_processes", str(processes), "--num_machines", str(nodes),
+    commands = [["accelerate", "launch", *multi, "--num_processes", str(processes),
+                 "--num_machines", str(nodes),
                  "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
                  "--main_process_port", str(port), "--mixed_precision", precision, *worker]
                 for rank in range(nodes)]
@@ -144,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not args.no_nodes:
         rows.append(launch(largest, 2, args))
     add_efficiency(rows)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu, {args.threads} thread(s)/process"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() \
+        else f"cpu, {args.threads} thread(s)/process"
     return report("bench_scaling", rows, {"device": device, "batch_per_process": args.batch,
                                           "variant": args.variant, "generator": args.generator,
                                           "min_efficiency": min(r["efficiency"] for r in rows)})

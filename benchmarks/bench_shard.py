@@ -25,6 +25,7 @@ from PIL import Image
 
 from data_tools import shard
 from pipeline import storage
+from pipeline.data.format import Manifest
 
 
 def make_dataset(root: str, pairs: int, size: tuple[int, int]) -> None:
@@ -48,8 +49,8 @@ def time_run(source: str, dest: str, workers: int, extra: list[str]) -> dict:
     start = time.perf_counter()
     code = shard.main([source, dest, "--workers", str(workers), "--quiet"] + extra)
     seconds = time.perf_counter() - start
-    manifest = json.loads(storage.read_bytes(storage.join(dest, "manifest.json")))
-    pairs = sum(s["samples"] for s in manifest["splits"].values())
+    manifest = Manifest.read(dest)
+    pairs = sum(s.samples for s in manifest.splits.values())
     kind = lambda url: "s3" if storage.is_s3(url) else "local"
     return {"source": kind(source), "dest": kind(dest), "workers": workers,
             "exit_code": code, "pairs": pairs, "seconds": round(seconds, 3),

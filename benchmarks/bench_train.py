@@ -21,7 +21,6 @@ import sys
 import time
 
 import torch
-
 from report import report  # benchmarks/ is on the path when run as a script
 
 OPTIONS = {"cl", "fused", "foreach", "compile"}
@@ -75,6 +74,7 @@ def trainer_step(cfg, engines):
 def measure(variant: str, batch: int, generator: str, size: int, steps: int, warmup: int) -> dict:
     """One variant in this process: seconds per step, peak memory and L1 losses."""
     from accelerate import Accelerator
+
     from pipeline import data
     from pipeline.engines import make_engines
 
@@ -110,6 +110,7 @@ def flops_per_sample(generator: str, size: int) -> float:
     """FLOPs of one step (G forward, D on fake and real, D backward, D on G's fake,
     G backward) per sample, by torch's FLOP counter on a batch-1 fp32 CPU step."""
     from torch.utils.flop_counter import FlopCounterMode
+
     from pipeline.engines import build_models
     from pipeline.gan import train_step
     from pipeline.losses import Pix2PixObjective
@@ -130,7 +131,8 @@ def run_child(variant: str, batch: int, args) -> dict:
                "--steps", str(args.steps), "--warmup", str(args.warmup)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        reason = "out of memory" if "out of memory" in result.stderr.lower() else result.stderr.strip().splitlines()[-1:]
+        reason = "out of memory" if "out of memory" in result.stderr.lower() \
+            else result.stderr.strip().splitlines()[-1:]
         return {"variant": variant, "batch": batch, "error": str(reason)}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one variant
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child, args.batch[0], args.generator, args.size, args.steps, args.warmup)))
+        print(json.dumps(measure(args.child, args.batch[0], args.generator, args.size, args.steps,
+                                 args.warmup)))
         return None
     for variant in args.variants:
         parse_variant(variant)

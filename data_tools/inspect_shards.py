@@ -6,7 +6,7 @@ Streams every shard listed in the manifest: sample counts and bytes must match i
 must the splits' totals; no .tar may be left unlisted, no name point outside DEST; every
 sample must be complete (KEY.json + KEY.pair.EXT or KEY.input.EXT and KEY.target.EXT);
 the first N samples of each split are decoded (A|B pairs split at "split_x") and their
-sizes reported. Exits 1 on any unreadable or inconsistent shard.
+sizes reported. Exits 2 on any unreadable or inconsistent shard (each problem listed).
 """
 import argparse
 import io
@@ -16,31 +16,28 @@ import tarfile
 
 from PIL import Image
 
-from pipeline import storage
+from pipeline import cli, storage
+from pipeline.data.format import MANIFEST, Manifest, Samples
+from pipeline.errors import DataError
 
 
 def read_shard(url: str, decode: int) -> dict:
     """Stream one shard: {"samples", "bytes", "sizes": {(w, h): n} of the input images
     of the first `decode` samples, "problems": [...]}."""
     stats = {"samples": 0, "sizes": {}, "problems": [], "decode": decode}
-    key, members = None, {}
     with storage.open_read(url) as f:
         with tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                member_key, _, suffix = member.name.partition(".")
-                if member_key != key:  # webdataset groups consecutive members by key
-                    _finish_sample(url, key, members, stats)
-                    key, members = member_key, {}
-                members[suffix] = tar.extractfile(member).read()
-            _finish_sample(url, key, members, stats)
+            samples = Samples(tar)
+            for key, members, _ in samples:
+                _finish_sample(url, key, members, stats)
+            if samples.last is not None:
+                _finish_sample(url, *samples.last[:2], stats)
         f.read()  # the tar's zero padding, so that tell() is the file size
         stats["bytes"] = f.tell()
     return stats
 
 
-def _finish_sample(url: str, key: str | None, members: dict, stats: dict) -> None:
-    if key is None:
-        return
+def _finish_sample(url: str, key: str, members: dict, stats: dict) -> None:
     stats["samples"] += 1
     kinds = {suffix.split(".")[0] for suffix in members}
     if "json" not in kinds or not ("pair" in kinds or {"input", "target"} <= kinds):
@@ -50,7 +47,7 @@ def _finish_sample(url: str, key: str | None, members: dict, stats: dict) -> Non
         try:
             size = _decode_input(members).size
             stats["sizes"][size] = stats["sizes"].get(size, 0) + 1
-        except Exception as err:  # anything undecodable is the finding, not a crash
+        except Exception as err:  # noqa: BLE001 - anything undecodable is the finding, not a crash
             stats["problems"].append(f"{url}: sample {key}: cannot decode: "
                                      f"{type(err).__name__}: {err}")
 
@@ -71,19 +68,19 @@ def _decode_input(members: dict) -> Image.Image:
 
 def inspect(dest: str, decode: int) -> list[str]:
     """Print a report per split; return the problems found."""
-    manifest_url = storage.join(dest, "manifest.json")
+    manifest_url = storage.join(dest, MANIFEST)
     if not storage.exists(manifest_url):
-        return [f"no manifest.json in {dest}: not a finished shard folder"]
-    manifest = json.loads(storage.read_bytes(manifest_url))
+        return [f"no {MANIFEST} in {dest}: not a finished shard folder"]
+    manifest = Manifest.read(manifest_url)
     problems = _unlisted(dest, manifest)
-    for split, info in manifest["splits"].items():
+    for split, info in manifest.splits.items():
         found, nbytes, sizes, left = 0, 0, {}, decode
-        entries_total = sum(shard["samples"] for shard in info["shards"])
-        if entries_total != info["samples"]:
-            problems.append(f"{manifest_url}: split {split} says {info['samples']} samples, "
+        entries_total = sum(shard.samples for shard in info.shards)
+        if entries_total != info.samples:
+            problems.append(f"{manifest_url}: split {split} says {info.samples} samples, "
                             f"its shards' entries add up to {entries_total}")
-        for shard in info["shards"]:
-            url = storage.inside(dest, shard["name"])
+        for shard in info.shards:
+            url = storage.inside(dest, shard.name)
             try:
                 result = read_shard(url, left)
             except (tarfile.TarError, OSError, EOFError) as err:
@@ -91,44 +88,46 @@ def inspect(dest: str, decode: int) -> list[str]:
                 continue
             left = result["decode"]
             problems += result["problems"]
-            if (result["samples"], result["bytes"]) != (shard["samples"], shard["bytes"]):
+            if (result["samples"], result["bytes"]) != (shard.samples, shard.bytes):
                 problems.append(f"{url}: {result['samples']} samples, {result['bytes']} bytes; "
-                                f"manifest says {shard['samples']}, {shard['bytes']}")
+                                f"manifest says {shard.samples}, {shard.bytes}")
             found, nbytes = found + result["samples"], nbytes + result["bytes"]
             for size, n in result["sizes"].items():
                 sizes[size] = sizes.get(size, 0) + n
         seen = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(sizes.items()))
-        print(f"{split}: {len(info['shards'])} shards, {found}/{info['samples']} samples, "
-              f"{nbytes / 2**20:.1f} MB, {info.get('rejected', 0)} rejected; "
+        print(f"{split}: {len(info.shards)} shards, {found}/{info.samples} samples, "
+              f"{nbytes / 2**20:.1f} MB, {info.rejected} rejected; "
               f"decoded input sizes: {seen or 'none'}")
     return problems
 
 
-def _unlisted(dest: str, manifest: dict) -> list[str]:
+def _unlisted(dest: str, manifest: Manifest) -> list[str]:
     """A problem per .tar in dest that the manifest does not list (a stale manifest, or
     shards from another run): the trainer would never read them."""
-    listed = {shard["name"] for info in manifest["splits"].values() for shard in info["shards"]}
+    listed = manifest.shard_names()
     return [f"{url}: a shard that manifest.json does not list"
             for url in storage.list_sizes(dest, ".tar", recursive=False)
             if url.rsplit("/", 1)[-1] not in listed]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def _main(argv: list[str]) -> int:
+    parser = cli.Parser(
         prog="inspect_shards.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Check shards against manifest.json and decode a few samples.")
     parser.add_argument("dest", help="shard folder or s3://bucket/prefix")
     parser.add_argument("--decode", type=int, default=16, help="samples decoded per split")
     args = parser.parse_args(argv)
-    try:
-        problems = inspect(args.dest, args.decode)
-    except (storage.StorageError, ValueError) as err:
-        raise SystemExit(f"inspect_shards.py: error: {err}") from None
+    cli.setup_logging()
+    problems = inspect(args.dest, args.decode)
     for problem in problems:
-        print(f"inspect_shards.py: error: {problem}", file=sys.stderr)
-    print("inspect_shards.py: " + (f"{len(problems)} problems" if problems else "all shards OK"),
-          file=sys.stderr)
-    return 1 if problems else 0
+        print(f"inspect_shards.py: problem: {problem}", file=sys.stderr)
+    if problems:
+        raise DataError(f"{len(problems)} problems in {args.dest} (listed above)")
+    print("inspect_shards.py: all shards OK", file=sys.stderr)
+    return 0
+
+
+main = cli.entry_point("inspect_shards.py", _main)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import cli
+
 # class -> (label colour in the input, base colour of the rendering)
 CLASSES = {
     "wall": ((40, 40, 180), (196, 170, 140)),
@@ -115,9 +117,10 @@ def write_split(out_dir: str, split: str, count: int, seed: int, size: int, fmt:
         os.replace(path + ".tmp", path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _main(argv: list[str]) -> int:
+    parser = cli.Parser(
+        prog="make_demo.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out_dir", help="folder to write train/ and val/ into")
     parser.add_argument("--train", type=int, default=320, help="training pairs")
     parser.add_argument("--val", type=int, default=64, help="validation pairs")
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo data: {args.train} train + {args.val} val pairs "
           f"({args.size}x{2 * args.size}, {args.format}) in {args.out_dir}")
     return 0
+
+
+main = cli.entry_point("make_demo.py", _main)
 
 
 if __name__ == "__main__":

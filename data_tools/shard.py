@@ -35,11 +35,20 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data_tools import sources
-from pipeline import faults, storage
+from pipeline import cli, faults, storage
+from pipeline.data.decode import MAX_IMAGE_PIXELS, scale_16bit
+from pipeline.data.format import (
+    EXT_OF_PIL_FORMAT,
+    FORMAT_VERSION,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    member_name,
+    write_member,
+)
+from pipeline.errors import DataError, UserError
 
-FORMAT_VERSION = 1
-TAR_MTIME = 946684800  # 2000-01-01: a fixed stamp keeps shards byte-identical across runs
-FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what the trainer decodes
+FORMATS = EXT_OF_PIL_FORMAT  # what the trainer decodes
 PARTS = "_parts"
 READ_AHEAD = 32  # pairs read at once while packing
 REASONS = ("read_error", "missing_input", "missing_target", "not_an_image",
@@ -124,7 +133,7 @@ def probe(data: bytes, options: dict) -> tuple[str, int, int]:
         if options["verify"]:
             try:
                 im.load()
-            except Exception as err:  # PIL raises many types for broken data
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for broken data
                 raise Rejected("decode_error", str(err)[:200]) from None
     return im.format, width, height
 
@@ -177,7 +186,7 @@ def reencode(pair, a: bytes, b: bytes | None, options: dict):
             input_im = input_im.crop((0, 0, half, input_im.height))
         else:
             target_im = _rgb(b)
-    except Exception as err:  # truncated data shows only now, without --verify
+    except Exception as err:  # noqa: BLE001 - truncated data shows only now, without --verify
         raise Rejected("decode_error", str(err)[:200]) from None
     target_im = target_im.resize(input_im.size, Image.BICUBIC) \
         if target_im.size != input_im.size else target_im
@@ -196,11 +205,8 @@ def reencode(pair, a: bytes, b: bytes | None, options: dict):
 
 def _rgb(data: bytes) -> Image.Image:
     """Decoded as RGB (gray and RGB halves then match), 16-bit grayscale scaled to 8 bits
-    as the trainer's reader does: PIL's convert would clip it, a white image."""
-    im = Image.open(io.BytesIO(data))
-    if im.mode.startswith("I"):
-        im = im.point(lambda value: value * (255 / 65535) + 0.5)
-    return im.convert("RGB")
+    by the trainer's own policy (pipeline.data.decode)."""
+    return scale_16bit(Image.open(io.BytesIO(data))).convert("RGB")
 
 
 def _encode(im: Image.Image, options: dict) -> bytes:
@@ -210,14 +216,6 @@ def _encode(im: Image.Image, options: dict) -> bytes:
     else:
         im.save(buffer, "JPEG", quality=options["jpeg_quality"])
     return buffer.getvalue()
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
 
 
 def pack_shard(job: tuple) -> dict:
@@ -237,8 +235,8 @@ def pack_shard(job: tuple) -> dict:
                                      "reason": why.reason, "detail": why.detail})
                     continue
                 for suffix, data in members:
-                    _add_member(tar, f"{pair.key}.{suffix}", data)
-                _add_member(tar, f"{pair.key}.json", json.dumps(meta, sort_keys=True).encode())
+                    write_member(tar, member_name(pair.key, suffix), data)
+                write_member(tar, member_name(pair.key, "json"), json.dumps(meta, sort_keys=True).encode())
                 samples += 1
         nbytes = f.tell()
     faults.kill_point("shard.after_tar")  # the shard is in place, its part file not yet
@@ -315,12 +313,11 @@ def _quiet_exit(signum, frame):
     raise SystemExit(128 + signum)  # unwinds like an exception, ends without a traceback
 
 
-def merge(dest: str) -> dict:
+def merge(dest: str) -> Manifest:
     """Write rejected.jsonl and, last, manifest.json from the plan and every part."""
     plan_url = storage.join(dest, PARTS, "plan.json")
     if not storage.exists(plan_url):
-        raise SystemExit(f"shard.py: error: no shard plan in {dest}: run "
-                         "`shard.py SOURCE DEST [--slice i/n]` first")
+        raise UserError(f"no shard plan in {dest}: run `shard.py SOURCE DEST [--slice i/n]` first")
     plan = json.loads(storage.read_bytes(plan_url))
     parts, missing = [], []
     for entry in plan["shards"]:
@@ -328,25 +325,23 @@ def merge(dest: str) -> dict:
         part = finished_part(dest, shard)
         (parts if part else missing).append(part or shard.name)
     if missing:
-        raise SystemExit(f"shard.py: error: {len(missing)} of {len(plan['shards'])} shards in "
-                         f"{dest} are not packed yet (first: {missing[0]}); run the missing "
-                         "slices (or the same command again), then merge")
-    splits, reasons = {}, {}
+        raise UserError(f"{len(missing)} of {len(plan['shards'])} shards in {dest} are not "
+                        f"packed yet (first: {missing[0]}); run the missing slices (or the "
+                        "same command again), then merge")
+    manifest = Manifest(options=plan["options"], format_version=FORMAT_VERSION)
     for part in parts:
-        split = splits.setdefault(part["split"], {"samples": 0, "bytes": 0, "rejected": 0,
-                                                  "shards": []})
-        split["samples"] += part["samples"]
-        split["bytes"] += part["bytes"]
-        split["rejected"] += len(part["rejected"])
-        split["shards"].append({k: part[k] for k in ("name", "samples", "bytes")})
+        split = manifest.splits.setdefault(part["split"], SplitInfo())
+        split.samples += part["samples"]
+        split.bytes += part["bytes"]
+        split.rejected += len(part["rejected"])
+        split.shards.append(ShardInfo(part["name"], part["samples"], part["bytes"]))
         for row in part["rejected"]:
-            reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+            manifest.rejected[row["reason"]] = manifest.rejected.get(row["reason"], 0) + 1
+    manifest.rejected = dict(sorted(manifest.rejected.items()))
     rejected_rows = [json.dumps(row, sort_keys=True) + "\n" for p in parts for row in p["rejected"]]
     storage.write_bytes(storage.join(dest, "rejected.jsonl"), "".join(rejected_rows).encode())
     faults.kill_point("shard.before_manifest")
-    manifest = {"format_version": FORMAT_VERSION, "splits": splits,
-                "rejected": dict(sorted(reasons.items())), "options": plan["options"]}
-    storage.write_bytes(storage.join(dest, "manifest.json"), _dumps(manifest))
+    manifest.write(dest)
     return manifest
 
 
@@ -370,8 +365,7 @@ def _run(args: argparse.Namespace) -> int:
         storage.makedirs(args.dest)
         storage.write_bytes(storage.join(args.dest, PARTS, "plan.json"), _dumps(plan))
     except OSError as err:
-        raise SystemExit(f"shard.py: error: cannot write to {args.dest}: "
-                         f"{err.strerror or err}") from None
+        raise UserError(f"cannot write to {args.dest}: {err.strerror or err}") from None
     mine = in_slice(shards, args.slice)
     stats = pack(args.dest, mine, options, args.workers, not args.quiet)
     counts = ", ".join(f"{split} {len(pairs)}" for split, pairs in pairs_by_split.items())
@@ -389,15 +383,17 @@ def _run(args: argparse.Namespace) -> int:
     return report_rejected(manifest, args.dest, args.strict)
 
 
-def report_rejected(manifest: dict, dest: str, strict: bool) -> int:
-    total = sum(manifest["rejected"].values())
+def report_rejected(manifest: Manifest, dest: str, strict: bool) -> int:
+    total = sum(manifest.rejected.values())
     if total:
-        why = ", ".join(f"{reason} {n}" for reason, n in manifest["rejected"].items())
+        why = ", ".join(f"{reason} {n}" for reason, n in manifest.rejected.items())
         print(f"shard.py: rejected {total} pairs ({why}); listed in "
               f"{storage.join(dest, 'rejected.jsonl')}", file=sys.stderr)
-    samples = sum(s["samples"] for s in manifest["splits"].values())
+    samples = sum(s.samples for s in manifest.splits.values())
     print(f"shard.py: {samples} samples in {storage.join(dest, 'manifest.json')}", file=sys.stderr)
-    return 1 if strict and total else 0
+    if strict and total:
+        raise DataError(f"--strict: {total} pairs were rejected (see above)")
+    return 0
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -429,11 +425,25 @@ def positive(text: str) -> int:
     return value
 
 
+SUBCOMMANDS = ("pack", "merge")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="shard.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Pack image pairs into WebDataset tar shards + manifest.json. "
-                    "`shard.py merge DEST` writes the manifest after --slice runs.")
+    p = cli.Parser(
+        prog="shard.py", description="Pack image pairs into WebDataset tar shards + manifest.json.",
+        epilog="`shard.py SOURCE DEST [options]` is short for `shard.py pack SOURCE DEST "
+               "[options]`; `shard.py pack --help` lists the options.")
+    sub = p.add_subparsers(dest="command", metavar="{pack,merge}")
+    pack = sub.add_parser("pack", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                          help="plan the shards and pack them (all, or one --slice)")
+    add_pack_options(pack)
+    merge_parser = sub.add_parser("merge", help="write DEST/manifest.json once every --slice run "
+                                  "has packed its part (they leave results in DEST/_parts)")
+    merge_parser.add_argument("dest", help="the DEST given to the slices")
+    return p
+
+
+def add_pack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="aligned A|B folder, folder with A/ and B/, or a .csv/.jsonl "
                                   "list of input,target; local path or s3:// URL")
     p.add_argument("dest", help="output folder or s3://bucket/prefix")
@@ -459,30 +469,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jpeg-quality", type=int, default=95, help="quality for --encode jpeg")
     p.add_argument("--on-size-mismatch", choices=("skip", "resize"), default="skip",
                    help="halves of different sizes: reject, or resize target to input")
-    p.add_argument("--max-pixels", type=positive, default=89_478_485,
-                   help="larger images are rejected as too_large (decompression bombs)")
+    p.add_argument("--max-pixels", type=positive, default=MAX_IMAGE_PIXELS,
+                   help="larger images are rejected as too_large (decompression bombs); the "
+                        "trainer's data.max_image_pixels has the same default")
     p.add_argument("--verify", action="store_true", help="also fully decode every image")
     p.add_argument("--strict", action="store_true", help="exit 1 if any pair is rejected")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["pack", *argv]  # `shard.py SOURCE DEST [options]`, the everyday form
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("give SOURCE DEST (or a subcommand: pack, merge)")
+    cli.setup_logging()
+    if args.command == "merge":
+        return report_rejected(merge(args.dest), args.dest, strict=False)
     try:
-        if argv[:1] == ["merge"]:
-            merge_parser = argparse.ArgumentParser(
-                prog="shard.py merge", description="Write DEST/manifest.json from the parts "
-                "that every --slice run left in DEST/_parts.")
-            merge_parser.add_argument("dest", help="the DEST given to the slices")
-            dest = merge_parser.parse_args(argv[1:]).dest
-            return report_rejected(merge(dest), dest, strict=False)
-        return run(build_parser().parse_args(argv))
-    except (storage.StorageError, sources.SourceError, ValueError) as err:
-        raise SystemExit(f"shard.py: error: {err}") from None
+        return run(args)
     except KeyboardInterrupt:
-        raise SystemExit("shard.py: interrupted; finished shards are kept, run the same "
-                         "command again to resume") from None
+        print("shard.py: interrupted; finished shards are kept, run the same command again "
+              "to resume", file=sys.stderr)
+        return 130
+
+
+main = cli.entry_point("shard.py", _main)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ import re
 from dataclasses import dataclass
 
 from pipeline import storage
+from pipeline.data.format import IMAGE_EXTS, UNSUPPORTED_IMAGE_EXTS
+from pipeline.errors import UserError
 
-# listed so that formats the trainer cannot read are rejected and counted, not ignored
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# what the trainer reads, and what it cannot (rejected and counted, never ignored)
+IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTS + UNSUPPORTED_IMAGE_EXTS)
 SPLIT_FOLDERS = ("train", "val", "test")
 LAYOUTS = ("auto", "aligned", "folders", "list")
 LIST_SUFFIXES = (".csv", ".jsonl")
@@ -38,12 +40,14 @@ class Pair:
     nbytes: int       # source bytes of both halves, for shard planning
 
 
-class SourceError(Exception):
+class SourceError(UserError):
     """SOURCE cannot be read as any layout, or holds no pairs."""
 
 
 def find_pairs(source: str, layout: str = "auto", split: str = "train") -> dict[str, list[Pair]]:
     """{split: pairs sorted by key}. `split` names the one split of a flat source."""
+    if not storage.exists(source):
+        raise SourceError(f"{source}: no such folder or list file")
     if layout == "auto":
         layout = detect_layout(source)
     if layout == "list":

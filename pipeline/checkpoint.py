@@ -23,28 +23,24 @@ A DDP resume needs no pickle: everything is safetensors, JSON or weights_only te
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors, save as save_safetensors
+from safetensors.torch import save as save_safetensors
 
-from pipeline import faults, storage
-from pipeline.config import ModelConfig
-from pipeline.models import build_generator
+from pipeline import faults, storage, weights
+from pipeline.errors import CheckpointMismatch, RunError
 
 LATEST = "latest"
 TMP, OLD = ".tmp", ".old"  # suffixes of folders that are not (or no longer) checkpoints
-EXPORT_FORMAT = "pix2pix-at-scale/generator"
 
 
 def checkpoints_dir(run_dir: str) -> str:
@@ -55,8 +51,27 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint was not written; the message names the newest one that is intact."""
+
+
+@dataclass
+class Snapshot:
+    """What one rank contributes to a checkpoint."""
+    save_models: Callable[[str, int], None]  # engines.save(staging, rank): training state
+    generator_state: dict[str, torch.Tensor]  # the fp32 export (whole on every rank)
+    discriminator_state: dict[str, torch.Tensor]  # checked for NaN/inf before writing
+    data_state: dict  # this rank's stream position
+    config: dict  # the run's resolved config
+
+
+@dataclass
+class Ranks:
+    """Who this rank is and how it agrees with the others (distributed.barrier/any_rank)."""
+    rank: int
+    world_size: int
+    barrier: Callable[[], None]
+    any_rank: Callable[[bool], bool]
 
 
 @dataclass
@@ -102,29 +117,20 @@ def _write_torch(path: str, value) -> None:
         torch.save(value, f)
 
 
-def export_metadata(config: dict, step: int) -> dict:
-    """generator.json: what rebuilding and using the generator needs, nothing more."""
-    return {"format": EXPORT_FORMAT, "version": 1, "step": step, "model": config["model"],
-            "data": {k: config["data"][k] for k in ("direction", "load_size", "crop_size")}}
-
-
-def save(run_dir: str, step: int, *, rank: int, world_size: int,
-         save_models: Callable[[str, int], None], generator_state: dict[str, torch.Tensor],
-         discriminator_state: dict[str, torch.Tensor], data_state: dict, config: dict,
-         keep_last: int, barrier: Callable[[], None], any_rank: Callable[[bool], bool]) -> str:
+def save(run_dir: str, step: int, snapshot: Snapshot, ranks: Ranks, keep_last: int) -> str:
     """Write a checkpoint from every rank and commit it; returns its final folder.
 
-    All ranks must call this at the same step: `save_models(staging, rank)` writes the
-    models' training state (engines.save), rank 0 the generator export from
-    `generator_state` (the fp32 state dict) and trainer.json, every rank its own
-    position and RNG. `any_rank(flag)` (distributed.any_rank) makes every rank refuse
-    or fail together, never leaving a peer waiting at a barrier.
+    All ranks must call this at the same step: `snapshot.save_models(staging, rank)`
+    writes the models' training state (engines.save), rank 0 the generator export and
+    trainer.json, every rank its own position and RNG. `ranks.any_rank(flag)` makes every
+    rank refuse or fail together, never leaving a peer waiting at a barrier.
     """
+    rank, barrier, any_rank = ranks.rank, ranks.barrier, ranks.any_rank
     root = checkpoints_dir(run_dir)
     final = os.path.join(root, step_name(step))
     staging = final + TMP
-    bad = nonfinite({**_prefixed("generator", generator_state),
-                     **_prefixed("discriminator", discriminator_state)})
+    bad = nonfinite({**_prefixed("generator", snapshot.generator_state),
+                     **_prefixed("discriminator", snapshot.discriminator_state)})
     if any_rank(bool(bad)):
         raise CheckpointError(f"checkpoint at step {step} refused: non-finite weights "
                               f"({', '.join(bad[:3]) or 'on another rank'}); {_intact(root)}")
@@ -133,10 +139,9 @@ def save(run_dir: str, step: int, *, rank: int, world_size: int,
         os.makedirs(staging)
     barrier()
     try:
-        _write_staging(staging, step, rank, world_size, save_models, generator_state,
-                       data_state, config)
+        _write_staging(staging, step, ranks, snapshot)
         error = None
-    except Exception as err:  # a full disk, a quota, a dead mount: OSError mostly
+    except Exception as err:  # noqa: BLE001 - a full disk, a quota, a dead mount: all ranks must agree
         error = err
     if any_rank(error is not None):  # also the barrier before the commit
         if rank == 0:
@@ -153,19 +158,18 @@ def save(run_dir: str, step: int, *, rank: int, world_size: int,
     return final
 
 
-def _write_staging(staging: str, step: int, rank: int, world_size: int,
-                   save_models: Callable[[str, int], None], generator_state: dict,
-                   data_state: dict, config: dict) -> None:
-    save_models(staging, rank)
+def _write_staging(staging: str, step: int, ranks: Ranks, snapshot: Snapshot) -> None:
+    rank = ranks.rank
+    snapshot.save_models(staging, rank)
     faults.kill_point("checkpoint.after_models")
     if rank == 0:
-        storage.write_bytes(os.path.join(staging, "generator.safetensors"),
-                            save_safetensors(_contiguous(generator_state)))
-        _write_json(os.path.join(staging, "generator.json"), export_metadata(config, step))
+        weights.write_generator(staging, snapshot.generator_state,
+                                weights.export_metadata(snapshot.config, step))
         _write_json(os.path.join(staging, "trainer.json"),
-                    {"step": step, "world_size": world_size, "config": config})
+                    {"step": step, "world_size": ranks.world_size, "config": snapshot.config})
     as_json, tensors = rng_state()
-    _write_json(os.path.join(staging, f"rank_{rank:05d}.json"), {"data": data_state, "rng": as_json})
+    _write_json(os.path.join(staging, f"rank_{rank:05d}.json"),
+                {"data": snapshot.data_state, "rng": as_json})
     _write_torch(os.path.join(staging, f"rank_{rank:05d}_rng.pt"), tensors)
 
 
@@ -206,7 +210,7 @@ def write_weights_and_optimizers(staging: str, discriminator: torch.nn.Module,
                                  optimizers: dict, schedulers: dict) -> None:
     """The DDP training state besides the generator export (which doubles as G's weights)."""
     storage.write_bytes(os.path.join(staging, "discriminator.safetensors"),
-                        save_safetensors(_contiguous(discriminator.state_dict())))
+                        save_safetensors(weights.contiguous(discriminator.state_dict())))
     _write_torch(os.path.join(staging, "optimizers.pt"),
                  {"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                   "schedulers": {k: s.state_dict() for k, s in schedulers.items()}})
@@ -215,17 +219,13 @@ def write_weights_and_optimizers(staging: str, discriminator: torch.nn.Module,
 def load_weights_and_optimizers(path: str, generator: torch.nn.Module, discriminator: torch.nn.Module,
                                 optimizers: dict, schedulers: dict) -> None:
     """What write_weights_and_optimizers and the export wrote, into the unwrapped modules."""
-    _load_module(generator, os.path.join(path, "generator.safetensors"))
-    _load_module(discriminator, os.path.join(path, "discriminator.safetensors"))
+    weights.load_weights(generator, os.path.join(path, weights.WEIGHTS))
+    weights.load_weights(discriminator, os.path.join(path, "discriminator.safetensors"))
     states = load_tensors(os.path.join(path, "optimizers.pt"))
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(states["optimizers"][name])
     for name, scheduler in schedulers.items():
         scheduler.load_state_dict(states["schedulers"][name])
-
-
-def _contiguous(state: dict) -> dict:
-    return {k: v.detach().contiguous() for k, v in state.items()}
 
 
 def _fsync_dir(path: str) -> None:
@@ -286,7 +286,7 @@ def resolve(run_dir: str, resume: str) -> str | None:
     else:
         path = resume
     if not os.path.isfile(os.path.join(path, "trainer.json")):
-        raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint "
+        raise CheckpointMismatch(f"train.resume: {path} is not a complete checkpoint "
                                 "(no trainer.json); give a step_N folder or 'auto'")
     return path
 
@@ -318,13 +318,13 @@ ARCHITECTURE = ("generator", "in_channels", "out_channels", "g_filters", "discri
 
 
 def check_architecture(saved: dict, current: dict, path: str) -> None:
-    """ValueError naming every architecture key in which `saved` (a checkpoint's model
+    """CheckpointMismatch naming every architecture key in which `saved` (a checkpoint's model
     config) differs from `current`; dropout, init or activation checkpointing may change."""
     tensors_of = lambda config, key: "batch" if config.get(key) == "syncbatch" else config.get(key)
     changed = [f"model.{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in ARCHITECTURE
                if tensors_of(saved, k) != tensors_of(current, k)]
     if changed:
-        raise ValueError(f"{path} was trained with another architecture ({', '.join(changed)} "
+        raise CheckpointMismatch(f"{path} was trained with another architecture ({', '.join(changed)} "
                          "in this run): its weights cannot be loaded")
 
 
@@ -340,59 +340,16 @@ def load_tensors(path: str):
             lines = [line for line in str(err).splitlines() if line.strip()]
             why = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else
                        type(err).__name__)
-            raise ValueError(f"{path} refused: not a weights-only torch file ({why.strip()}); "
+            raise CheckpointMismatch(f"{path} refused: not a weights-only torch file ({why.strip()}); "
                              "only this project's checkpoints can be resumed") from None
-
-
-def _load_module(module: torch.nn.Module, path: str) -> None:
-    """A safetensors file with exactly this module's tensors and shapes into it; anything
-    else fails in one line naming the first difference (load_state_dict would list them all)."""
-    try:
-        state = load_safetensors(storage.read_bytes(path))
-    except SafetensorError as err:
-        raise ValueError(f"{path} is not a safetensors weights file ({err})") from None
-    differences = _differences(module.state_dict(), state)
-    if differences:
-        raise ValueError(f"{path} does not fit this model (another architecture or config?): "
-                         f"{differences}")
-    module.load_state_dict(state)
-
-
-def _differences(expected: dict, found: dict) -> str:
-    """'' when `found` has exactly the tensor names and shapes of `expected`, else the count
-    and first name of each kind of difference, on one line."""
-    kinds = {"tensors of another shape": [k for k in expected if k in found
-                                          and found[k].shape != expected[k].shape],
-             "missing": [k for k in expected if k not in found],
-             "unexpected": [k for k in found if k not in expected]}
-    shapes = lambda k: (f" is {list(found[k].shape)} in the file, {list(expected[k].shape)} "
-                        "here") if k in found and k in expected else ""
-    return "; ".join(f"{len(keys)} {kind} (first: {keys[0]}{shapes(keys[0])})"
-                     for kind, keys in kinds.items() if keys)
 
 
 def load_generator(path: str) -> tuple[torch.nn.Module, dict]:
     """(generator in eval mode, its generator.json) from a checkpoint step_N folder, a run
-    folder (its latest checkpoint) or an export folder, local or s3://; no trainer needed.
-    Anything that is not this project's generator fails with a one-line ValueError."""
+    folder (its latest checkpoint) or an export folder, local or s3://; no trainer needed."""
     if os.path.exists(os.path.join(checkpoints_dir(path), LATEST)):
         path = resolve(path, "auto")
-    meta_url = storage.join(path, "generator.json")
-    if not storage.exists(meta_url):
-        raise FileNotFoundError(f"{path}: no generator.json (give a checkpoint step_N folder, "
-                                "a run folder or an export folder)")
-    meta = json.loads(storage.read_bytes(meta_url))
-    if meta.get("format") != EXPORT_FORMAT or meta.get("version") != 1:
-        raise ValueError(f"{meta_url} is not a {EXPORT_FORMAT} version 1 export (format "
-                         f"{meta.get('format')!r}, version {meta.get('version')!r})")
-    try:
-        model_cfg = ModelConfig(**meta["model"])
-    except TypeError as err:
-        raise ValueError(f"{meta_url}: a model config this code cannot build: {err}") from None
-    # checkpointing only matters in backward; inference and export want the plain graph
-    generator = build_generator(dataclasses.replace(model_cfg, activation_checkpointing=False))
-    _load_module(generator, storage.join(path, "generator.safetensors"))
-    return generator.eval(), meta
+    return weights.read_generator(path)
 
 
 def mirror(checkpoint: str, prefix: str) -> None:

@@ -3,8 +3,10 @@
 Nested dataclasses (model, loss, data, optim, train, log), loaded from YAML and overridden
 on the command line with `--section.key=value`. Defaults are the reference pix2pix's
 (junyanz/pytorch-CycleGAN-and-pix2pix) wherever it has one. Any mistake (unknown key,
-wrong type, inconsistent combination) raises ConfigError with a one-line message naming
-the key, at start-up rather than hours into a run.
+wrong type, a choice that does not exist, an inconsistent combination) raises ConfigError
+with a one-line message naming the key, at start-up rather than hours into a run.
+Fields with a registry (generators, discriminators, norms, inits, GAN losses) take their
+choices from the module that defines them, never from a list of their own here.
 """
 from __future__ import annotations
 
@@ -18,47 +20,53 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline import cli, losses, models, storage
+from pipeline.data.decode import MAX_IMAGE_PIXELS
+from pipeline.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config mistake; the message is one line and names the key."""
 
 
-def opt(default: Any, help: str) -> Any:
-    """A config field with its help text (shown by --help)."""
-    return field(default=default, metadata={"help": help})
-
-
-GENERATORS = {"unet_128": 7, "unet_256": 8, "unet_512": 9}  # preset -> number of downsamplings
+def opt(default: Any, help: str, choices: Any = None) -> Any:
+    """A config field with its help text (shown by --help) and, for registry-backed
+    fields, the registry (a tuple or dict of names) it must be one of."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+        if isinstance(choices, dict):  # name -> its help (a string, or an object's .help)
+            described = [f"{name}: {getattr(v, 'help', v)}" for name, v in choices.items()]
+            metadata["help"] = f"{help} ({'; '.join(described)})"
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class ModelConfig:
-    generator: Literal["unet_128", "unet_256", "unet_512"] = opt(
-        "unet_256", "U-Net preset: number of downsamplings 7/8/9 for 128/256/512 crops")
+    generator: str = opt("unet_256", "the generator network", choices=models.GENERATORS)
     in_channels: int = opt(3, "channels of the input image (after direction is applied)")
     out_channels: int = opt(3, "channels of the output image")
     g_filters: int = opt(64, "generator filters in the outermost layer (ngf)")
-    discriminator: Literal["patch", "pixel"] = opt(
-        "patch", "PatchGAN with d_layers strided convs (70x70 for 3), or 1x1 'pixel' GAN")
+    discriminator: str = opt("patch", "the discriminator network", choices=models.DISCRIMINATORS)
     d_layers: int = opt(3, "strided conv layers of the PatchGAN (3 = 70x70 receptive field)")
     d_filters: int = opt(64, "discriminator filters in the first layer (ndf)")
-    norm: Literal["batch", "instance", "none", "syncbatch"] = opt(
-        "batch", "normalisation layer; syncbatch needs >= 2 CUDA processes")
+    norm: str = opt("batch", "normalisation layer; syncbatch needs >= 2 CUDA processes",
+                    choices=models.NORMS)
     dropout: bool = opt(True, "dropout 0.5 in the inner decoder blocks (pix2pix's noise)")
-    init: Literal["normal", "xavier", "kaiming"] = opt("normal", "weight initialisation")
+    init: str = opt("normal", "weight initialisation", choices=models.INITS)
     init_gain: float = opt(0.02, "std of normal init / gain of xavier init")
     activation_checkpointing: bool = opt(
         False, "recompute the U-Net's outer blocks in backward (saves memory on large crops)")
 
     @property
-    def num_downs(self) -> int:
-        return GENERATORS[self.generator]
+    def size_multiple(self) -> int:
+        """Crops (and translated images) must be multiples of this."""
+        return models.size_multiple(self.generator)
 
 
 @dataclass
 class LossConfig:
-    gan: Literal["vanilla", "lsgan", "hinge"] = opt(
-        "vanilla", "GAN loss: vanilla (non-saturating BCE on logits), lsgan or hinge")
+    gan: str = opt("vanilla", "GAN loss", choices=losses.GAN_LOSSES)
     lambda_l1: float = opt(100.0, "weight of the L1 term in the generator loss")
 
 
@@ -83,7 +91,8 @@ class DataConfig:
     augment_on: Literal["worker", "device"] = opt(
         "worker", "where resize/crop/flip run: in the loader workers or batched on the device")
     max_image_pixels: int = opt(
-        64_000_000, "reject images with more pixels than this (decompression-bomb guard)")
+        MAX_IMAGE_PIXELS, "skip images with more pixels than this (decompression-bomb guard; "
+                          "shard.py --max-pixels has the same default)")
 
 
 @dataclass
@@ -131,6 +140,8 @@ class LogConfig:
     sample_every: int = opt(500, "write a sample grid every N steps (0: only at the end)")
     samples: int = opt(4, "val pairs shown in the sample grid")
     progress: bool = opt(True, "show a progress bar on the main process")
+    level: str = opt("", f"log level: one of {', '.join(cli.LOG_LEVELS)} (empty: "
+                         f"${cli.LOG_LEVEL_ENV}, else info)")
 
 
 @dataclass
@@ -159,8 +170,14 @@ def _closest(name: str, choices: list[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _coerce(key: str, value: Any, expected: Any) -> Any:
-    """Check `value` against the field's annotation; ints are accepted for floats."""
+def _coerce(key: str, value: Any, expected: Any, choices: tuple | None = None) -> Any:
+    """Check `value` against the field's annotation (and registry); ints are accepted for
+    floats."""
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}"
+                              f"{_closest(str(value), list(choices))}")
+        return value
     if typing.get_origin(expected) is Literal:
         choices = typing.get_args(expected)
         if value not in choices:
@@ -186,7 +203,8 @@ def set_value(cfg: Config, dotted_key: str, value: Any) -> None:
     if key not in types_by_key:
         candidates = [f"{section_name}.{k}" for k in types_by_key]
         raise ConfigError(f"unknown config key '{dotted_key}'{_closest(dotted_key, candidates)}")
-    setattr(section, key, _coerce(dotted_key, value, types_by_key[key]))
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(section)}[key]
+    setattr(section, key, _coerce(dotted_key, value, types_by_key[key], choices))
 
 
 def from_dict(tree: dict) -> Config:
@@ -225,11 +243,10 @@ def load_yaml(path: str) -> Config:
 
 def validate(cfg: Config) -> Config:
     """Cross-field checks that need no runtime information."""
-    factor = 2 ** cfg.model.num_downs
+    factor = cfg.model.size_multiple
     if cfg.data.crop_size % factor:
         raise ConfigError(f"data.crop_size: {cfg.data.crop_size} is not divisible by "
-                          f"2**{cfg.model.num_downs}={factor} as model.generator="
-                          f"{cfg.model.generator} needs")
+                          f"{factor} as model.generator={cfg.model.generator} needs")
     if cfg.data.load_size < cfg.data.crop_size:
         raise ConfigError(f"data.load_size: {cfg.data.load_size} is smaller than "
                           f"data.crop_size {cfg.data.crop_size}")
@@ -251,9 +268,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if cfg.train.mirror and not cfg.train.mirror.startswith("s3://"):
         raise ConfigError(f"train.mirror: {cfg.train.mirror!r} is not an s3:// prefix")
-    if cfg.data.train.startswith("pipe:") or cfg.data.val.startswith("pipe:"):
-        raise ConfigError("data.train/data.val: 'pipe:' URLs run a shell and are refused; "
-                          "use a local path or s3://")
+    for key in ("data.train", "data.val"):
+        try:
+            storage.check_url(getattr(cfg.data, key.split(".")[1]) or ".")
+        except storage.StorageError as err:
+            raise ConfigError(f"{key}: {err}") from None
     return cfg
 
 
@@ -266,7 +285,9 @@ def validate_runtime(cfg: Config, device_type: str, world_size: int) -> None:
 
 # --------------------------------------------------------------------------- command line
 
-def _type_name(annotation: Any) -> str:
+def _type_name(annotation: Any, choices: tuple | None = None) -> str:
+    if choices is not None:
+        return "{" + ",".join(choices) + "}"
     if typing.get_origin(annotation) is Literal:
         return "{" + ",".join(map(str, typing.get_args(annotation))) + "}"
     return annotation.__name__
@@ -274,7 +295,7 @@ def _type_name(annotation: Any) -> str:
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser listing every config key with its type, default and help."""
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog=prog, description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", help="YAML config file; command-line keys override it")
@@ -283,7 +304,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         group = parser.add_argument_group(section_name)
         for f in dataclasses.fields(section):
             annotation = _field_types(section)[f.name]
-            group.add_argument(f"--{section_name}.{f.name}", metavar=_type_name(annotation),
+            metavar = _type_name(annotation, f.metadata.get("choices"))
+            group.add_argument(f"--{section_name}.{f.name}", metavar=metavar,
                                default=getattr(section, f.name), help=f.metadata["help"],
                                dest=f"override.{section_name}.{f.name}")
     return parser

@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import sys
 import uuid
 from collections import Counter
@@ -16,10 +17,20 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import UserError
+
+# "stop soon": the trainer checkpoints and exits on these; loader workers ignore them
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-class StartupError(RuntimeError):
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now: for a launcher's rendezvous (and the tests')."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class StartupError(UserError, RuntimeError):
     """The launch itself is wrong (world size, run folder); the message says how to fix it."""
 
 

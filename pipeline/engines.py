@@ -28,6 +28,7 @@ from accelerate.utils import DistributedType
 
 from pipeline import checkpoint
 from pipeline.config import Config, ConfigError
+from pipeline.errors import CheckpointMismatch
 from pipeline.gan import StepHooks, guard_updates
 from pipeline.models import build_discriminator, build_generator
 
@@ -179,8 +180,10 @@ class DeepSpeedEngines(Engines):
         opt_G, opt_D, self.schedulers = build_optimizers(cfg, G, D)
         bf16 = accelerator.mixed_precision == "bf16"
         config = deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, bf16)
-        self.G, self.opt_G, _, _ = deepspeed.initialize(model=G, optimizer=opt_G, config=copy.deepcopy(config))
-        self.D, self.opt_D, _, _ = deepspeed.initialize(model=D, optimizer=opt_D, config=copy.deepcopy(config))
+        self.G, self.opt_G, _, _ = deepspeed.initialize(model=G, optimizer=opt_G,
+                                                        config=copy.deepcopy(config))
+        self.D, self.opt_D, _, _ = deepspeed.initialize(model=D, optimizer=opt_D,
+                                                        config=copy.deepcopy(config))
         device_type = accelerator.device.type
         # bf16 parameters want bf16 inputs: autocast casts them at each convolution
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 else nullcontext
@@ -219,7 +222,8 @@ class DeepSpeedEngines(Engines):
             _, client_state = engine.load_checkpoint(os.path.join(path, name), tag=DEEPSPEED_TAG,
                                                      load_lr_scheduler_states=False)
             if client_state is None:
-                raise FileNotFoundError(f"{path}/{name}: no DeepSpeed checkpoint (saved without DeepSpeed?)")
+                raise CheckpointMismatch(f"{path}/{name}: no DeepSpeed checkpoint (saved without "
+                                         "DeepSpeed? resume it without DeepSpeed)")
             self.schedulers[name].load_state_dict(client_state["scheduler"])
 
     def generator_state_fp32(self) -> dict[str, torch.Tensor]:

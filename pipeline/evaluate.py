@@ -20,15 +20,20 @@ import contextlib
 import html
 import io
 import json
+import logging
 import sys
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-from pipeline import storage
+from pipeline import cli, storage
+from pipeline.data import make_eval_loader
+from pipeline.precision import BF16_FLAG_HELP
+
+log = logging.getLogger(__name__)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -123,7 +128,8 @@ def report_html(summary: dict) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>pix2pix evaluation: {esc(summary['checkpoint'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} img{{image-rendering:pixelated;max-width:100%}}</style>
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+img{{image-rendering:pixelated;max-width:100%}}</style>
 </head><body>
 <h1>pix2pix evaluation</h1>
 <p>Checkpoint <code>{esc(summary['checkpoint'])}</code> (step {esc(summary['step'])}), data
@@ -141,7 +147,7 @@ on {summary['world_size']} process(es). Test-time mode: dropout {esc(mode['dropo
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+    parser = cli.Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
@@ -151,7 +157,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="val", help="manifest split (default: val)")
     parser.add_argument("--out", required=True, help="report folder (local or s3://)")
     parser.add_argument("--dropout", choices=("on", "off"), default="on",
-                        help="dropout at test time (default: on, the paper's protocol and the trainer's metrics)")
+                        help="dropout at test time (default: on, the paper's protocol and the "
+                             "trainer's metrics)")
     parser.add_argument("--norm-stats", choices=("batch", "running"), default="batch",
                         help="BatchNorm statistics: each image's own (batch; one image per forward) "
                              "or the running averages (default: batch)")
@@ -160,59 +167,71 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="images per forward with --norm-stats running (default: 16)")
     parser.add_argument("--samples", type=int, default=8, help="pairs in the grid (default: 8)")
     parser.add_argument("--num-workers", type=int, default=1, help="loader workers per process")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast, also on hardware that only emulates it (default: as "
-                             "accelerate is configured, where the hardware computes bf16)")
+    parser.add_argument("--bf16", action="store_true", help=BF16_FLAG_HELP)
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     from accelerate import Accelerator
 
     from pipeline import distributed, precision
     from pipeline.checkpoint import load_generator
-    from pipeline.config import DataConfig
-    from pipeline.data import make_eval_loader
     from pipeline.models import set_test_mode
 
     args = parse_args(argv)
-    mixed_precision, notice = precision.choose(
-        "bf16" if args.bf16 else precision.requested_precision(), allow_emulated=args.bf16,
-        keep="pass --bf16")
+    cli.setup_logging()
+    device_type = precision.launch_device_type()
+    mixed_precision, notice = precision.for_inference(args.bf16, device_type)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     if notice and accelerator.is_main_process:
-        print(f"evaluate.py: {notice}", file=sys.stderr)
+        log.warning(f"evaluate.py: {notice}")
     device = accelerator.device
-    try:
-        generator, meta = load_generator(args.checkpoint)
-    except (ValueError, FileNotFoundError, storage.StorageError) as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
-        return 2
-    batch_stats = args.norm_stats == "batch"
-    set_test_mode(generator.to(device), args.dropout == "on", batch_stats)
-    cfg = DataConfig(val=args.data, val_split=args.split, num_workers=args.num_workers,
-                     batch_size=1 if batch_stats else args.batch_size, **meta["data"])
-    channels = {"in_channels": meta["model"]["in_channels"], "out_channels": meta["model"]["out_channels"]}
+    generator, meta = load_generator(args.checkpoint)
+    set_test_mode(generator.to(device), args.dropout == "on", args.norm_stats == "batch")
+    cfg, channels = eval_data(args, meta)
     loader = make_eval_loader(cfg, rank=accelerator.process_index,
                               world_size=accelerator.num_processes, **channels)
-    to_device = lambda b: (b["input"].to(device), b["target"].to(device))
-    metrics = evaluate(generator, map(to_device, loader), device, accelerator.autocast,
+    metrics = evaluate(generator, (_on(device, b) for b in loader), device, accelerator.autocast,
                        distributed.sum_across_ranks, seed=args.seed)
     if accelerator.is_main_process:
         first = next(iter(make_eval_loader(cfg, rank=0, world_size=1, batch_size=args.samples, **channels)))
-        grid, per_sample = sample_rows(generator, *to_device(first), device, accelerator.autocast, args.seed)
-        summary = {"checkpoint": args.checkpoint, "step": meta["step"], "data": args.data,
-                   "split": args.split, "world_size": accelerator.num_processes, **metrics,
-                   "test_mode": {"dropout": args.dropout, "norm_stats": args.norm_stats, "seed": args.seed},
-                   "samples": [{"key": k, "l1": m["l1"], "psnr": m["psnr"], "ssim": m["ssim"]}
-                               for k, m in zip(first["key"], per_sample)]}
-        save_png(storage.join(args.out, "samples.png"), grid)
-        storage.write_bytes(storage.join(args.out, "metrics.json"), json.dumps(summary, indent=1).encode())
-        storage.write_bytes(storage.join(args.out, "index.html"), report_html(summary).encode())
-        print(f"evaluate.py: L1 {metrics['l1']:.4f}, PSNR {metrics['psnr']:.2f} dB, SSIM "
-              f"{metrics['ssim']:.3f} over {metrics['images']} images; report in {args.out}/index.html")
+        write_report(args, meta, metrics, first, generator, device, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def eval_data(args: argparse.Namespace, meta: dict) -> tuple:
+    """(the DataConfig of the split to evaluate, the generator's channel counts)."""
+    from pipeline.config import DataConfig
+    batch_stats = args.norm_stats == "batch"
+    cfg = DataConfig(val=args.data, val_split=args.split, num_workers=args.num_workers,
+                     batch_size=1 if batch_stats else args.batch_size, **meta["data"])
+    return cfg, {"in_channels": meta["model"]["in_channels"],
+                 "out_channels": meta["model"]["out_channels"]}
+
+
+def _on(device: torch.device, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch["input"].to(device), batch["target"].to(device)
+
+
+def write_report(args, meta: dict, metrics: dict, first: dict, generator, device, accelerator) -> None:
+    """OUT/samples.png, OUT/metrics.json and OUT/index.html (main process)."""
+    grid, per_sample = sample_rows(generator, *_on(device, first), device, accelerator.autocast,
+                                   args.seed)
+    summary = {"checkpoint": args.checkpoint, "step": meta["step"], "data": args.data,
+               "split": args.split, "world_size": accelerator.num_processes, **metrics,
+               "test_mode": {"dropout": args.dropout, "norm_stats": args.norm_stats, "seed": args.seed},
+               "samples": [{"key": k, "l1": m["l1"], "psnr": m["psnr"], "ssim": m["ssim"]}
+                           for k, m in zip(first["key"], per_sample)]}
+    save_png(storage.join(args.out, "samples.png"), grid)
+    storage.write_bytes(storage.join(args.out, "metrics.json"), json.dumps(summary, indent=1).encode())
+    storage.write_bytes(storage.join(args.out, "index.html"), report_html(summary).encode())
+    log.info(f"evaluate.py: L1 {metrics['l1']:.4f}, PSNR {metrics['psnr']:.2f} dB, SSIM "
+             f"{metrics['ssim']:.3f} over {metrics['images']} images; report in {args.out}/index.html")
+
+
+main = cli.entry_point("evaluate.py", _main)
 
 
 if __name__ == "__main__":

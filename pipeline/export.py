@@ -1,6 +1,7 @@
 """Export a trained generator for use without this code base's trainer.
 
-    python pipeline/export.py --checkpoint RUN/checkpoints/step_N --out DIR [--format safetensors,torch-export,onnx]
+    python pipeline/export.py --checkpoint RUN/checkpoints/step_N --out DIR \
+        [--format safetensors,torch-export,onnx]
 
 Formats (all in eval mode: dropout off, BatchNorm running statistics; the graph exports
 cannot switch that at run time, the safetensors export can):
@@ -16,15 +17,17 @@ Inputs are N x in_channels x H x W floats in [-1, 1]; outputs the same range.
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import sys
 
 import torch
 import torch.fx.experimental._config as shape_config
-from safetensors.torch import save as save_safetensors
 
-from pipeline import storage
+from pipeline import cli, storage, weights
 from pipeline.checkpoint import load_generator
+from pipeline.errors import RunError
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "torch-export", "onnx")
 ONNX_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| accepted (measured ~1e-6 in fp32)
@@ -42,9 +45,7 @@ def dynamic_shapes(multiple: int) -> dict:
 
 
 def export_safetensors(generator: torch.nn.Module, meta: dict, out: str) -> None:
-    state = {k: v.detach().contiguous() for k, v in generator.state_dict().items()}
-    storage.write_bytes(storage.join(out, "generator.safetensors"), save_safetensors(state))
-    storage.write_bytes(storage.join(out, "generator.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
+    weights.write_generator(out, generator.state_dict(), meta)
 
 
 def export_program(generator: torch.nn.Module, meta: dict, out: str) -> torch.export.ExportedProgram:
@@ -79,8 +80,8 @@ def export_onnx(generator: torch.nn.Module, meta: dict, out: str) -> float | Non
         return (torch.from_numpy(onnx_output) - generator(x)).abs().max().item()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0],
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = cli.Parser(prog="export.py", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
@@ -89,31 +90,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default=",".join(FORMATS),
                         help=f"comma-separated subset of {','.join(FORMATS)} (default: all)")
     args = parser.parse_args(argv)
-    formats = args.format.split(",")
-    unknown = sorted(set(formats) - set(FORMATS))
+    unknown = sorted(set(args.format.split(",")) - set(FORMATS))
     if unknown:
         parser.error(f"unknown format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
-    try:
-        generator, meta = load_generator(args.checkpoint)
-    except (ValueError, FileNotFoundError, storage.StorageError) as err:
-        print(f"export.py: error: {err}", file=sys.stderr)
-        return 2
+    return args
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    cli.setup_logging()
+    formats = args.format.split(",")
+    generator, meta = load_generator(args.checkpoint)
     torch.manual_seed(0)
     if "safetensors" in formats:
         export_safetensors(generator, meta, args.out)
-        print(f"export.py: {args.out}/generator.safetensors + generator.json")
+        log.info(f"export.py: {args.out}/generator.safetensors + generator.json")
     if "torch-export" in formats:
         export_program(generator, meta, args.out)
-        print(f"export.py: {args.out}/generator.pt2 (torch.export)")
+        log.info(f"export.py: {args.out}/generator.pt2 (torch.export)")
     if "onnx" in formats:
         error = export_onnx(generator, meta, args.out)
         check = "onnxruntime not installed: unchecked" if error is None else \
             f"onnxruntime vs PyTorch max |diff| {error:.2e} (tolerance {ONNX_TOLERANCE:.0e})"
-        print(f"export.py: {args.out}/generator.onnx; {check}")
+        log.info(f"export.py: {args.out}/generator.onnx; {check}")
         if error is not None and error > ONNX_TOLERANCE:
-            print("export.py: error: the ONNX export does not match PyTorch", file=sys.stderr)
-            return 1
+            raise RunError(f"the ONNX export does not match PyTorch (max |diff| {error:.2e})")
     return 0
+
+
+main = cli.entry_point("export.py", _main)
 
 
 if __name__ == "__main__":

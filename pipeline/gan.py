@@ -7,9 +7,9 @@ step runs single-process, under DDP and under DeepSpeed.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,7 @@ class StepHooks:
     """
     backward: Callable[[torch.Tensor, nn.Module], None] = _plain_backward
     step: Callable[[torch.optim.Optimizer, nn.Module], None] = _plain_step
-    autocast: Callable[[], ContextManager] = field(default=nullcontext)
+    autocast: Callable[[], AbstractContextManager] = field(default=nullcontext)
     frozen_view: Callable[[nn.Module], nn.Module] = field(default=lambda model: model)
 
 

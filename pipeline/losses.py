@@ -11,7 +11,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-GAN_LOSSES = ("vanilla", "lsgan", "hinge")
+GAN_LOSSES = {  # the registry: the config validates loss.gan against these keys
+    "vanilla": "non-saturating BCE on logits (the reference's)",
+    "lsgan": "least squares (LSGAN)",
+    "hinge": "hinge loss",
+}
 
 
 def gan_loss(logits: torch.Tensor, real: bool, kind: str, for_discriminator: bool = True) -> torch.Tensor:

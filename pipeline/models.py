@@ -7,11 +7,20 @@ about devices, distribution or files.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-NORMS = ("batch", "instance", "none", "syncbatch")
+# The registries: every choice of network, norm and init is defined here once; the config
+# validates against these and --help lists them from here.
+NORMS = {"batch": "BatchNorm (the reference's; statistics per process)",
+         "instance": "InstanceNorm, no affine parameters (the reference's 'instance')",
+         "none": "no normalisation",
+         "syncbatch": "BatchNorm with statistics across processes (>= 2 CUDA processes)"}
+INITS = ("normal", "xavier", "kaiming")
 
 
 def norm_layer(norm: str, channels: int) -> nn.Module:
@@ -135,12 +144,14 @@ class UNetGenerator(nn.Module):
         return self.model(x)
 
 
+UNET_DOWNS = {"unet_128": 7, "unet_256": 8, "unet_512": 9}  # preset -> downsamplings
+
+
 def unet(preset: str, **kwargs) -> UNetGenerator:
     """`unet_128`, `unet_256` or `unet_512`: the U-Net for that crop size."""
-    downs = {"unet_128": 7, "unet_256": 8, "unet_512": 9}
-    if preset not in downs:
-        raise ValueError(f"unknown generator {preset!r}: expected one of {', '.join(downs)}")
-    return UNetGenerator(num_downs=downs[preset], **kwargs)
+    if preset not in UNET_DOWNS:
+        raise ValueError(f"unknown generator {preset!r}: expected one of {', '.join(UNET_DOWNS)}")
+    return UNetGenerator(num_downs=UNET_DOWNS[preset], **kwargs)
 
 
 class PatchDiscriminator(nn.Module):
@@ -187,7 +198,7 @@ class PixelDiscriminator(nn.Module):
 def init_weights(module: nn.Module, kind: str = "normal", gain: float = 0.02) -> nn.Module:
     """The reference init: conv weights N(0, gain) (or xavier/kaiming), biases 0,
     BatchNorm weights N(1, gain) and biases 0."""
-    inits = {
+    inits = {  # the keys are INITS
         "normal": lambda w: nn.init.normal_(w, 0.0, gain),
         "xavier": lambda w: nn.init.xavier_normal_(w, gain=gain),
         "kaiming": lambda w: nn.init.kaiming_normal_(w, a=0, mode="fan_in"),
@@ -219,20 +230,48 @@ def set_test_mode(module: nn.Module, dropout: bool, batch_stats: bool) -> nn.Mod
     return module
 
 
-def build_generator(cfg) -> UNetGenerator:
+@dataclass(frozen=True)
+class Choice:
+    """A registered network: how to build it from a ModelConfig, and what --help says."""
+    build: Callable[..., nn.Module]
+    help: str
+    size_multiple: int = 1  # input height and width must be multiples of this
+
+
+def _unet_from_config(cfg) -> UNetGenerator:
+    return unet(cfg.generator, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                base_filters=cfg.g_filters, norm=cfg.norm, dropout=cfg.dropout,
+                checkpoint_blocks=2 if cfg.activation_checkpointing else 0)
+
+
+def _patch_from_config(cfg) -> PatchDiscriminator:
+    return PatchDiscriminator(cfg.in_channels + cfg.out_channels, cfg.d_filters, cfg.d_layers,
+                              cfg.norm)
+
+
+def _pixel_from_config(cfg) -> PixelDiscriminator:
+    return PixelDiscriminator(cfg.in_channels + cfg.out_channels, cfg.d_filters, cfg.norm)
+
+
+GENERATORS = {name: Choice(_unet_from_config, f"U-Net, {downs} downsamplings ({2 ** downs} px crops)",
+                           size_multiple=2 ** downs) for name, downs in UNET_DOWNS.items()}
+DISCRIMINATORS = {
+    "patch": Choice(_patch_from_config, "PatchGAN with d_layers strided convs (70x70 for 3)"),
+    "pixel": Choice(_pixel_from_config, "1x1 PatchGAN: judges every pixel given its input"),
+}
+
+
+def size_multiple(generator: str) -> int:
+    """What the height and width of a generator's input must be multiples of."""
+    return GENERATORS[generator].size_multiple
+
+
+def build_generator(cfg) -> nn.Module:
     """The generator a ModelConfig describes, initialised."""
-    g = unet(cfg.generator, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-             base_filters=cfg.g_filters, norm=cfg.norm, dropout=cfg.dropout,
-             checkpoint_blocks=2 if cfg.activation_checkpointing else 0)
-    return init_weights(g, cfg.init, cfg.init_gain)
+    return init_weights(GENERATORS[cfg.generator].build(cfg), cfg.init, cfg.init_gain)
 
 
 def build_discriminator(cfg) -> nn.Module:
     """The conditional discriminator a ModelConfig describes: it sees input and output."""
-    pair_channels = cfg.in_channels + cfg.out_channels
-    if cfg.discriminator == "pixel":
-        d = PixelDiscriminator(pair_channels, cfg.d_filters, cfg.norm)
-    else:
-        d = PatchDiscriminator(pair_channels, cfg.d_filters, cfg.d_layers, cfg.norm)
-    return init_weights(d, cfg.init, cfg.init_gain)
+    return init_weights(DISCRIMINATORS[cfg.discriminator].build(cfg), cfg.init, cfg.init_gain)
 

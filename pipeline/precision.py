@@ -47,3 +47,16 @@ def choose(requested: str, allow_emulated: bool,
     """resolve() for the device accelerate will give this process."""
     device_type = launch_device_type()
     return resolve(requested, device_type, native_bf16(device_type), allow_emulated, keep)
+
+
+BF16_FLAG_HELP = ("bf16 autocast, also on hardware that only emulates it (default: bf16 where "
+                  "the accelerate config asks for it and the hardware computes it, else fp32)")
+
+
+def for_inference(force_bf16: bool, device_type: str) -> tuple[str, str | None]:
+    """resolve() for translate.py and evaluate.py, whose `--bf16` (BF16_FLAG_HELP) means the
+    same in both: bf16 even where emulated; without it, what accelerate was configured
+    with, where the hardware computes it."""
+    requested = "bf16" if force_bf16 else requested_precision()
+    return resolve(requested, device_type, native_bf16(device_type), allow_emulated=force_bf16,
+                   keep="pass --bf16")

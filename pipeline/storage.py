@@ -2,7 +2,7 @@
 
 Everything else (shard tools, the data stream, checkpoints) calls these plain functions
 and never touches fsspec itself. Accepted URLs: local paths, file://, s3://. Anything
-else (webdataset's shell-running `pipe:`, http, gs, ...) is refused with a ValueError.
+else (webdataset's shell-running `pipe:`, http, gs, ...) is refused with RefusedURL.
 
 S3 credentials come from the usual AWS environment variables or profiles;
 AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) selects an S3-compatible store. S3 failures
@@ -17,6 +17,8 @@ import tempfile
 
 import fsspec
 
+from pipeline.errors import UserError
+
 READ_BLOCK_SIZE = 8 * 2**20  # s3 readahead block: tar streams crawl without buffering
 WRITE_BLOCK_SIZE = 64 * 2**20  # s3 multipart part size: larger writes upload in parts
 # 4 retries, jittered exponential backoff (~7 s in all, 15 s at most): rides out resets,
@@ -27,23 +29,28 @@ S3_CONFIG = {"connect_timeout": 10, "read_timeout": 60,
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
-class StorageError(Exception):
+class StorageError(UserError):
     """A storage operation failed for a reason the user must fix (credentials, bucket,
     endpoint). The message is one line and holds no secret."""
 
 
+class RefusedURL(StorageError, ValueError):
+    """A URL or file name this project never opens (another scheme, a shell command)."""
+
+
 def is_s3(url: str) -> bool:
-    return _scheme(url) == "s3"
+    return check_url(url) == "s3"
 
 
-def _scheme(url: str) -> str:
-    """'local' or 's3'; refuses every other URL scheme."""
+def check_url(url: str) -> str:
+    """'local' or 's3'; every other URL scheme, webdataset's shell-running `pipe:`
+    among them, is refused here, the one place that decides."""
     url = str(url)
     if url.startswith("s3://"):
         return "s3"
     if url.startswith("file://") or "://" not in url and not url.startswith("pipe:"):
         return "local"
-    raise ValueError(f"unsupported storage URL {url!r}: only local paths, file:// and "
+    raise RefusedURL(f"unsupported storage URL {url!r}: only local paths, file:// and "
                      "s3:// are accepted (pipe: URLs run a shell and are refused)")
 
 
@@ -138,17 +145,17 @@ def _s3_errors(url: str):
 
 def join(base: str, *parts: str) -> str:
     """`base/part/part`, for local paths and URLs alike."""
-    _scheme(base)
+    check_url(base)
     return "/".join([str(base).rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")])
 
 
 def inside(folder: str, name: str) -> str:
     """`folder/name` for a name read from a file (a manifest's shard name): only a path
     relative to the folder and inside it; a URL, a `pipe:` command, an absolute path or a
-    `..` is refused with a ValueError."""
+    `..` is refused with RefusedURL."""
     if not name or ":" in name or name.startswith(("/", "\\")) or \
             ".." in name.replace("\\", "/").split("/"):
-        raise ValueError(f"refusing {name!r} as a file of {folder}: only a path relative to "
+        raise RefusedURL(f"refusing {name!r} as a file of {folder}: only a path relative to "
                          "that folder is accepted (pipe: names run a shell)")
     return join(folder, name)
 

@@ -7,6 +7,7 @@ evaluation, logs) and holds no model, loss or data detail of its own.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -20,17 +21,20 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from tqdm import tqdm
 
-from pipeline import checkpoint, data, distributed, evaluate, faults, precision, storage
+from pipeline import checkpoint, cli, data, distributed, evaluate, faults, precision, storage
 from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
 from pipeline.engines import Engines, make_engines
+from pipeline.errors import RunError
 from pipeline.gan import train_step
 from pipeline.losses import Pix2PixObjective
 
+log = logging.getLogger(__name__)
+
 
 def log0(accelerator: Accelerator, message: str) -> None:
+    """An INFO line from the main process only (the run's own narrative)."""
     if accelerator.is_main_process:
-        tqdm.write(message)
-        sys.stdout.flush()
+        log.info(message)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -40,7 +44,7 @@ def launched_with_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(RunError):
     """A NaN or inf in a step under train.on_nonfinite=stop; the message names the step."""
 
 
@@ -182,13 +186,15 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed * 100003 + self.rank * 7919 + self.step)
 
     def save(self) -> None:
-        path = checkpoint.save(
-            self.cfg.train.run_dir, self.step, rank=self.rank, world_size=self.world,
-            save_models=self.engines.save, generator_state=self.engines.generator_state_fp32(),
-            discriminator_state=self.engines.discriminator.state_dict(),
-            data_state=self.loader.state_dict(), config=to_dict(self.cfg),
-            keep_last=self.cfg.train.keep_last, barrier=distributed.barrier,
-            any_rank=lambda flag: distributed.any_rank(flag, self.acc.device))
+        e = self.engines
+        snapshot = checkpoint.Snapshot(
+            save_models=e.save, generator_state=e.generator_state_fp32(),
+            discriminator_state=e.discriminator.state_dict(), data_state=self.loader.state_dict(),
+            config=to_dict(self.cfg))
+        ranks = checkpoint.Ranks(self.rank, self.world, distributed.barrier,
+                                 lambda flag: distributed.any_rank(flag, self.acc.device))
+        path = checkpoint.save(self.cfg.train.run_dir, self.step, snapshot, ranks,
+                               keep_last=self.cfg.train.keep_last)
         log0(self.acc, f"step {self.step}: checkpoint {path}")
         if self.cfg.train.mirror and self.acc.is_main_process:
             self.mirror(path)
@@ -322,37 +328,41 @@ class Trainer:
         log0(self.acc, f"replicas agree: G and D digest {digests[0][:16]} on {len(digests)} rank(s)")
         if final is not None:
             untrained = self.evaluator.untrained_l1()
-            change = "" if not untrained else f" (untrained {untrained:.4f}, {final['l1'] / untrained - 1:+.0%})"
+            change = "" if not untrained else \
+                f" (untrained {untrained:.4f}, {final['l1'] / untrained - 1:+.0%})"
             log0(self.acc, f"final val: L1 {final['l1']:.4f}{change}, PSNR {final['psnr']:.2f} dB, "
                            f"SSIM {final['ssim']:.3f} over {final['images']} images")
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, _ = from_cli(argv, prog="train.py", description=__doc__.split("\n\n")[0])
-        if cfg.train.mirror:  # a mirror that cannot be written fails now, in one line
-            storage.check_writable(cfg.train.mirror)
-        accelerator = make_accelerator(cfg)
-        distributed.check_shared_run_dir(cfg.train.run_dir, accelerator.process_index, accelerator.device)
-        trainer = Trainer(cfg, accelerator)
-        trainer.resume()
-    except (ConfigError, distributed.StartupError, FileNotFoundError, ValueError,
-            storage.StorageError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
+    """The trainer process: set up, train, return the exit code. A user mistake raises a
+    UserError (a bad key, path, bucket or checkpoint: one line, exit 2), a failed run a
+    RunError (one line, exit 1); see pipeline/cli.py."""
+    cfg, _ = from_cli(argv, prog="train.py", description=__doc__.split("\n\n")[0])
+    cli.setup_logging(cfg.log.level)
+    check_inputs(cfg)  # before anything is created: a wrong path fails in one line
+    if cfg.train.mirror:  # a mirror that cannot be written fails now, in one line
+        storage.check_writable(cfg.train.mirror)
+    accelerator = make_accelerator(cfg)
+    distributed.check_shared_run_dir(cfg.train.run_dir, accelerator.process_index, accelerator.device)
+    trainer = Trainer(cfg, accelerator)
+    trainer.resume()
     if accelerator.is_main_process:
         storage.write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())
         log0(accelerator, "config:\n" + to_yaml(cfg) + "environment: "
              + json.dumps({**environment(accelerator), **trainer.engines.describe()}))
     if cfg.log.tracker != "none":
         accelerator.init_trackers("logs", config=_flat_config(cfg))
-    try:
-        code = trainer.run()
-    except (checkpoint.CheckpointError, NonFiniteError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 1
+    code = trainer.run()
     accelerator.end_training()
     return code
+
+
+def check_inputs(cfg: Config) -> None:
+    """The shards named by data.train (and data.val) exist and hold their splits."""
+    data.list_shards(cfg.data.train, cfg.data.train_split, key="data.train")
+    if cfg.data.val:
+        data.list_shards(cfg.data.val, cfg.data.val_split, key="data.val")
 
 
 def _flat_config(cfg: Config) -> dict:
@@ -361,10 +371,12 @@ def _flat_config(cfg: Config) -> dict:
             for key, value in values.items()}
 
 
-def run_and_exit() -> None:
+def run_and_exit(argv: list[str] | None = None) -> None:
+    """The script's and `python -m pipeline.train`'s entry: exit codes by pipeline/cli.py's
+    convention, then a clean exit that never waits for a dead peer."""
     try:
-        code = main()
-    except Exception as err:  # report it, then leave without waiting for peers
+        code = cli.entry_point("train.py", main)(argv)
+    except Exception as err:  # noqa: BLE001 - a bug or a lost peer: report, leave without waiting
         traceback.print_exc()
         if lost := distributed.lost_peer(err):  # the line to read in a launcher's log
             print(f"train.py: error: {lost}", file=sys.stderr)

@@ -18,7 +18,7 @@ Test-time behaviour is a choice, not a default hidden in the code:
                                        their own statistics and dropout masks
 Direction (which half of a shard's pair is the input) and channel counts come from the
 checkpoint's generator.json. A file that cannot be read or decoded is reported and
-skipped; the others are still translated (exit code 1 when anything was skipped).
+skipped; the others are still translated (exit code 2 when anything was skipped).
 """
 from __future__ import annotations
 
@@ -28,18 +28,29 @@ import math
 import os
 import sys
 from collections import Counter
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import storage
+from pipeline import cli, precision, storage
 from pipeline.checkpoint import load_generator
 from pipeline.config import DataConfig
-from pipeline.data import (IMAGE_EXTS, BadSample, decode_image, list_shards, read_entries,
-                           to_unit_range, try_decode)
+from pipeline.data import (
+    IMAGE_EXTS,
+    MAX_IMAGE_PIXELS,
+    BadSample,
+    Skip,
+    decode_image,
+    list_shards,
+    read_entries,
+    to_unit_range,
+    try_decode,
+)
+from pipeline.data.format import is_image_name
+from pipeline.errors import DataError, UserError
 from pipeline.evaluate import save_png, to_uint8
 from pipeline.models import set_test_mode
 
@@ -119,10 +130,10 @@ def default_tile(crop_size: int, multiple: int) -> int:
 
 def check_tiling(tile: int, overlap: int, crop_size: int, multiple: int) -> None:
     if tile < crop_size or tile % multiple:
-        raise ValueError(f"--tile {tile}: must be >= the training crop {crop_size} and a "
+        raise UserError(f"--tile {tile}: must be >= the training crop {crop_size} and a "
                          f"multiple of {multiple} (2**num_downs)")
     if not tile / 4 <= overlap < tile:
-        raise ValueError(f"tile overlap {overlap} px: must be >= 25% of the tile ({tile}) "
+        raise UserError(f"tile overlap {overlap} px: must be >= 25% of the tile ({tile}) "
                          "and smaller than the tile")
 
 
@@ -144,12 +155,14 @@ def is_shards(spec: str) -> bool:
 def image_files(spec: str) -> list[tuple[str, str]]:
     """(url, output name) of an image file, or of every image below a folder/prefix (the
     name keeps the path inside the folder, so equal file names in sub-folders differ)."""
-    if spec.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+    if is_image_name(spec):
+        if not storage.exists(spec):
+            raise DataError(f"{spec}: no such file")
         return [(spec, os.path.basename(spec))]
     root = spec.rstrip("/") + "/"
-    urls = [u for u in storage.list_files(spec) if u.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
+    urls = [u for u in storage.list_files(spec) if is_image_name(u)]
     if not urls:
-        raise FileNotFoundError(f"{spec}: no image file ({', '.join(IMAGE_EXTS)}), shard "
+        raise DataError(f"{spec}: no image file ({', '.join(IMAGE_EXTS)}), shard "
                                 "or manifest.json there")
     return [(u, u[len(root):] if u.startswith(root) else os.path.basename(u)) for u in urls]
 
@@ -165,7 +178,7 @@ def plan_inputs(specs: list[str], split: str) -> tuple[list, list, int]:
     names = Counter(output_name(name) for _, name in files)
     clashes = [name for name, count in names.items() if count > 1]
     if clashes:
-        raise ValueError(f"several inputs would write {clashes[0]}: give their folder "
+        raise UserError(f"several inputs would write {clashes[0]}: give their folder "
                          "instead of the files, or translate them separately")
     total = len(files) + sum(s.samples for shards in shard_lists for s in shards)
     return files, shard_lists, total
@@ -189,17 +202,18 @@ def read_images(files: list, shard_lists: list, meta: dict,
             reason = bad.reason
         except (OSError, storage.StorageError) as err:
             reason = f"unreadable ({err})"
-        except Exception as err:  # an unforeseen decoder failure is still one bad file
+        except Exception as err:  # noqa: BLE001 - an unforeseen decoder failure is one bad file
             reason = f"decode_error ({type(err).__name__}: {err})"
         yield name, pixels, reason
     cfg = DataConfig(direction=meta["data"]["direction"], max_image_pixels=max_pixels)
     for shards in shard_lists:
-        for _, _, key, parts in read_entries(shards):
-            if key is None:  # parts is the reason the rest of the shard is lost
-                yield "(shard)", None, parts
+        for record in read_entries(shards):
+            if isinstance(record, Skip):  # the rest of the shard is lost
+                yield "(shard)", None, record.reason
                 continue
-            pair, reason = try_decode(key, parts, cfg, channels, meta["model"]["out_channels"])
-            yield key, None if pair is None else pair[0], reason
+            pair, reason = try_decode(record.key, record.parts, cfg, channels,
+                                      meta["model"]["out_channels"])
+            yield record.key, None if pair is None else pair[0], reason
 
 
 # --------------------------------------------------------------------------- the loop
@@ -255,7 +269,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="translate.py", description=__doc__.split("\n\n")[0],
         epilog="\n\n".join(__doc__.split("\n\n")[2:]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -273,7 +287,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: batch)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dropout masks (default: 0)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--bf16", action="store_true", help="run the generator under bf16 autocast")
+    parser.add_argument("--bf16", action="store_true", help=precision.BF16_FLAG_HELP)
     parser.add_argument("--batch-size", type=int, default=8,
                         help="images (equal-sized) or tiles per forward (default: 8)")
     parser.add_argument("--max-whole-pixels", type=int, default=2048 * 2048,
@@ -282,35 +296,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tile side in pixels (default 0: twice the training crop)")
     parser.add_argument("--overlap", type=float, default=0.5,
                         help="tile overlap as a fraction of the tile, >= 0.25 (default: 0.5)")
-    parser.add_argument("--max-pixels", type=int, default=DataConfig.max_image_pixels,
+    parser.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
                         help="skip images with more pixels than this (decompression-bomb guard)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        generator, meta = load_generator(args.checkpoint)
-        multiple = 2 ** generator.num_downs
-        tile = args.tile or default_tile(meta["data"]["crop_size"], multiple)
-        overlap = round(args.overlap * tile)
-        check_tiling(tile, overlap, meta["data"]["crop_size"], multiple)
-        files, shard_lists, total = plan_inputs(args.inputs, args.split)
-    except (ValueError, FileNotFoundError, storage.StorageError) as err:
-        print(f"translate.py: error: {err}", file=sys.stderr)
-        return 2
+    cli.setup_logging()
+    generator, meta = load_generator(args.checkpoint)
+    multiple = 2 ** generator.num_downs
+    tile = args.tile or default_tile(meta["data"]["crop_size"], multiple)
+    overlap = round(args.overlap * tile)
+    check_tiling(tile, overlap, meta["data"]["crop_size"], multiple)
+    files, shard_lists, total = plan_inputs(args.inputs, args.split)
     device = pick_device(args.device)
+    mixed_precision, notice = precision.for_inference(args.bf16, device.type)
+    if notice:
+        log.warning(f"translate.py: {notice}")
     batch_stats = args.norm_stats == "batch"
     set_test_mode(generator.to(device), args.dropout == "on", batch_stats)
     torch.manual_seed(args.seed)
     # batch statistics mix the images of a batch: one per forward keeps them per image
-    translator = Translator(make_forward(generator, device, args.bf16), args.out, multiple=multiple,
+    bf16 = mixed_precision == "bf16"
+    translator = Translator(make_forward(generator, device, bf16), args.out, multiple=multiple,
                             tile=tile, overlap=overlap, batch_size=1 if batch_stats else args.batch_size,
                             max_whole_pixels=args.max_whole_pixels)
-    print(f"translate.py: {total} images, {meta['model']['generator']} step {meta['step']} on "
-          f"{device}{' bf16' if args.bf16 else ''}; dropout {args.dropout}, {args.norm_stats} "
-          f"statistics; tiles {tile}px, overlap {overlap}px", file=sys.stderr)
+    log.info(f"translate.py: {total} images, {meta['model']['generator']} step {meta['step']} on "
+             f"{device}{' bf16' if bf16 else ''}; dropout {args.dropout}, {args.norm_stats} "
+             f"statistics; tiles {tile}px, overlap {overlap}px")
     with tqdm(total=total, unit="img", disable=args.quiet, dynamic_ncols=True) as bar:
         for name, pixels, reason in read_images(files, shard_lists, meta, args.max_pixels):
             if reason is None:
@@ -320,9 +335,16 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
         translator.flush()
     skipped = sum(translator.skipped.values())
-    print(f"translate.py: wrote {translator.done} images to {args.out} ({translator.tiled} tiled); "
-          f"skipped {skipped}{' ' + str(dict(translator.skipped)) if skipped else ''}")
-    return 1 if skipped else 0
+    log.info(f"translate.py: wrote {translator.done} images to {args.out} ({translator.tiled} tiled); "
+             f"skipped {skipped}{' ' + str(dict(translator.skipped)) if skipped else ''}")
+    if skipped:
+        raise DataError(f"{skipped} input(s) could not be translated "
+                        f"({', '.join(f'{k} {n}' for k, n in translator.skipped.items())}); "
+                        "the others were written")
+    return 0
+
+
+main = cli.entry_point("translate.py", _main)
 
 
 if __name__ == "__main__":

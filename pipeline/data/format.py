@@ -1,0 +1,182 @@
+"""The shard format: the one module that says what a shard folder holds.
+
+A shard folder (a local folder or an s3:// prefix) holds `SPLIT-NNNNNN.tar` shards and
+`manifest.json`. Each shard is a standard WebDataset tar: a sample's members are
+consecutive and named `KEY.SUFFIX`, the key ending at the first dot:
+    KEY.input.EXT + KEY.target.EXT   a pair stored as two images (original bytes), or
+    KEY.pair.EXT                     an A|B side-by-side image kept whole, split by the
+                                     reader at KEY.json's "split_x"
+    KEY.json                         where it came from, sizes, layout
+EXT is one of IMAGE_EXTS. The manifest lists every shard of every split with its sample
+count and bytes, the rejected pairs by reason and the options shard.py packed with.
+shard.py writes through `write_member` and `Manifest.write`; the trainer, inspect_shards.py,
+translate.py and the benchmarks read through `Samples`, `Manifest.read` and the records
+below. Nothing else parses a member name or the manifest.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from pipeline import storage
+from pipeline.errors import DataError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what shards hold and the reader decodes
+# image files shard.py finds but cannot store: rejected and counted, never ignored
+UNSUPPORTED_IMAGE_EXTS = ("bmp", "gif", "tif", "tiff")
+EXT_OF_PIL_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # decoded format -> EXT
+KINDS = ("input", "target", "pair")  # the image members a sample may have
+META = "json"
+TAR_MTIME = 946684800  # 2000-01-01: a fixed stamp keeps shards byte-identical across runs
+MANIFEST_MISMATCH = "manifest_mismatch"  # a shard holding another count than listed
+
+
+def is_image_name(name: str) -> bool:
+    """A file (or member) name ending in an extension the reader decodes."""
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
+
+
+def member_name(key: str, suffix: str) -> str:
+    """`KEY.SUFFIX`, e.g. member_name("facade_3", "pair.jpg")."""
+    return f"{key}.{suffix}"
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """(key, suffix) of a member name: the key ends at the first dot."""
+    key, _, suffix = name.partition(".")
+    return key, suffix
+
+
+def image_members(parts: dict[str, bytes]) -> dict[str, str]:
+    """{kind: suffix} of a sample's image members, e.g. {"pair": "pair.jpg"}."""
+    return {suffix.split(".")[0]: suffix for suffix in parts if is_image_name(suffix)}
+
+
+def write_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One member with fixed metadata, so the same input packs to the same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+# ----------------------------------------------------------------------------- records
+
+@dataclass(frozen=True)
+class Entry:
+    """A sample read from a shard: `shard` is the index in the list being read, `offset`
+    the tar byte offset of its first member (a resume seeks there)."""
+    shard: int
+    offset: int
+    key: str
+    parts: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """What could not be read at (shard, offset): `reason` names the counter it goes to
+    (truncated_shard, unreadable_shard, or MANIFEST_MISMATCH, a note on a whole shard)."""
+    shard: int
+    offset: int
+    reason: str
+
+
+class Samples:
+    """A tar stream's members grouped into samples: iterating gives (key, parts, offset)
+    for each sample followed by another one (so known complete), offsets relative to
+    `base` (where the stream was opened); the stream's last sample is then `last`, for
+    the caller to take once it has checked that the tar ended cleanly (else it may be cut
+    short). `start` is the offset of the sample being read, for a reader that hits a
+    failure. Directories and links are skipped; nothing is ever extracted to disk."""
+
+    def __init__(self, tar: tarfile.TarFile, base: int = 0):
+        self.tar, self.base, self.start = tar, base, base
+        self.last: tuple[str, dict[str, bytes], int] | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, bytes], int]]:
+        key, parts = None, {}
+        for member in self.tar:
+            if not member.isfile():
+                continue
+            member_key, suffix = split_member(member.name)
+            if member_key != key:
+                if key is not None:
+                    yield key, parts, self.start
+                key, parts, self.start = member_key, {}, self.base + member.offset
+            parts[suffix] = self.tar.extractfile(member).read()
+        self.last = (key, parts, self.start) if key is not None else None
+
+
+# ---------------------------------------------------------------------------- manifest
+
+@dataclass
+class ShardInfo:
+    name: str
+    samples: int
+    bytes: int
+
+
+@dataclass
+class SplitInfo:
+    samples: int = 0
+    bytes: int = 0
+    rejected: int = 0
+    shards: list[ShardInfo] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """manifest.json: the splits, their shards and counts, rejections, packing options."""
+    splits: dict[str, SplitInfo] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_json(cls, tree: dict, where: str = MANIFEST) -> Manifest:
+        try:
+            splits = {name: SplitInfo(info["samples"], info["bytes"], info.get("rejected", 0),
+                                      [ShardInfo(s["name"], s["samples"], s["bytes"])
+                                       for s in info["shards"]])
+                      for name, info in tree["splits"].items()}
+        except (KeyError, TypeError, AttributeError) as err:
+            raise DataError(f"{where} is not a shard manifest (missing {err}); "
+                            "shard.py writes one") from None
+        return cls(splits, dict(tree.get("rejected", {})), dict(tree.get("options", {})),
+                   tree.get("format_version", FORMAT_VERSION))
+
+    @classmethod
+    def read(cls, url: str) -> Manifest:
+        """From a manifest URL or the folder holding one."""
+        if not url.endswith(".json"):
+            url = storage.join(url, MANIFEST)
+        try:
+            tree = json.loads(storage.read_bytes(url))
+        except (FileNotFoundError, NotADirectoryError):
+            raise DataError(f"no {MANIFEST} at {url}: make shards with "
+                            "`python data_tools/shard.py SOURCE DEST`") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"{url} is not valid JSON ({err})") from None
+        return cls.from_json(tree, url)
+
+    def write(self, folder: str) -> None:
+        storage.write_bytes(storage.join(folder, MANIFEST),
+                            (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode())
+
+    def split(self, name: str, where: str = MANIFEST) -> SplitInfo:
+        if name not in self.splits:
+            raise DataError(f"split {name!r} not in {where} (it has: {', '.join(self.splits)})")
+        return self.splits[name]
+
+    def shard_names(self) -> set[str]:
+        return {s.name for info in self.splits.values() for s in info.shards}
+
+    def counts(self) -> dict[str, int]:
+        """{shard name: samples} over every split."""
+        return {s.name: s.samples for info in self.splits.values() for s in info.shards}

@@ -1,0 +1,94 @@
+"""The generator export format, and weight files loaded with their shapes checked.
+
+An export folder (also inside every checkpoint) holds:
+    generator.safetensors   the generator's fp32 state dict (weights and buffers)
+    generator.json          {"format": EXPORT_FORMAT, "version": 1, "step", "model": the
+                            ModelConfig fields, "data": direction, load_size, crop_size}
+checkpoint.py and export.py both write it through `write_generator`; `read_generator`
+rebuilds the generator from it without the trainer. Nothing else names these files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from pipeline import storage
+from pipeline.config import ModelConfig
+from pipeline.errors import CheckpointMismatch
+from pipeline.models import build_generator
+
+EXPORT_FORMAT = "pix2pix-at-scale/generator"
+WEIGHTS, META = "generator.safetensors", "generator.json"
+
+
+def export_metadata(config: dict, step: int) -> dict:
+    """generator.json: what rebuilding and using the generator needs, nothing more."""
+    return {"format": EXPORT_FORMAT, "version": 1, "step": step, "model": config["model"],
+            "data": {k: config["data"][k] for k in ("direction", "load_size", "crop_size")}}
+
+
+def contiguous(state: dict) -> dict:
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def write_generator(folder: str, state: dict[str, torch.Tensor], meta: dict) -> None:
+    """The export: weights first, then the metadata that makes the folder loadable."""
+    storage.write_bytes(storage.join(folder, WEIGHTS), save_safetensors(contiguous(state)))
+    storage.write_bytes(storage.join(folder, META), json.dumps(meta, indent=1, sort_keys=True).encode())
+
+
+def has_generator(folder: str) -> bool:
+    return storage.exists(storage.join(folder, META))
+
+
+def read_generator(folder: str) -> tuple[torch.nn.Module, dict]:
+    """(generator in eval mode, its generator.json) from an export folder, local or s3://.
+    Anything that is not this project's export fails with a one-line CheckpointMismatch."""
+    meta_url = storage.join(folder, META)
+    if not storage.exists(meta_url):
+        raise CheckpointMismatch(f"{folder}: no {META} (give a checkpoint step_N folder, "
+                                 "a run folder or an export folder)")
+    meta = json.loads(storage.read_bytes(meta_url))
+    if meta.get("format") != EXPORT_FORMAT or meta.get("version") != 1:
+        raise CheckpointMismatch(f"{meta_url} is not a {EXPORT_FORMAT} version 1 export (format "
+                                 f"{meta.get('format')!r}, version {meta.get('version')!r})")
+    try:
+        model_cfg = ModelConfig(**meta["model"])
+    except TypeError as err:
+        raise CheckpointMismatch(f"{meta_url}: a model config this code cannot build: {err}") from None
+    # checkpointing only matters in backward; inference and export want the plain graph
+    generator = build_generator(dataclasses.replace(model_cfg, activation_checkpointing=False))
+    load_weights(generator, storage.join(folder, WEIGHTS))
+    return generator.eval(), meta
+
+
+def load_weights(module: torch.nn.Module, path: str) -> None:
+    """A safetensors file with exactly this module's tensors and shapes into it; anything
+    else fails in one line naming the first difference (load_state_dict would list them all)."""
+    try:
+        state = load_safetensors(storage.read_bytes(path))
+    except SafetensorError as err:
+        raise CheckpointMismatch(f"{path} is not a safetensors weights file ({err})") from None
+    differences = _differences(module.state_dict(), state)
+    if differences:
+        raise CheckpointMismatch(f"{path} does not fit this model (another architecture or "
+                                 f"config?): {differences}")
+    module.load_state_dict(state)
+
+
+def _differences(expected: dict, found: dict) -> str:
+    """'' when `found` has exactly the tensor names and shapes of `expected`, else the count
+    and first name of each kind of difference, on one line."""
+    kinds = {"tensors of another shape": [k for k in expected if k in found
+                                          and found[k].shape != expected[k].shape],
+             "missing": [k for k in expected if k not in found],
+             "unexpected": [k for k in found if k not in expected]}
+    shapes = lambda k: (f" is {list(found[k].shape)} in the file, {list(expected[k].shape)} "
+                        "here") if k in found and k in expected else ""
+    return "; ".join(f"{len(keys)} {kind} (first: {keys[0]}{shapes(keys[0])})"
+                     for kind, keys in kinds.items() if keys)
