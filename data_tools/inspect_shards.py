@@ -94,10 +94,10 @@ def inspect(dest: str, decode: int) -> list[str]:
             found, nbytes = found + result["samples"], nbytes + result["bytes"]
             for size, n in result["sizes"].items():
                 sizes[size] = sizes.get(size, 0) + n
-        seen = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(sizes.items()))
+        seen = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(sizes.items()))  # width x height
         print(f"{split}: {len(info.shards)} shards, {found}/{info.samples} samples, "
               f"{nbytes / 2**20:.1f} MB, {info.rejected} rejected; "
-              f"decoded input sizes: {seen or 'none'}")
+              f"decoded input sizes (width x height): {seen or 'none'}")
     return problems
 
 

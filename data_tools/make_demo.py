@@ -133,7 +133,7 @@ def _main(argv: list[str]) -> int:
     for split, count in (("train", args.train), ("val", args.val)):
         write_split(args.out_dir, split, count, args.seed, args.size, args.format)
     print(f"demo data: {args.train} train + {args.val} val pairs "
-          f"({args.size}x{2 * args.size}, {args.format}) in {args.out_dir}")
+          f"({2 * args.size} wide x {args.size} high: input | target, {args.format}) in {args.out_dir}")
     return 0
 
 

@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 import tarfile
@@ -57,6 +58,13 @@ REASONS = ("read_error", "missing_input", "missing_target", "not_an_image",
 OUTPUT_OPTIONS = ("source", "layout", "split", "seed", "max_samples", "max_bytes",
                   "min_shards", "split_pairs", "resize", "encode", "jpeg_quality",
                   "on_size_mismatch", "max_pixels", "verify")
+
+
+def _detail(err: BaseException) -> str:
+    """An error's message for rejected.jsonl: PIL names in-memory files by their object
+    repr (`<_io.BytesIO object at 0x7f...>`), which says nothing and differs per run."""
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image", str(err))
+    return " ".join(text.split())[:200]
 
 
 class Rejected(Exception):
@@ -121,7 +129,7 @@ def probe(data: bytes, options: dict) -> tuple[str, int, int]:
     try:
         im = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise Rejected("not_an_image", str(err)[:200]) from None
+        raise Rejected("not_an_image", _detail(err)) from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     with im:
@@ -134,7 +142,7 @@ def probe(data: bytes, options: dict) -> tuple[str, int, int]:
             try:
                 im.load()
             except Exception as err:  # noqa: BLE001 - PIL raises many types for broken data
-                raise Rejected("decode_error", str(err)[:200]) from None
+                raise Rejected("decode_error", _detail(err)) from None
     return im.format, width, height
 
 
@@ -143,7 +151,7 @@ def _read(fetched: dict, url: str | None, missing: str) -> bytes:
     if isinstance(data, FileNotFoundError):
         raise Rejected(missing, url or "")
     if isinstance(data, Exception):
-        raise Rejected("read_error", f"{type(data).__name__}: {data}"[:200])
+        raise Rejected("read_error", f"{type(data).__name__}: {_detail(data)}"[:200])
     return data
 
 
@@ -187,7 +195,7 @@ def reencode(pair, a: bytes, b: bytes | None, options: dict):
         else:
             target_im = _rgb(b)
     except Exception as err:  # noqa: BLE001 - truncated data shows only now, without --verify
-        raise Rejected("decode_error", str(err)[:200]) from None
+        raise Rejected("decode_error", _detail(err)) from None
     target_im = target_im.resize(input_im.size, Image.BICUBIC) \
         if target_im.size != input_im.size else target_im
     if options["resize"] and max(input_im.size) > options["resize"]:
@@ -313,8 +321,10 @@ def _quiet_exit(signum, frame):
     raise SystemExit(128 + signum)  # unwinds like an exception, ends without a traceback
 
 
-def merge(dest: str) -> Manifest:
-    """Write rejected.jsonl and, last, manifest.json from the plan and every part."""
+def merge(dest: str, strict: bool = False) -> Manifest:
+    """Write rejected.jsonl and, last, manifest.json from the plan and every part. With
+    `strict`, a rejected pair fails the run before the manifest is written: a failed
+    strict run must not look like a finished dataset."""
     plan_url = storage.join(dest, PARTS, "plan.json")
     if not storage.exists(plan_url):
         raise UserError(f"no shard plan in {dest}: run `shard.py SOURCE DEST [--slice i/n]` first")
@@ -340,6 +350,12 @@ def merge(dest: str) -> Manifest:
     manifest.rejected = dict(sorted(manifest.rejected.items()))
     rejected_rows = [json.dumps(row, sort_keys=True) + "\n" for p in parts for row in p["rejected"]]
     storage.write_bytes(storage.join(dest, "rejected.jsonl"), "".join(rejected_rows).encode())
+    if strict and rejected_rows:
+        report_rejected(manifest, dest)
+        storage.remove(storage.join(dest, "manifest.json"))  # one from an earlier run
+        raise DataError(f"--strict: {len(rejected_rows)} pairs were rejected, so no manifest.json "
+                        f"was written (the trainer cannot use {dest}); fix or remove them and "
+                        "run again (packed shards are kept), or drop --strict")
     faults.kill_point("shard.before_manifest")
     manifest.write(dest)
     return manifest
@@ -379,21 +395,24 @@ def _run(args: argparse.Namespace) -> int:
         print(f"shard.py: slice {args.slice[0]}/{args.slice[1]} done; when all slices are, run: "
               f"shard.py merge {args.dest}", file=sys.stderr)
         return 0
-    manifest = merge(args.dest)
-    return report_rejected(manifest, args.dest, args.strict)
+    manifest = merge(args.dest, strict=args.strict)
+    report_rejected(manifest, args.dest)
+    samples = sum(s.samples for s in manifest.splits.values())
+    print(f"shard.py: {samples} samples in {storage.join(args.dest, 'manifest.json')}", file=sys.stderr)
+    return 0
 
 
-def report_rejected(manifest: Manifest, dest: str, strict: bool) -> int:
+def report_rejected(manifest: Manifest, dest: str) -> None:
+    """What was rejected and why, and the shards a rejection left empty."""
     total = sum(manifest.rejected.values())
     if total:
         why = ", ".join(f"{reason} {n}" for reason, n in manifest.rejected.items())
         print(f"shard.py: rejected {total} pairs ({why}); listed in "
               f"{storage.join(dest, 'rejected.jsonl')}", file=sys.stderr)
-    samples = sum(s.samples for s in manifest.splits.values())
-    print(f"shard.py: {samples} samples in {storage.join(dest, 'manifest.json')}", file=sys.stderr)
-    if strict and total:
-        raise DataError(f"--strict: {total} pairs were rejected (see above)")
-    return 0
+    empty = [s.name for info in manifest.splits.values() for s in info.shards if s.samples == 0]
+    if empty:
+        print(f"shard.py: {len(empty)} shards hold no sample, every pair planned for them was "
+              f"rejected (first: {empty[0]}); the trainer skips them", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -473,7 +492,7 @@ def add_pack_options(p: argparse.ArgumentParser) -> None:
                    help="larger images are rejected as too_large (decompression bombs); the "
                         "trainer's data.max_image_pixels has the same default")
     p.add_argument("--verify", action="store_true", help="also fully decode every image")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any pair is rejected")
+    p.add_argument("--strict", action="store_true", help="fail (exit 2, no manifest.json) if any pair is rejected")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -486,7 +505,9 @@ def _main(argv: list[str]) -> int:
         parser.error("give SOURCE DEST (or a subcommand: pack, merge)")
     cli.setup_logging()
     if args.command == "merge":
-        return report_rejected(merge(args.dest), args.dest, strict=False)
+        manifest = merge(args.dest)
+        report_rejected(manifest, args.dest)
+        return 0
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -63,6 +63,7 @@ class Snapshot:
     discriminator_state: dict[str, torch.Tensor]  # checked for NaN/inf before writing
     data_state: dict  # this rank's stream position
     config: dict  # the run's resolved config
+    precision: str = "no"  # the run's mixed precision: "no" (fp32) or "bf16"
 
 
 @dataclass
@@ -80,6 +81,7 @@ class TrainingState:
     step: int
     data_state: dict | None  # this rank's stream position; None if it cannot be reused
     world_size: int
+    precision: str | None = None  # the saved run's mixed precision (None: not recorded)
 
 
 # --------------------------------------------------------------------------- RNG
@@ -166,7 +168,8 @@ def _write_staging(staging: str, step: int, ranks: Ranks, snapshot: Snapshot) ->
         weights.write_generator(staging, snapshot.generator_state,
                                 weights.export_metadata(snapshot.config, step))
         _write_json(os.path.join(staging, "trainer.json"),
-                    {"step": step, "world_size": ranks.world_size, "config": snapshot.config})
+                    {"step": step, "world_size": ranks.world_size, "config": snapshot.config,
+                     "mixed_precision": snapshot.precision})
     as_json, tensors = rng_state()
     _write_json(os.path.join(staging, f"rank_{rank:05d}.json"),
                 {"data": snapshot.data_state, "rng": as_json})
@@ -309,7 +312,7 @@ def load(path: str, *, rank: int, world_size: int, load_models: Callable[[str], 
         set_rng_state(per_rank["rng"], load_tensors(os.path.join(path, f"rank_{rank:05d}_rng.pt")))
         data_state = per_rank["data"]
     return TrainingState(step=trainer["step"], data_state=data_state,
-                         world_size=trainer["world_size"])
+                         world_size=trainer["world_size"], precision=trainer.get("mixed_precision"))
 
 
 # model keys that change the weights' names or shapes (norm: batch and syncbatch share them)

@@ -116,7 +116,10 @@ class TrainConfig:
     seed: int = opt(0, "seed for init, data order and augmentation")
     ckpt_every: int = opt(500, "save a checkpoint every N steps (and at the end)")
     keep_last: int = opt(3, "checkpoints to keep (older ones removed after a new one commits)")
-    resume: str = opt("", "'auto' (latest in run_dir), a checkpoint path, or empty")
+    resume: str = opt("", "'auto' (latest in run_dir), a checkpoint path, or empty (a fresh "
+                          "run: refused when run_dir already holds one)")
+    overwrite: bool = opt(False, "start fresh in a run_dir that holds a run, moving that run "
+                                 "aside to RUN_DIR.old-TIME first (it is never deleted)")
     eval_every: int = opt(500, "evaluate on the val split every N steps (0: only at the end)")
     mirror: str = opt("", "copy each committed checkpoint to this s3:// prefix (empty: off)")
     collective_timeout: int = opt(

@@ -172,7 +172,10 @@ def finish(code: int) -> None:
     tear the group down ourselves and leave with os._exit once output is flushed. Only a
     successful rank waits for its peers: a failing one must not hang on a barrier."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # which rank ended how, for launcher logs
-        print(f"[rank {os.environ.get('RANK', '?')}] exiting with code {code}", file=sys.stderr)
+        sys.stderr.write(f"[rank {os.environ.get('RANK', '?')}] exiting with code {code}\n")  # one write
+    if os.environ.get("P2P_EXIT_FILE"):  # p2p-train exits with the ranks' own codes
+        with open(os.environ["P2P_EXIT_FILE"], "a") as f:
+            f.write(f"{os.environ.get('RANK', '0')} {code}\n")
     if is_distributed():  # accelerator.end_training() may have torn it down already
         if code == 0:
             barrier()

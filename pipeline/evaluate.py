@@ -10,8 +10,10 @@ DIR/index.html, a page showing both.
 The metrics follow the reference's test protocol: L1 on the [-1, 1] scale, PSNR on
 uint8 images (converted as the reference does, by truncation), averaged per image, and
 SSIM; G runs as the caller leaves it (the reference keeps train mode: dropout on and
-batch statistics). Sums are reduced across ranks by a function the caller passes, so
-ranks may hold different numbers of images.
+batch statistics), one image per forward with its dropout masks seeded from its sample
+key, so the trainer's validation and this script give the same numbers on any number of
+processes. Sums are reduced across ranks by a function the caller passes, so ranks may
+hold different numbers of images.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
 from pipeline import cli, storage
-from pipeline.data import make_eval_loader
+from pipeline.data import derive_seed, make_eval_loader
 from pipeline.precision import BF16_FLAG_HELP
 
 log = logging.getLogger(__name__)
@@ -66,17 +68,30 @@ def untouched_state(model: torch.nn.Module, device: torch.device):
             buffer.copy_(saved)
 
 
-def evaluate(generator: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def translate_each(generator: torch.nn.Module, x: torch.Tensor, keys: list[str],
+                   autocast: Callable, seed: int) -> torch.Tensor:
+    """G(x), one image per forward with its dropout masks seeded from (seed, its key):
+    batch statistics are then each image's own, and an image's output is the same
+    whatever the batch size, the process count or the tool (trainer or evaluate.py)."""
+    outputs = []
+    for i, key in enumerate(keys):
+        torch.manual_seed(derive_seed(seed, key, "eval"))
+        with autocast():
+            outputs.append(generator(x[i:i + 1]))
+    return torch.cat(outputs)
+
+
+def evaluate(generator: torch.nn.Module,
+             batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]],
              device: torch.device, autocast: Callable = contextlib.nullcontext,
              reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
              seed: int = 0) -> dict[str, float]:
-    """Mean L1, PSNR and SSIM over all ranks' images; `images` is the count."""
+    """Mean L1, PSNR and SSIM over all ranks' images of (input, target, keys) batches;
+    `images` is the count."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     with untouched_state(generator, device):
-        torch.manual_seed(seed)  # the same dropout masks at every evaluation
-        for x, y in batches:
-            with autocast():
-                output = generator(x)
+        for x, y, keys in batches:
+            output = translate_each(generator, x, keys, autocast, seed)
             metrics = per_image_metrics(output, y).double()
             sums[:3] += metrics.sum(0)
             sums[3] += len(metrics)
@@ -86,14 +101,13 @@ def evaluate(generator: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, t
             "ssim": sums[2].item() / count, "images": int(sums[3].item())}
 
 
-def sample_grid(generator: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+def sample_grid(generator: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, keys: list[str],
                 device: torch.device, autocast: Callable = contextlib.nullcontext,
                 seed: int = 0) -> np.ndarray:
-    """One row per sample: input | output | target, as an H x W x 3 uint8 array."""
+    """One row per sample: input | output | target, as an H x W x 3 uint8 array (the
+    outputs the metrics measure: translate_each)."""
     with untouched_state(generator, device):
-        torch.manual_seed(seed)
-        with autocast():
-            output = generator(x)
+        output = translate_each(generator, x, keys, autocast, seed)
     columns = [to_uint8(t) for t in (x, output, y)]
     columns = [c.expand(-1, 3, -1, -1) if c.shape[1] == 1 else c[:, :3] for c in columns]
     rows = torch.cat(columns, dim=3)  # side by side
@@ -108,13 +122,12 @@ def save_png(path: str, pixels: np.ndarray) -> None:
 
 # --------------------------------------------------------------------------- the report
 
-def sample_rows(generator: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+def sample_rows(generator: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, keys: list[str],
                 device: torch.device, autocast: Callable, seed: int) -> tuple[np.ndarray, list]:
-    """(grid, metrics per row), one image per forward: batch statistics, if used, are then
-    each image's own, as in the metrics over the split."""
-    pairs = [(x[i:i + 1], y[i:i + 1]) for i in range(len(x))]
-    grid = np.concatenate([sample_grid(generator, a, b, device, autocast, seed) for a, b in pairs])
-    return grid, [evaluate(generator, [pair], device, autocast, seed=seed) for pair in pairs]
+    """(grid, metrics per row), each row the output the metrics over the split measured."""
+    grid = sample_grid(generator, x, y, keys, device, autocast, seed)
+    return grid, [evaluate(generator, [(x[i:i + 1], y[i:i + 1], [key])], device, autocast, seed=seed)
+                  for i, key in enumerate(keys)]
 
 
 def report_html(summary: dict) -> str:
@@ -162,9 +175,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--norm-stats", choices=("batch", "running"), default="batch",
                         help="BatchNorm statistics: each image's own (batch; one image per forward) "
                              "or the running averages (default: batch)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the dropout masks (default: 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the dropout masks, with each sample's key (default: 0, the "
+                             "trainer's train.seed default)")
     parser.add_argument("--batch-size", type=int, default=16,
-                        help="images per forward with --norm-stats running (default: 16)")
+                        help="images loaded at a time (each still gets its own forward; default: 16)")
     parser.add_argument("--samples", type=int, default=8, help="pairs in the grid (default: 8)")
     parser.add_argument("--num-workers", type=int, default=1, help="loader workers per process")
     parser.add_argument("--bf16", action="store_true", help=BF16_FLAG_HELP)
@@ -204,15 +219,14 @@ def _main(argv: list[str]) -> int:
 def eval_data(args: argparse.Namespace, meta: dict) -> tuple:
     """(the DataConfig of the split to evaluate, the generator's channel counts)."""
     from pipeline.config import DataConfig
-    batch_stats = args.norm_stats == "batch"
     cfg = DataConfig(val=args.data, val_split=args.split, num_workers=args.num_workers,
-                     batch_size=1 if batch_stats else args.batch_size, **meta["data"])
+                     batch_size=args.batch_size, **meta["data"])
     return cfg, {"in_channels": meta["model"]["in_channels"],
                  "out_channels": meta["model"]["out_channels"]}
 
 
-def _on(device: torch.device, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch["input"].to(device), batch["target"].to(device)
+def _on(device: torch.device, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    return batch["input"].to(device), batch["target"].to(device), batch["key"]
 
 
 def write_report(args, meta: dict, metrics: dict, first: dict, generator, device, accelerator) -> None:
@@ -228,7 +242,8 @@ def write_report(args, meta: dict, metrics: dict, first: dict, generator, device
     storage.write_bytes(storage.join(args.out, "metrics.json"), json.dumps(summary, indent=1).encode())
     storage.write_bytes(storage.join(args.out, "index.html"), report_html(summary).encode())
     log.info(f"evaluate.py: L1 {metrics['l1']:.4f}, PSNR {metrics['psnr']:.2f} dB, SSIM "
-             f"{metrics['ssim']:.3f} over {metrics['images']} images; report in {args.out}/index.html")
+             f"{metrics['ssim']:.3f} over {metrics['images']} images; report in "
+             f"{storage.join(args.out, 'index.html')}")
 
 
 main = cli.entry_point("evaluate.py", _main)

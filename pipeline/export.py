@@ -17,6 +17,7 @@ Inputs are N x in_channels x H x W floats in [-1, 1]; outputs the same range.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 
@@ -25,11 +26,12 @@ import torch.fx.experimental._config as shape_config
 
 from pipeline import cli, storage, weights
 from pipeline.checkpoint import load_generator
-from pipeline.errors import RunError
+from pipeline.errors import RunError, UserError
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "torch-export", "onnx")
+NEEDS = {"onnx": ("onnx", "onnxscript")}  # packages a format needs beyond the base install
 ONNX_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| accepted (measured ~1e-6 in fp32)
 
 
@@ -87,32 +89,53 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint step_N folder, run folder (latest checkpoint) or export folder")
     parser.add_argument("--out", required=True, help="local folder for the exports")
-    parser.add_argument("--format", default=",".join(FORMATS),
-                        help=f"comma-separated subset of {','.join(FORMATS)} (default: all)")
+    parser.add_argument("--format", default="",
+                        help=f"comma-separated subset of {','.join(FORMATS)} (default: every "
+                             "format the installed packages allow; onnx needs pip install -e '.[export]')")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.format.split(",")) - set(FORMATS))
+    unknown = sorted(set(args.format.split(",")) - set(FORMATS)) if args.format else []
     if unknown:
         parser.error(f"unknown format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
     return args
 
 
+def missing_packages(fmt: str) -> list[str]:
+    return [name for name in NEEDS.get(fmt, ()) if importlib.util.find_spec(name) is None]
+
+
+def choose_formats(asked: str) -> list[str]:
+    """The formats to write: those asked for (a missing package is a user error), or by
+    default every format whose packages are installed, saying in one line what was left out."""
+    if asked:
+        formats = asked.split(",")
+        for fmt in formats:
+            if missing := missing_packages(fmt):
+                raise UserError(f"--format {fmt} needs {', '.join(missing)}: pip install -e '.[export]'")
+        return formats
+    formats = [fmt for fmt in FORMATS if not missing_packages(fmt)]
+    for fmt in sorted(set(FORMATS) - set(formats)):
+        log.warning(f"export.py: skipped {fmt}: {', '.join(missing_packages(fmt))} not installed "
+                    "(pip install -e '.[export]' brings it)")
+    return formats
+
+
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     cli.setup_logging()
-    formats = args.format.split(",")
+    formats = choose_formats(args.format)
     generator, meta = load_generator(args.checkpoint)
     torch.manual_seed(0)
     if "safetensors" in formats:
         export_safetensors(generator, meta, args.out)
-        log.info(f"export.py: {args.out}/generator.safetensors + generator.json")
+        log.info(f"export.py: {storage.join(args.out, 'generator.safetensors')} + generator.json")
     if "torch-export" in formats:
         export_program(generator, meta, args.out)
-        log.info(f"export.py: {args.out}/generator.pt2 (torch.export)")
+        log.info(f"export.py: {storage.join(args.out, 'generator.pt2')} (torch.export)")
     if "onnx" in formats:
         error = export_onnx(generator, meta, args.out)
         check = "onnxruntime not installed: unchecked" if error is None else \
             f"onnxruntime vs PyTorch max |diff| {error:.2e} (tolerance {ONNX_TOLERANCE:.0e})"
-        log.info(f"export.py: {args.out}/generator.onnx; {check}")
+        log.info(f"export.py: {storage.join(args.out, 'generator.onnx')}; {check}")
         if error is not None and error > ONNX_TOLERANCE:
             raise RunError(f"the ONNX export does not match PyTorch (max |diff| {error:.2e})")
     return 0

@@ -60,3 +60,17 @@ def for_inference(force_bf16: bool, device_type: str) -> tuple[str, str | None]:
     requested = "bf16" if force_bf16 else requested_precision()
     return resolve(requested, device_type, native_bf16(device_type), allow_emulated=force_bf16,
                    keep="pass --bf16")
+
+
+def source() -> str:
+    """Where the requested precision came from, for the run's start-up line."""
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:
+        return "accelerate launch (its --mixed_precision, else its config file's mixed_precision)"
+    return ("no launcher setting (plain python runs in fp32; `accelerate launch --config_file "
+            "accelerate_config.yaml` asks for bf16)")
+
+
+def describe(used: str) -> str:
+    """`precision: bf16 autocast (requested bf16 by ...)`, one line."""
+    name = "bf16 autocast" if used == "bf16" else "fp32"
+    return f"precision: {name} (requested {requested_precision()} by {source()})"

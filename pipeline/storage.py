@@ -254,7 +254,9 @@ def write_bytes(url: str, data: bytes) -> None:
 def atomic_write(url: str):
     """Yield a binary file; `url` appears, complete, only if the block succeeds.
 
-    Local: a temp file in the same folder, fsync, os.replace; removed on exception.
+    Local: a temp file in the same folder, fsync, os.replace; removed on exception. The
+    file gets the permissions the umask gives (a dataset or run folder shared on a
+    cluster must be readable by the team, not only by its owner).
     S3: the object becomes visible when its (multipart) upload completes at the end;
     on exception the upload is aborted and nothing is left behind.
     """
@@ -275,6 +277,7 @@ def atomic_write(url: str):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: give what open() would
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -284,6 +287,21 @@ def atomic_write(url: str):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (os.umask can only set it, and
+    setting it to read it races with threads creating files meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def put(local_path: str, url: str) -> None:

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from tqdm import tqdm
 
-from pipeline import checkpoint, cli, data, distributed, evaluate, faults, precision, storage
+from pipeline import checkpoint, cli, data, distributed, evaluate, faults, precision, run_folder, storage
 from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
 from pipeline.engines import Engines, make_engines
 from pipeline.errors import RunError
@@ -63,6 +63,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     accelerator = Accelerator(log_with=trackers, project_dir=cfg.train.run_dir,
                               mixed_precision=mixed_precision,
                               kwargs_handlers=[InitProcessGroupKwargs(**group)])
+    log0(accelerator, precision.describe(accelerator.mixed_precision))
     if notice:
         log0(accelerator, notice)
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -84,7 +85,7 @@ def environment(accelerator: Accelerator) -> dict:
     return {"torch": torch.__version__, "accelerate": accelerate.__version__,
             "python": platform.python_version(), "world_size": accelerator.num_processes,
             "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
-            "distributed_type": str(accelerator.distributed_type)}
+            "distributed_type": accelerator.distributed_type.value}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -114,7 +115,8 @@ class Evaluator:
         return None if batch is None else self._to_device(batch)
 
     def _to_device(self, batch):
-        return batch["input"].to(self.accelerator.device), batch["target"].to(self.accelerator.device)
+        device = self.accelerator.device
+        return batch["input"].to(device), batch["target"].to(device), batch["key"]
 
     def metrics(self, step: int) -> dict | None:
         if not self.enabled:
@@ -139,19 +141,24 @@ class Evaluator:
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
             writer.add_image("samples", grid, step, dataformats="HWC")
 
-    def untrained_l1(self) -> float | None:
-        """The val L1 logged at step 0 of this run, if any."""
+    def recorded(self, step: int) -> dict | None:
+        """The val metrics metrics.jsonl holds for `step`, if any (main process)."""
         if not os.path.exists(self.metrics_path):
             return None
         with open(self.metrics_path) as f:
             records = [json.loads(line) for line in f if line.strip()]
-        return next((r["l1"] for r in records if r["step"] == 0), None)
+        return next((r for r in reversed(records) if r["step"] == step), None)
+
+    def untrained_l1(self) -> float | None:
+        """The val L1 logged at step 0 of this run, if any."""
+        record = self.recorded(0)
+        return None if record is None else record["l1"]
 
 
 # --------------------------------------------------------------------------- the loop
 
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Accelerator):
+    def __init__(self, cfg: Config, accelerator: Accelerator, stop: distributed.StopRequest):
         self.cfg, self.acc = cfg, accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.engines = make_engines(cfg, accelerator)
@@ -162,7 +169,7 @@ class Trainer:
             have_batch_all_ranks=lambda flag: distributed.all_ranks(flag, accelerator.device))
         self.evaluator = Evaluator(cfg, accelerator, self.engines)
         self.step = self.resumed_step = 0
-        self.stop = distributed.StopRequest()
+        self.stop = stop  # installed first thing: a signal during set-up is kept too
         self.skipped: list[str] = []  # this step's updates not applied: "D", "G"
         self.stopping = False  # every rank agreed to stop after this step
         self.hooks = self.engines.guarded_hooks(self.nonfinite_gradients)
@@ -176,6 +183,11 @@ class Trainer:
         state = checkpoint.load(path, rank=self.rank, world_size=self.world,
                                 load_models=self.engines.load, model=to_dict(self.cfg)["model"])
         self.step = self.resumed_step = state.step
+        if state.precision not in (None, self.acc.mixed_precision) and self.acc.is_main_process:
+            names = {"no": "fp32", "bf16": "bf16"}
+            log.warning(f"{path} was trained in {names.get(state.precision, state.precision)}, this "
+                        f"run continues in {names.get(self.acc.mixed_precision)}: the losses will "
+                        "not continue exactly as they would have")
         if state.data_state is not None:
             self.loader.load_state_dict(state.data_state)
             log0(self.acc, f"resumed from {path} at step {self.step}")
@@ -190,7 +202,7 @@ class Trainer:
         snapshot = checkpoint.Snapshot(
             save_models=e.save, generator_state=e.generator_state_fp32(),
             discriminator_state=e.discriminator.state_dict(), data_state=self.loader.state_dict(),
-            config=to_dict(self.cfg))
+            config=to_dict(self.cfg), precision=self.acc.mixed_precision)
         ranks = checkpoint.Ranks(self.rank, self.world, distributed.barrier,
                                  lambda flag: distributed.any_rank(flag, self.acc.device))
         path = checkpoint.save(self.cfg.train.run_dir, self.step, snapshot, ranks,
@@ -318,8 +330,12 @@ class Trainer:
         return 0
 
     def finish_run(self) -> None:
-        final = self.evaluator.metrics(self.step)
-        self.evaluator.samples(self.step)
+        if self.step > self.resumed_step or self.step == 0:
+            final = self.evaluator.metrics(self.step)
+            self.evaluator.samples(self.step)
+        else:  # resumed with nothing left to do: this state was evaluated and saved already
+            final = self.evaluator.recorded(self.step) if self.acc.is_main_process else None
+            log0(self.acc, f"step {self.step} of {self.cfg.train.max_steps}: nothing left to train")
         if self.step > self.resumed_step:  # else the checkpoint just loaded is this state
             self.save()
         digests = distributed.replica_digests(*self.engines.modules())
@@ -338,14 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     """The trainer process: set up, train, return the exit code. A user mistake raises a
     UserError (a bad key, path, bucket or checkpoint: one line, exit 2), a failed run a
     RunError (one line, exit 1); see pipeline/cli.py."""
+    stop = distributed.StopRequest()
     cfg, _ = from_cli(argv, prog="train.py", description=__doc__.split("\n\n")[0])
     cli.setup_logging(cfg.log.level)
     check_inputs(cfg)  # before anything is created: a wrong path fails in one line
+    cfg.train.resume = run_folder.prepare(cfg.train.run_dir, cfg.train.resume,
+                                          cfg.train.overwrite, int(os.environ.get("RANK", "0")))
     if cfg.train.mirror:  # a mirror that cannot be written fails now, in one line
         storage.check_writable(cfg.train.mirror)
     accelerator = make_accelerator(cfg)
     distributed.check_shared_run_dir(cfg.train.run_dir, accelerator.process_index, accelerator.device)
-    trainer = Trainer(cfg, accelerator)
+    trainer = Trainer(cfg, accelerator, stop)
     trainer.resume()
     if accelerator.is_main_process:
         storage.write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())

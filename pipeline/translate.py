@@ -188,16 +188,32 @@ def output_name(name: str) -> str:
     return name.rsplit(".", 1)[0] + ".png"
 
 
-def read_images(files: list, shard_lists: list, meta: dict,
-                max_pixels: int) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+def is_pair_image(pixels: np.ndarray, split_pair: str) -> bool:
+    """--split-pair: auto takes an image exactly twice as wide as high for an A|B pair
+    (input and target side by side, the reference's aligned layout, as in its datasets)."""
+    height, width = pixels.shape[:2]
+    return split_pair == "yes" or split_pair == "auto" and width == 2 * height
+
+
+def input_half(pixels: np.ndarray, direction: str) -> np.ndarray:
+    """The half of an A|B image the generator takes: A (left) for AtoB, B for BtoA."""
+    half = pixels.shape[1] // 2
+    return pixels[:, :half] if direction == "AtoB" else pixels[:, half:]
+
+
+def read_images(files: list, shard_lists: list, meta: dict, max_pixels: int,
+                split_pair: str = "auto") -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     """(name, uint8 HxWxC network input, None) per image, or (name, None, reason) for one
-    that cannot be used: bad data never raises out of here."""
-    channels = meta["model"]["in_channels"]
+    that cannot be used: bad data never raises out of here. An image file that is an A|B
+    pair (is_pair_image) gives its input half; the count is logged at the end."""
+    channels, pairs = meta["model"]["in_channels"], 0
     for url, name in files:
         pixels, reason = None, None
         try:
             pixels = decode_image(storage.read_bytes(url), url.rsplit(".", 1)[-1].lower(),
                                   channels, max_pixels)
+            if is_pair_image(pixels, split_pair):
+                pixels, pairs = input_half(pixels, meta["data"]["direction"]), pairs + 1
         except BadSample as bad:
             reason = bad.reason
         except (OSError, storage.StorageError) as err:
@@ -205,6 +221,10 @@ def read_images(files: list, shard_lists: list, meta: dict,
         except Exception as err:  # noqa: BLE001 - an unforeseen decoder failure is one bad file
             reason = f"decode_error ({type(err).__name__}: {err})"
         yield name, pixels, reason
+    if pairs:
+        side = "left (A)" if meta["data"]["direction"] == "AtoB" else "right (B)"
+        log.info(f"translate.py: {pairs} image(s) were A|B pairs (width = 2 x height): translated "
+                 f"their {side} half, the generator's input; --split-pair no translates them whole")
     cfg = DataConfig(direction=meta["data"]["direction"], max_image_pixels=max_pixels)
     for shards in shard_lists:
         for record in read_entries(shards):
@@ -298,6 +318,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tile overlap as a fraction of the tile, >= 0.25 (default: 0.5)")
     parser.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
                         help="skip images with more pixels than this (decompression-bomb guard)")
+    parser.add_argument("--split-pair", choices=("auto", "yes", "no"), default="auto",
+                        help="image files holding input|target side by side: auto takes an image "
+                             "exactly twice as wide as high for such a pair and translates its "
+                             "input half (as shards of A|B pairs are read); yes: every image; no: "
+                             "translate whole images (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -327,7 +352,8 @@ def _main(argv: list[str]) -> int:
              f"{device}{' bf16' if bf16 else ''}; dropout {args.dropout}, {args.norm_stats} "
              f"statistics; tiles {tile}px, overlap {overlap}px")
     with tqdm(total=total, unit="img", disable=args.quiet, dynamic_ncols=True) as bar:
-        for name, pixels, reason in read_images(files, shard_lists, meta, args.max_pixels):
+        for name, pixels, reason in read_images(files, shard_lists, meta, args.max_pixels,
+                                                args.split_pair):
             if reason is None:
                 translator.add(name, pixels)
             else:

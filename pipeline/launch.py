@@ -1,0 +1,231 @@
+"""p2p-train: the command that starts a training run: accelerate's launcher, made to stop
+cleanly on Ctrl-C and to exit with the trainer's own code.
+
+    p2p-train [accelerate launch options] -- [trainer options]
+    p2p-train [trainer options]      (no `--`: accelerate's own default configuration)
+    e.g. p2p-train --config_file accelerate_config.yaml -- --config configs/demo.yaml
+
+Why not `accelerate launch pipeline/train.py` alone (it still works):
+- Ctrl-C: the terminal sends SIGINT to the whole foreground group; accelerate's launcher
+  waits in subprocess.Popen.wait, which re-raises KeyboardInterrupt 0.25 s later: exit
+  130 and a traceback while the trainer is still writing its checkpoint.
+- Errors: the trainer's one-line error is followed by the launcher's 11-line
+  CalledProcessError (or torchrun's ChildFailedError) traceback, and the exit code is 1.
+What p2p-train does instead:
+- it runs the launcher in a session of its own, so a terminal's signals reach p2p-train
+  only. The first SIGINT, SIGTERM or SIGHUP is passed once to every trainer rank (found
+  among the launcher's descendants), which checkpoints at the next step boundary and
+  exits 0; p2p-train waits for that. A second one kills the run at once and says what
+  was skipped: the newest complete checkpoint stays, the one being written does not.
+- it exits with the trainer's code (each rank writes it to the file P2P_EXIT_FILE names:
+  2 for a user error, 1 for a failed run or a bug), and drops the launcher's traceback
+  about a failed child; the trainer's own lines (its one-line error, a bug's traceback)
+  pass unchanged.
+If p2p-train itself is killed with SIGKILL the run goes on in its own session.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+
+TRAINER = "pipeline.train"
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# the last line of a traceback the launcher prints when a child failed: dropped, the
+# child has said why itself
+LAUNCHER_FAILURES = ("subprocess.CalledProcessError:",
+                     "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:")
+USAGE = __doc__.split("\n\n")[1]
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(accelerate launch options, trainer options)."""
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1:]
+    return [], argv
+
+
+def launcher_command(launch_args: list[str], trainer_args: list[str]) -> list[str]:
+    quiet = [] if {"-q", "--quiet"} & set(launch_args) else ["--quiet"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *quiet, *launch_args,
+            "-m", TRAINER, *trainer_args]
+
+
+# --------------------------------------------------------------------------- processes
+
+def _parent(pid: int) -> int | None:
+    """The parent pid, from /proc (Linux, where clusters run); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids of every process now."""
+    children: dict[int, list[int]] = {}
+    for pid in (int(name) for name in os.listdir("/proc") if name.isdigit()):
+        parent = _parent(pid)
+        if parent is not None:
+            children.setdefault(parent, []).append(pid)
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    children, found, todo = _children(), [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _is_trainer(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return TRAINER.encode() in args or any(a.endswith(b"pipeline/train.py") for a in args)
+
+
+def trainer_ranks(launcher: int) -> list[int]:
+    """The trainer processes among the launcher's descendants, without their loader
+    workers (forks of a rank, which ignore stop signals anyway)."""
+    trainers = {pid for pid in descendants(launcher) if _is_trainer(pid)}
+    return [pid for pid in trainers if _parent(pid) not in trainers]
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+# --------------------------------------------------------------------------- the run
+
+class Run:
+    """The launcher in its own session, its stderr filtered, stop signals handled here."""
+
+    def __init__(self, command: list[str], env: dict):
+        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE,
+                                        start_new_session=True)
+        self.interrupts = 0
+        self.pump = threading.Thread(target=copy_stderr, args=(self.process.stderr,), daemon=True)
+        self.pump.start()
+
+    def on_signal(self, signum: int, frame) -> None:
+        self.interrupts += 1
+        name = signal.Signals(signum).name
+        if self.interrupts == 1:
+            ranks = trainer_ranks(self.process.pid)
+            print(f"p2p-train: {name}: asking the trainer to checkpoint and stop "
+                  f"({len(ranks)} rank(s)); {name} again stops at once", file=sys.stderr, flush=True)
+            _signal(ranks, signal.SIGTERM if signum == signal.SIGHUP else signum)
+            return
+        print(f"p2p-train: {name} again: killing the run now; a checkpoint being written is "
+              "lost, the newest complete one stays (--train.resume=auto continues from it)",
+              file=sys.stderr, flush=True)
+        self.kill()
+
+    def kill(self) -> None:
+        _signal(descendants(self.process.pid), signal.SIGKILL)  # torchrun's ranks: own sessions
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        code = self.process.wait()  # our handlers return: wait() resumes (PEP 475)
+        self.pump.join(timeout=10)
+        return code
+
+
+def copy_stderr(stream) -> None:
+    """The launcher's stderr to ours, less its traceback about a failed child."""
+    for line in drop_launcher_failures(iter(stream.readline, b"")):
+        sys.stderr.buffer.write(line)
+        sys.stderr.buffer.flush()
+
+
+def drop_launcher_failures(lines: Iterator[bytes]) -> Iterator[bytes]:
+    """Lines, except a traceback whose exception is a LAUNCHER_FAILURES one (and the
+    `====` table torchrun prints after it). Any other traceback passes whole."""
+    held: list[bytes] = []
+    for line in lines:
+        if not held and line.startswith(b"Traceback (most recent call last):"):
+            held = [line]
+        elif held and line[:1] in (b" ", b"\t"):
+            held.append(line)
+        elif held:
+            if line.decode(errors="replace").startswith(LAUNCHER_FAILURES):
+                yield from _skip_table(lines, line)
+            else:
+                yield from held
+                yield line
+            held = []
+        else:
+            yield line
+    yield from held
+
+
+def _skip_table(lines: Iterator[bytes], last: bytes) -> Iterator[bytes]:
+    """After a ChildFailedError line: skip its table, framed by two lines of '='."""
+    if not last.startswith(b"torch.distributed"):
+        return
+    rules = 0
+    for line in lines:
+        rules += line.strip().startswith(b"=====")
+        if rules >= 2:
+            return
+    yield from ()
+
+
+def exit_code(codes_file: str, launcher_code: int, interrupts: int) -> int:
+    """The trainer's code: the first rank's non-zero code, else 0 if every rank that
+    reported did so with 0 and the launcher agrees; the launcher's otherwise."""
+    try:
+        with open(codes_file) as f:
+            codes = sorted((int(r), int(c)) for r, c in (line.split() for line in f if line.strip()))
+    except (OSError, ValueError):
+        codes = []
+    failed = [code for _, code in codes if code != 0]
+    if failed:
+        return failed[0]
+    if interrupts > 1:
+        return 130
+    if launcher_code < 0:  # the launcher was killed by signal -launcher_code
+        return 128 - launcher_code
+    return launcher_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage:{USAGE}\n\ntrainer options (python -m pipeline.train --help):", flush=True)
+        return subprocess.run([sys.executable, "-m", TRAINER, "--help"]).returncode
+    launch_args, trainer_args = split_argv(argv)
+    with tempfile.TemporaryDirectory(prefix="p2p-train-") as scratch:
+        codes_file = os.path.join(scratch, "exit-codes")
+        run = Run(launcher_command(launch_args, trainer_args),
+                  dict(os.environ, P2P_EXIT_FILE=codes_file))
+        for sig in STOPS:
+            signal.signal(sig, run.on_signal)
+        code = run.wait()
+        return exit_code(codes_file, code, run.interrupts)
+
+
+def run_and_exit() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run_and_exit()

@@ -1,0 +1,53 @@
+"""What a run folder may hold before a run starts: nothing of another run.
+
+A run started without `train.resume` into a folder that already holds a run would train
+from scratch beside it: `checkpoints/latest` would then name the new run's first
+checkpoint next to the old run's, metrics.jsonl would hold both, config.yaml would be
+replaced, and a later resume or translate.py would pick the wrong run. So such a start is
+refused before anything is written, in one line that names the ways on; with
+`train.overwrite=true` the old run is moved aside (never deleted). A worker group that
+torchrun's elastic agent restarted (TORCHELASTIC_RESTART_COUNT > 0) is a resume.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# what a run leaves in its folder: any one of them means the folder holds a run
+RUN_MARKERS = ("checkpoints/latest", "config.yaml", "metrics.jsonl", "train_log.jsonl")
+
+
+def restarted_by_agent() -> bool:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def held_run(run_dir: str) -> list[str]:
+    """The markers of an earlier run found in `run_dir`."""
+    return [name for name in RUN_MARKERS if os.path.exists(os.path.join(run_dir, name))]
+
+
+def prepare(run_dir: str, resume: str, overwrite: bool, rank: int) -> str:
+    """The resume setting to use: refuses (UserError) a fresh start into a folder holding
+    a run, moves it aside first with `overwrite` (rank 0; the others find it gone), and
+    turns an elastic restart into resume=auto."""
+    if restarted_by_agent() and not resume:
+        log.info(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']} by the elastic agent: "
+                 "resuming from the latest checkpoint")
+        return "auto"
+    found = held_run(run_dir)
+    if resume or not found:
+        return resume
+    if not overwrite:
+        raise UserError(f"train.run_dir {run_dir} already holds a run ({', '.join(found)}): "
+                        "continue it with --train.resume=auto, start elsewhere with another "
+                        "--train.run_dir, or pass --train.overwrite=true to move it aside")
+    if rank == 0:
+        aside = f"{run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(run_dir, aside)
+        log.warning(f"train.overwrite: the run in {run_dir} was moved to {aside}")
+    return resume
