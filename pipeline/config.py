@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.tracking import TRACKERS
+
 
 class ConfigError(ValueError):
     """A config mistake; the message is one line and names the key."""
@@ -127,7 +129,9 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     every: int = opt(20, "log scalars every N steps")
-    tracker: Literal["tensorboard", "wandb", "none"] = opt("tensorboard", "experiment tracker")
+    tracker: Literal[TRACKERS] = opt(
+        "tensorboard", "experiment tracker, files under train.run_dir (wandb, mlflow: "
+                       "pip install -e '.[tracking]')")
     sample_every: int = opt(500, "write a sample grid every N steps (0: only at the end)")
     samples: int = opt(4, "val pairs shown in the sample grid")
     progress: bool = opt(True, "show a progress bar on the main process")

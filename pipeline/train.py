@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from tqdm import tqdm
 
-from pipeline import checkpoint, data, distributed, evaluate, faults, precision, storage
+from pipeline import checkpoint, data, distributed, evaluate, faults, precision, storage, tracking
 from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
 from pipeline.engines import Engines, make_engines
 from pipeline.gan import train_step
@@ -49,14 +49,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError("train.on_nonfinite: 'skip' is not supported under DeepSpeed (its "
                           "engines step partitioned gradients the trainer cannot inspect); "
                           "use 'stop'")
-    trackers = None if cfg.log.tracker == "none" else cfg.log.tracker
     group = dict(timeout=timedelta(seconds=cfg.train.collective_timeout))
     if launched_with_deepspeed() and not torch.cuda.is_available():
         # else accelerate reports world size 1 while the engines all-reduce across ranks
         group["backend"] = "gloo"
     mixed_precision, notice = precision.choose(precision.requested_precision(),
                                                cfg.train.allow_emulated_bf16)
-    accelerator = Accelerator(log_with=trackers, project_dir=cfg.train.run_dir,
+    accelerator = Accelerator(log_with=tracking.log_with(cfg), project_dir=cfg.train.run_dir,
                               mixed_precision=mixed_precision,
                               kwargs_handlers=[InitProcessGroupKwargs(**group)])
     if notice:
@@ -130,10 +129,9 @@ class Evaluator:
             return
         grid = evaluate.sample_grid(self.engines.generator, *self.sample_batch, self.accelerator.device,
                                     self.engines.autocast, seed=self.cfg.train.seed)
-        evaluate.save_png(os.path.join(self.cfg.train.run_dir, "samples", f"step_{step:08d}.png"), grid)
-        if self.cfg.log.tracker == "tensorboard":
-            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
-            writer.add_image("samples", grid, step, dataformats="HWC")
+        png_path = os.path.join(self.cfg.train.run_dir, "samples", f"step_{step:08d}.png")
+        evaluate.save_png(png_path, grid)
+        tracking.log_image(self.accelerator, self.cfg, grid, step, png_path)
 
     def untrained_l1(self) -> float | None:
         """The val L1 logged at step 0 of this run, if any."""
@@ -330,6 +328,7 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, _ = from_cli(argv, prog="train.py", description=__doc__.split("\n\n")[0])
+        tracking.require_installed(cfg.log.tracker)  # accelerate would train untracked
         if cfg.train.mirror:  # a mirror that cannot be written fails now, in one line
             storage.check_writable(cfg.train.mirror)
         accelerator = make_accelerator(cfg)
@@ -344,8 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         storage.write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())
         log0(accelerator, "config:\n" + to_yaml(cfg) + "environment: "
              + json.dumps({**environment(accelerator), **trainer.engines.describe()}))
-    if cfg.log.tracker != "none":
-        accelerator.init_trackers("logs", config=_flat_config(cfg))
+    tracking.start(accelerator, cfg, _flat_config(cfg))
     try:
         code = trainer.run()
     except (checkpoint.CheckpointError, NonFiniteError) as err:
