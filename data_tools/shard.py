@@ -492,7 +492,8 @@ def add_pack_options(p: argparse.ArgumentParser) -> None:
                    help="larger images are rejected as too_large (decompression bombs); the "
                         "trainer's data.max_image_pixels has the same default")
     p.add_argument("--verify", action="store_true", help="also fully decode every image")
-    p.add_argument("--strict", action="store_true", help="fail (exit 2, no manifest.json) if any pair is rejected")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 2, no manifest.json) if any pair is rejected")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -23,6 +23,7 @@ import yaml
 from pipeline import cli, losses, models, storage
 from pipeline.data.decode import MAX_IMAGE_PIXELS
 from pipeline.errors import UserError
+from pipeline.tracking import TRACKERS
 
 
 class ConfigError(UserError, ValueError):
@@ -139,7 +140,9 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     every: int = opt(20, "log scalars every N steps")
-    tracker: Literal["tensorboard", "wandb", "none"] = opt("tensorboard", "experiment tracker")
+    tracker: Literal[TRACKERS] = opt(
+        "tensorboard", "experiment tracker, files under train.run_dir (wandb, mlflow: "
+                       "pip install -e '.[tracking]')")
     sample_every: int = opt(500, "write a sample grid every N steps (0: only at the end)")
     samples: int = opt(4, "val pairs shown in the sample grid")
     progress: bool = opt(True, "show a progress bar on the main process")

@@ -21,7 +21,18 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from tqdm import tqdm
 
-from pipeline import checkpoint, cli, data, distributed, evaluate, faults, precision, run_folder, storage
+from pipeline import (
+    checkpoint,
+    cli,
+    data,
+    distributed,
+    evaluate,
+    faults,
+    precision,
+    run_folder,
+    storage,
+    tracking,
+)
 from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
 from pipeline.engines import Engines, make_engines
 from pipeline.errors import RunError
@@ -53,14 +64,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError("train.on_nonfinite: 'skip' is not supported under DeepSpeed (its "
                           "engines step partitioned gradients the trainer cannot inspect); "
                           "use 'stop'")
-    trackers = None if cfg.log.tracker == "none" else cfg.log.tracker
     group = dict(timeout=timedelta(seconds=cfg.train.collective_timeout))
     if launched_with_deepspeed() and not torch.cuda.is_available():
         # else accelerate reports world size 1 while the engines all-reduce across ranks
         group["backend"] = "gloo"
     mixed_precision, notice = precision.choose(precision.requested_precision(),
                                                cfg.train.allow_emulated_bf16)
-    accelerator = Accelerator(log_with=trackers, project_dir=cfg.train.run_dir,
+    accelerator = Accelerator(log_with=tracking.log_with(cfg), project_dir=cfg.train.run_dir,
                               mixed_precision=mixed_precision,
                               kwargs_handlers=[InitProcessGroupKwargs(**group)])
     log0(accelerator, precision.describe(accelerator.mixed_precision))
@@ -136,10 +146,9 @@ class Evaluator:
             return
         grid = evaluate.sample_grid(self.engines.generator, *self.sample_batch, self.accelerator.device,
                                     self.engines.autocast, seed=self.cfg.train.seed)
-        evaluate.save_png(os.path.join(self.cfg.train.run_dir, "samples", f"step_{step:08d}.png"), grid)
-        if self.cfg.log.tracker == "tensorboard":
-            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
-            writer.add_image("samples", grid, step, dataformats="HWC")
+        png_path = os.path.join(self.cfg.train.run_dir, "samples", f"step_{step:08d}.png")
+        evaluate.save_png(png_path, grid)
+        tracking.log_image(self.accelerator, self.cfg, grid, step, png_path)
 
     def recorded(self, step: int) -> dict | None:
         """The val metrics metrics.jsonl holds for `step`, if any (main process)."""
@@ -357,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = distributed.StopRequest()
     cfg, _ = from_cli(argv, prog="train.py", description=__doc__.split("\n\n")[0])
     cli.setup_logging(cfg.log.level)
+    tracking.require_installed(cfg.log.tracker)  # accelerate would train untracked
     check_inputs(cfg)  # before anything is created: a wrong path fails in one line
     cfg.train.resume = run_folder.prepare(cfg.train.run_dir, cfg.train.resume,
                                           cfg.train.overwrite, int(os.environ.get("RANK", "0")))
@@ -370,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         storage.write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())
         log0(accelerator, "config:\n" + to_yaml(cfg) + "environment: "
              + json.dumps({**environment(accelerator), **trainer.engines.describe()}))
-    if cfg.log.tracker != "none":
-        accelerator.init_trackers("logs", config=_flat_config(cfg))
+    tracking.start(accelerator, cfg, _flat_config(cfg))
     code = trainer.run()
     accelerator.end_training()
     return code
