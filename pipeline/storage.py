@@ -13,6 +13,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import signal
 import tempfile
 
 import fsspec
@@ -27,6 +28,7 @@ WRITE_BLOCK_SIZE = 64 * 2**20  # s3 multipart part size: larger writes upload in
 S3_CONFIG = {"connect_timeout": 10, "read_timeout": 60,
              "retries": {"max_attempts": 4, "mode": "standard"}}
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 
 
 class StorageError(UserError):
@@ -275,8 +277,16 @@ def atomic_write(url: str):
     path = _local(url)
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    # a SIGTERM/SIGINT handler that raises (shard.py's workers, Ctrl-C) must not land after
+    # mkstemp created the file but before the `try` that removes it: held until inside
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    except BaseException:  # nothing was created (a full disk, a read-only folder)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: give what open() would
         with os.fdopen(fd, "wb") as f:
             yield f
