@@ -1,14 +1,13 @@
 """shard.py and the trainer share one pixel limit (pipeline.data.decode.MAX_IMAGE_PIXELS):
 an image shard.py packs with its defaults is never skipped as too_large by a training run
 with the defaults (they used to be 89,478,485 and 64,000,000)."""
-import json
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from data_tools.shard import main as shard
 from pipeline.data.decode import MAX_IMAGE_PIXELS
+from pipeline.data.format import Manifest
 from tests.helpers.trainer_runs import cpu_env, explain, run, single, step_log
 
 
@@ -23,8 +22,8 @@ def test_an_image_just_under_the_shard_limit_is_trained_on(tmp_path):
     Image.fromarray(np.broadcast_to(gradient, (height, width, 3))).save(raw / "big.jpg", quality=80)
     Image.fromarray(np.full((64, 128, 3), 90, np.uint8)).save(raw / "small.jpg")
     assert shard([str(tmp_path / "raw"), str(tmp_path / "shards"), "--quiet", "--workers", "1"]) == 0
-    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["samples"] == 2 and manifest["rejected"] == {}
+    manifest = Manifest.read(str(tmp_path / "shards"))
+    assert manifest.split("train").samples == 2 and manifest.rejected == {}
     # defaults for the data, a tiny model; 2 steps of batch 1 = the whole epoch, both pairs
     args = [f"--train.run_dir={tmp_path / 'run'}", f"--data.train={tmp_path / 'shards'}",
             "--model.generator=unet_128", "--model.g_filters=8", "--model.d_filters=8",
