@@ -33,6 +33,8 @@ import tempfile
 import threading
 from collections.abc import Iterator
 
+from pipeline import cli
+
 TRAINER = "pipeline.train"
 STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # the last line of a traceback the launcher prints when a child failed: dropped, the
@@ -207,8 +209,7 @@ def exit_code(codes_file: str, launcher_code: int, interrupts: int) -> int:
     return launcher_code
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(f"usage:{USAGE}\n\ntrainer options (python -m pipeline.train --help):", flush=True)
         return subprocess.run([sys.executable, "-m", TRAINER, "--help"]).returncode
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, run.on_signal)
         code = run.wait()
         return exit_code(codes_file, code, run.interrupts)
+
+
+main = cli.entry_point("p2p-train", _main)
 
 
 def run_and_exit() -> None:
