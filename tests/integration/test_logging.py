@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tests.helpers.trainer_runs import accelerate, explain, gloo_env, run, train_args
+from tests.helpers.trainer_runs import accelerate, cpu_env, explain, gloo_env, run, single, train_args
 
 
 @pytest.mark.timeout(300)
@@ -26,6 +26,6 @@ def test_two_processes_log_with_their_rank_and_the_data_streams_info(demo_shards
 def test_log_level_from_the_config_hides_info(demo_shards, tmp_path):
     args = train_args(tmp_path / "run", demo_shards, "--train.max_steps=1", "--log.tracker=none",
                       "--log.level=warning")
-    result = run(accelerate(args, processes=1), gloo_env())
+    result = run(single(args), cpu_env())
     assert result.returncode == 0, explain(result)
     assert "data: epoch 0 plans" not in result.stdout and "replicas agree" not in result.stdout
