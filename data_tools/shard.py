@@ -32,11 +32,14 @@ import sys
 import tarfile
 import time
 
+import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data_tools import sources
 from pipeline import cli, faults, storage
+from pipeline.data.augment import resize_u8
 from pipeline.data.decode import MAX_IMAGE_PIXELS, scale_16bit
 from pipeline.data.format import (
     EXT_OF_PIL_FORMAT,
@@ -174,7 +177,8 @@ def pack_pair(pair: sources.Pair, fetched: dict, options: dict) -> tuple[dict, l
             f"input {width}x{height}, target {b_width}x{b_height}"
         raise Rejected("size_mismatch", detail)
     too_big = options["resize"] and max(half_w, height) > options["resize"]
-    if halves_differ or too_big or (pair.layout == "pair" and options["split_pairs"]):
+    resized = options.get("load_size", 0) > 0
+    if halves_differ or too_big or resized or (pair.layout == "pair" and options["split_pairs"]):
         return reencode(pair, a, None if pair.layout == "pair" else b, options)
     meta.update(width=width, height=height, format=fmt.lower())
     if pair.layout == "pair":
@@ -196,8 +200,10 @@ def reencode(pair, a: bytes, b: bytes | None, options: dict):
             target_im = _rgb(b)
     except Exception as err:  # noqa: BLE001 - truncated data shows only now, without --verify
         raise Rejected("decode_error", _detail(err)) from None
-    target_im = target_im.resize(input_im.size, Image.BICUBIC) \
-        if target_im.size != input_im.size else target_im
+    if options.get("load_size"):  # both halves to N x N, as the trainer would resize them
+        input_im, target_im = (to_load_size(im, options["load_size"]) for im in (input_im, target_im))
+    elif target_im.size != input_im.size:
+        target_im = target_im.resize(input_im.size, Image.BICUBIC)
     if options["resize"] and max(input_im.size) > options["resize"]:
         scale = options["resize"] / max(input_im.size)
         size = (max(1, round(input_im.width * scale)), max(1, round(input_im.height * scale)))
@@ -209,6 +215,14 @@ def reencode(pair, a: bytes, b: bytes | None, options: dict):
             "reencoded": "png" if ext == "png" else f"jpeg q{options['jpeg_quality']}"}
     return meta, [("input." + ext, _encode(input_im, options)),
                   ("target." + ext, _encode(target_im, options))]
+
+
+def to_load_size(im: Image.Image, size: int) -> Image.Image:
+    """`im` resized to size x size by the trainer's own resize (pipeline.data.resize_u8:
+    antialiased bicubic on uint8), so pre-resized shards hold exactly the pixels the
+    trainer would compute from the originals."""
+    pixels = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None]
+    return Image.fromarray(resize_u8(pixels, size)[0].permute(1, 2, 0).contiguous().numpy())
 
 
 def _rgb(data: bytes) -> Image.Image:
@@ -373,6 +387,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in OUTPUT_OPTIONS}
+    if args.load_size:  # recorded only when used: earlier plans' digests stay valid
+        if args.resize:
+            raise UserError("--load-size and --resize: choose one (--load-size stores the "
+                            "trainer's own resize to N x N; --resize caps the longer side)")
+        options["load_size"] = args.load_size
     pairs_by_split = sources.find_pairs(args.source, args.layout, args.split)
     shards = plan_shards(pairs_by_split, options)
     plan = {"format_version": FORMAT_VERSION, "options": options,
@@ -483,6 +502,11 @@ def add_pack_options(p: argparse.ArgumentParser) -> None:
                    help="store A|B images as separate re-encoded input/target members")
     p.add_argument("--resize", type=int, default=0, metavar="PIXELS",
                    help="shrink each half so its longer side is at most this (0: never)")
+    p.add_argument("--load-size", type=int, default=0, metavar="N",
+                   help="store each pair already resized to N x N by the trainer's own resize "
+                        "(both halves alike), recorded in the manifest: the trainer then needs "
+                        "data.load_size=N and decodes small images (high-resolution sources); "
+                        "0: store the originals")
     p.add_argument("--encode", choices=("png", "jpeg"), default="png",
                    help="format for re-encoded images (png is lossless)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="quality for --encode jpeg")

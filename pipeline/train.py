@@ -389,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
 def check_inputs(cfg: Config) -> None:
     """The shards named by data.train (and data.val) exist and hold their splits."""
     data.list_shards(cfg.data.train, cfg.data.train_split, key="data.train")
+    packed = data.packed_load_size(cfg.data.train)
+    if packed and packed != cfg.data.load_size:
+        raise ConfigError(f"data.load_size: {cfg.data.load_size}, but {cfg.data.train} holds pairs "
+                          f"already resized to {packed} x {packed} (shard.py --load-size {packed}): "
+                          f"pass --data.load_size={packed}, or use shards of the original images")
     if cfg.data.val:
         data.list_shards(cfg.data.val, cfg.data.val_split, key="data.val")
 

@@ -11,44 +11,52 @@ The package follows the data's stages, one module each:
 The names below are the package's interface; the trainer imports `pipeline.data`.
 """
 from pipeline.data.augment import (
-                                        augment,
-                                        augment_params,
-                                        chw,
-                                        derive_seed,
-                                        resize_u8,
-                                        resize_u8_via_float,
-                                        to_unit_range,
+    augment,
+    augment_params,
+    chw,
+    derive_seed,
+    resize_u8,
+    resize_u8_via_float,
+    to_unit_range,
 )
 from pipeline.data.decode import (
-                                        MAX_IMAGE_PIXELS,
-                                        BadSample,
-                                        decode_image,
-                                        decode_sample,
-                                        scale_16bit,
-                                        try_decode,
+    MAX_IMAGE_PIXELS,
+    BadSample,
+    decode_image,
+    decode_sample,
+    scale_16bit,
+    try_decode,
 )
 from pipeline.data.eval_stream import make_eval_loader
 from pipeline.data.format import IMAGE_EXTS, MANIFEST_MISMATCH, Entry, Manifest, Skip
-from pipeline.data.shards import Shard, count_samples, expand_braces, list_shards, read_entries
+from pipeline.data.shards import (
+    Shard,
+    count_samples,
+    expand_braces,
+    list_shards,
+    packed_load_size,
+    read_entries,
+)
 from pipeline.data.train_stream import (
-                                        STATE_VERSION,
-                                        EpochPlan,
-                                        TrainLoader,
-                                        WorkerLoader,
-                                        WorkerPosition,
-                                        epoch_shards,
-                                        make_train_loader,
-                                        split_by_node,
-                                        split_by_worker,
-                                        to_device,
-                                        worker_batches,
+    STATE_VERSION,
+    EpochPlan,
+    TrainLoader,
+    WorkerLoader,
+    WorkerPosition,
+    epoch_shards,
+    make_train_loader,
+    split_by_node,
+    split_by_worker,
+    to_device,
+    worker_batches,
 )
 
 __all__ = [
     "augment", "augment_params", "chw", "derive_seed", "resize_u8", "resize_u8_via_float", "to_unit_range",
     "MAX_IMAGE_PIXELS", "BadSample", "decode_image", "decode_sample", "scale_16bit", "try_decode",
     "make_eval_loader", "IMAGE_EXTS", "MANIFEST_MISMATCH", "Entry", "Manifest", "Skip",
-    "Shard", "count_samples", "expand_braces", "list_shards", "read_entries",
+    "Shard", "count_samples", "expand_braces", "list_shards", "packed_load_size",
+    "read_entries",
     "STATE_VERSION", "EpochPlan", "TrainLoader", "WorkerLoader", "WorkerPosition", "epoch_shards",
     "make_train_loader", "split_by_node", "split_by_worker", "to_device", "worker_batches",
 ]

@@ -63,6 +63,16 @@ def _raw_images_hint(spec: str) -> str | None:
             f"`python data_tools/shard.py {spec} {dest}`, then pass {dest}")
 
 
+def packed_load_size(spec: str) -> int:
+    """The N of `shard.py --load-size N` the shards were packed with; 0 for originals."""
+    folder = _folder(expand_braces(spec)[0]) if "{" in spec else \
+        _folder(spec) if spec.endswith(".json") else spec
+    url = storage.join(folder, MANIFEST)
+    if "{" in spec and not storage.exists(url):
+        return 0
+    return int(Manifest.read(url).options.get("load_size") or 0)
+
+
 def _folder(url: str) -> str:
     return url.rsplit("/", 1)[0] if "/" in url else "."
 
