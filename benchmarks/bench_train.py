@@ -5,11 +5,13 @@ that speed never hides a broken step.
     python benchmarks/bench_train.py --batch 1 4 --steps 5
     python benchmarks/bench_train.py --batch 1 16 64 --variants fp32 bf16+cl bf16+cl+compile
 
-A variant is a precision (fp32: the reference's arithmetic, TF32 off on CUDA; bf16:
-autocast) plus options: cl (channels_last), fused / foreach (the Adam kernel), compile
-(torch.compile). Each (variant, batch) runs in a fresh process, built by the trainer's
-own code (config -> Accelerator -> engines -> gan.train_step) on the same seeded
-synthetic pairs, so peak memory is its own and the losses are comparable.
+A variant is `default` (exactly what the trainer picks on this machine: bf16 where the
+hardware computes it, else fp32, and the config's defaults) or a precision (fp32: the
+reference's arithmetic, TF32 off on CUDA; bf16: autocast) plus options: cl
+(channels_last), fused / foreach (the Adam kernel), compile (torch.compile). Each
+(variant, batch) runs in a fresh process, built by the trainer's own code (config ->
+Accelerator -> engines -> gan.train_step) on the same seeded synthetic pairs, so peak
+memory is its own and the losses are comparable.
 """
 from __future__ import annotations
 
@@ -24,13 +26,31 @@ import torch
 from report import report  # benchmarks/ is on the path when run as a script
 
 OPTIONS = {"cl", "fused", "foreach", "compile"}
-DEFAULT_VARIANTS = ["fp32", "bf16", "bf16+cl", "bf16+fused", "bf16+cl+fused", "bf16+fused+compile"]
+DEFAULT_VARIANTS = ["fp32", "default", "bf16", "bf16+cl", "bf16+fused", "bf16+cl+fused",
+                    "bf16+fused+compile"]
 # Dense peak TFLOP/s per precision, for the model FLOPs utilisation (SXM parts)
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "fp32": 67.0},
                "A100": {"bf16": 312.0, "fp32": 19.5}}
 
 
+def default_variant() -> str:
+    """What the trainer runs on this machine with the default configs: the default
+    accelerate config's bf16 where the hardware computes it (else fp32), and the
+    TrainConfig/OptimConfig defaults for the layout, the Adam kernel and compile."""
+    from pipeline import precision
+    from pipeline.config import Config
+    cfg = Config()
+    used, _ = precision.choose("bf16", cfg.train.allow_emulated_bf16)
+    options = ["cl"] if cfg.train.channels_last else []
+    options += [cfg.optim.adam_impl] if cfg.optim.adam_impl != "auto" else []
+    options += ["compile"] if cfg.train.compile else []
+    return "+".join(["bf16" if used == "bf16" else "fp32", *options])
+
+
 def parse_variant(variant: str) -> tuple[str, set[str]]:
+    """(precision, options); `default` is default_variant()."""
+    if variant == "default":
+        variant = default_variant()
     precision, *options = variant.split("+")
     if precision not in ("fp32", "bf16") or not set(options) <= OPTIONS:
         raise SystemExit(f"bench_train.py: bad variant {variant!r}: a precision (fp32 or bf16), "
