@@ -113,13 +113,15 @@ def run_read_only(cfg: DataConfig) -> int:
     return sum(1 for _ in data.read_entries(shards))
 
 
-def run_loader(cfg: DataConfig) -> int:
+def run_loader(cfg: DataConfig, device: str = "cpu") -> int:
     loader = data.make_train_loader(cfg, rank=0, world_size=1, seed=0, in_channels=3,
                                     out_channels=3)
     pairs = 0
     for _ in range(loader.steps_per_epoch):
-        x, y = data.to_device(next(loader), "cpu", cfg=cfg, channels_last=False)
+        x, y = data.to_device(next(loader), device, cfg=cfg, channels_last=False)
         pairs += len(x)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return pairs
 
 
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--source", help="an existing aligned A|B JPEG folder to measure instead "
                                          "(e.g. datasets/facades; its train/ split is used)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 measurements")
+    parser.add_argument("--device", default="cpu",
+                        help="where the `device` path resizes, crops and flips (cpu, cuda)")
     parser.add_argument("--step-steps", type=int, default=2, help="train steps timed (0: skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
             "naive": lambda: run_naive(source, cfg),
             "decode": lambda: run_decode(cfg),
             "worker": lambda: run_loader(cfg),
-            "device": lambda: run_loader(replace(cfg, augment_on="device")),
+            "device": lambda: run_loader(replace(cfg, augment_on="device"), args.device),
             "read_only": lambda: run_read_only(cfg)}
     server = None
     if not args.no_s3:
