@@ -33,13 +33,11 @@ import tarfile
 import time
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data_tools import sources
 from pipeline import cli, faults, storage
-from pipeline.data.augment import resize_u8
 from pipeline.data.decode import MAX_IMAGE_PIXELS, scale_16bit
 from pipeline.data.format import (
     EXT_OF_PIL_FORMAT,
@@ -220,7 +218,11 @@ def reencode(pair, a: bytes, b: bytes | None, options: dict):
 def to_load_size(im: Image.Image, size: int) -> Image.Image:
     """`im` resized to size x size by the trainer's own resize (pipeline.data.resize_u8:
     antialiased bicubic on uint8), so pre-resized shards hold exactly the pixels the
-    trainer would compute from the originals."""
+    trainer would compute from the originals. (torch only here: shard.py's packing
+    processes start faster without it.)"""
+    import torch
+
+    from pipeline.data.augmentation import resize_u8
     pixels = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None]
     return Image.fromarray(resize_u8(pixels, size)[0].permute(1, 2, 0).contiguous().numpy())
 

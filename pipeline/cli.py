@@ -8,9 +8,9 @@
   tools' argparse, reports a usage mistake the same way (one line, exit 2).
 - `setup_logging` (called by each entry point once its options are parsed): INFO lines
   on stdout (through tqdm, so progress bars stay intact), WARNING and above on stderr,
-  every line prefixed `[rank R] ` in multi-process runs; the level comes from the tool's
-  option, else P2P_LOG_LEVEL, else INFO; Python warnings go through logging too, so
-  the libraries' own warnings are seen.
+  every line prefixed `[rank R] ` in multi-process runs; the level (the tool's option,
+  else P2P_LOG_LEVEL, else INFO) applies to this project's loggers, the libraries log
+  their warnings and errors; Python warnings go through logging too, so they are seen.
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ from pipeline import faults
 from pipeline.errors import RunError, UserError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# this project's loggers (and a script's own, run as __main__): the level applies to these;
+# third-party libraries log at WARNING and above (botocore's INFO lines are not ours to print)
+OUR_LOGGERS = ("pipeline", "data_tools", "benchmarks", "__main__")
 LOG_LEVEL_ENV = "P2P_LOG_LEVEL"
 
 
@@ -113,5 +116,7 @@ def setup_logging(level: str | None = None) -> None:
         handler = _TqdmHandler(stream, levels)
         handler.setFormatter(_Formatter())
         root.addHandler(handler)
-    root.setLevel(name.upper())
+    root.setLevel(logging.WARNING)  # the libraries' warnings and errors, not their chatter
+    for ours in OUR_LOGGERS:
+        logging.getLogger(ours).setLevel(name.upper())
     logging.captureWarnings(True)

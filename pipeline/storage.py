@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 READ_BLOCK_SIZE = 8 * 2**20  # s3 readahead block: tar streams crawl without buffering
 WRITE_BLOCK_SIZE = 64 * 2**20  # s3 multipart part size: larger writes upload in parts
 # 4 retries, jittered exponential backoff (~7 s in all, 15 s at most): rides out resets,
-# stalls and 5xx replies (tests/test_faults_s3.py), yet an endpoint that refuses every
+# stalls and 5xx replies (tests/integration/test_faults_s3.py), yet an endpoint that refuses every
 # connection still fails a start-up within seconds. s3fs retries some errors on top.
 S3_CONFIG = {"connect_timeout": 10, "read_timeout": 60,
              "retries": {"max_attempts": 4, "mode": "standard"}}

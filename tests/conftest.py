@@ -1,4 +1,5 @@
-"""Shared test helpers.
+"""Test-wide settings: the fixture modules in tests/helpers/, loaded as plugins, and the one
+rule for a missing real component.
 
 With CI=true a test whose real component (S3 server, Slurm, DeepSpeed) is missing must
 fail, not skip: `require_component` is the one place that decides.
@@ -19,9 +20,9 @@ def require_component(available: bool, what: str) -> None:
     pytest.skip(f"{what} not available")
 
 pytest_plugins = [
-    "tests.s3_servers",  # moto_s3 and seaweed_s3 fixtures
-    "tests.fault_proxy",  # fault_proxy: a flaky HTTP proxy in front of a test S3 server
-    "tests.trainer_runs",  # demo_shards
-    "tests.inference_runs",  # trained_run
-    "tests.slurm_cluster",  # slurm_cluster: munged, slurmctld, 2 x slurmd on 127.0.0.1
+    "tests.helpers.s3_servers",  # moto_s3 and seaweed_s3 fixtures
+    "tests.helpers.fault_proxy",  # fault_proxy: a flaky HTTP proxy in front of a test S3 server
+    "tests.helpers.trainer_runs",  # demo_shards
+    "tests.helpers.inference_runs",  # trained_run
+    "tests.helpers.slurm_cluster",  # slurm_cluster: munged, slurmctld, 2 x slurmd on 127.0.0.1
 ]

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from pipeline.data.augment import chw, resize_u8, to_unit_range
+from pipeline.data.augmentation import chw, resize_u8, to_unit_range
 from pipeline.data.decode import try_decode
 from pipeline.data.format import Entry
 from pipeline.data.shards import list_shards, read_entries

@@ -141,8 +141,8 @@ class Manifest:
     @classmethod
     def from_json(cls, tree: dict, where: str = MANIFEST) -> Manifest:
         try:
-            splits = {name: SplitInfo(info["samples"], info["bytes"], info.get("rejected", 0),
-                                      [ShardInfo(s["name"], s["samples"], s["bytes"])
+            splits = {name: SplitInfo(info["samples"], info.get("bytes", 0), info.get("rejected", 0),
+                                      [ShardInfo(s["name"], s["samples"], s.get("bytes", 0))
                                        for s in info["shards"]])
                       for name, info in tree["splits"].items()}
         except (KeyError, TypeError, AttributeError) as err:

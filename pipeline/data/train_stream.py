@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from pipeline.data.augment import augment, augment_params, chw, derive_seed, resize_u8, to_unit_range
+from pipeline.data.augmentation import augment, augment_params, chw, derive_seed, resize_u8, to_unit_range
 from pipeline.data.decode import try_decode
 from pipeline.data.format import MANIFEST_MISMATCH, Skip
 from pipeline.data.shards import Shard, list_shards, read_entries

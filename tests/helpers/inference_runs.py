@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import export_metadata
 from pipeline.config import Config, to_dict
 from pipeline.export import export_safetensors
 from pipeline.models import build_generator
-from tests.trainer_runs import cpu_env, explain, run, single, train_args
+from pipeline.weights import export_metadata
+from tests.helpers.trainer_runs import cpu_env, explain, run, single, train_args
 
 
 @pytest.fixture(scope="session")

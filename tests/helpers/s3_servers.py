@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from pipeline.distributed import free_port
 from tests.conftest import require_component
 
 
@@ -92,9 +93,7 @@ def _free_ports(count: int) -> list[int]:
     """Ports free now, each with port+10000 free too (weed's gRPC ports)."""
     ports = []
     while len(ports) < count:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         if port + 10000 < 65536 and port not in ports and _is_free(port + 10000):
             ports.append(port)
     return ports
@@ -141,7 +140,7 @@ def seaweed_s3(tmp_path_factory):
     try:
         try:
             _wait_ready(s3, timeout=60, alive=lambda: process.poll() is None)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any start-up failure: shown with weed's log
             log.flush()
             raise RuntimeError("weed mini did not start:\n" +
                                (root / "weed.log").read_text()[-3000:]) from None

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.distributed import free_port
 from tests.conftest import require_component
-from tests.trainer_runs import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "pipeline" / "train.py")
 TINY = ["--model.generator=unet_128", "--model.g_filters=8", "--model.d_filters=8",
         "--data.load_size=136", "--data.crop_size=128", "--data.batch_size=2",
@@ -27,12 +28,6 @@ def demo_shards(tmp_path_factory) -> str:
     make_demo([str(root / "raw"), "--train", "24", "--val", "6", "--size", "64"])
     assert shard([str(root / "raw"), str(root / "shards"), "--quiet", "--workers", "1"]) == 0
     return str(root / "shards")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # bf16 launches test bf16 itself, also on CPUs that only emulate it (where the trainer

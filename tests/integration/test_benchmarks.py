@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_bench_train_compares_variants_in_a_table_then_one_json_line():
     run = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--generator", "unet_128",
@@ -36,6 +37,7 @@ def test_bench_train_refuses_an_unknown_variant_option():
     assert run.returncode != 0 and "bad variant 'bf16+turbo'" in run.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_bench_scaling_launches_one_two_processes_and_two_nodes():
     run = subprocess.run([sys.executable, "benchmarks/bench_scaling.py", "--generator", "unet_128",

@@ -18,7 +18,8 @@ def test_mirror_copies_sub_folders_then_the_marker(moto_s3, monkeypatch, tmp_pat
         (local / name).write_bytes(content)
     checkpoint.mirror(str(local), f"s3://{bucket}/run")
     listed = moto_s3.client().list_objects_v2(Bucket=bucket)["Contents"]
-    assert sorted(o["Key"] for o in listed) == sorted([f"run/step_00000008/{n}" for n in files] + ["run/latest"])
+    expected = [f"run/step_00000008/{n}" for n in files] + ["run/latest"]
+    assert sorted(o["Key"] for o in listed) == sorted(expected)
     for name, content in files.items():
         assert storage.read_bytes(f"s3://{bucket}/run/step_00000008/{name}") == content
     assert storage.read_bytes(f"s3://{bucket}/run/latest") == b"step_00000008"

@@ -10,10 +10,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.distributed import free_port
 from tests.conftest import require_component
-from tests.test_train import DECAY, LOSSES, losses_by_step, run_then_resume
-from tests.trainer_runs import (ROOT, accelerate, deepspeed, deepspeed_env, explain, free_port,
-                                gloo_env, latest, run, step_log, train_args)
+from tests.helpers.runs import DECAY, LOSSES, losses_by_step, run_then_resume
+from tests.helpers.trainer_runs import (
+    ROOT,
+    accelerate,
+    deepspeed,
+    deepspeed_env,
+    explain,
+    gloo_env,
+    latest,
+    run,
+    step_log,
+    train_args,
+)
+
+# every test here launches DeepSpeed (10-25 s each on 2 cores; the file ~3-5 min); CI runs them
+pytestmark = pytest.mark.slow
 
 DEEPSPEED = all(importlib.util.find_spec(name) for name in ("deepspeed", "transformers"))
 STEPS = 8
@@ -122,7 +136,6 @@ def test_g_step_without_freezing_d_fails_under_zero2(demo_shards, tmp_path):
     assert "[rank 0] exiting with code 1" in result.stderr
 
 
-@pytest.mark.slow  # the file takes > 4 min on 2 cores; CI still runs these
 @pytest.mark.timeout(3 * LAUNCH_TIMEOUT + 60)
 def test_zero2_bf16_resume_reproduces_the_uninterrupted_losses(runs, demo_shards, tmp_path):
     whole_dir, whole = runs(2, "bf16")
@@ -136,11 +149,11 @@ def test_zero2_bf16_resume_reproduces_the_uninterrupted_losses(runs, demo_shards
         assert got[step] == expected[step], f"step {step} differs after resume"
     checkpoint = run_dir / "checkpoints" / latest(run_dir)
     for model, rank in [("G", 0), ("G", 1), ("D", 0), ("D", 1)]:  # every rank saved its partition
-        assert list((checkpoint / model / "engine").glob(f"*zero_pp_rank_{rank}_*optim_states.pt")), (model, rank)
+        partition = f"*zero_pp_rank_{rank}_*optim_states.pt"
+        assert list((checkpoint / model / "engine").glob(partition)), (model, rank)
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
 
 
-@pytest.mark.slow  # the file takes > 4 min on 2 cores; CI still runs these
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
 def test_two_nodes_on_loopback_train_as_one_deepspeed_world(demo_shards, tmp_path):
     port, args = free_port(), train_args(tmp_path / "run", demo_shards, "--train.max_steps=3")
@@ -158,14 +171,14 @@ def test_two_nodes_on_loopback_train_as_one_deepspeed_world(demo_shards, tmp_pat
     assert "[rank 1] exiting with code 0" in outputs[1][1]
 
 
-@pytest.mark.slow  # the file takes > 4 min on 2 cores; CI still runs these
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 60)
 @pytest.mark.parametrize("stage", [None, 2], ids=["ddp", "zero2"])
 def test_activation_checkpointing_changes_no_loss(runs, stage, demo_shards, tmp_path):
     plain_dir, plain = runs(stage)
     assert plain.returncode == 0, explain(plain)
     run_dir = tmp_path / "run"
-    command, env = launch(train_args(run_dir, demo_shards, *RUN, "--model.activation_checkpointing=true"), stage)
+    command, env = launch(train_args(run_dir, demo_shards, *RUN, "--model.activation_checkpointing=true"),
+                          stage)
     result = run(command, env, timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 0, explain(result)
     assert "activation_checkpointing: true" in result.stdout

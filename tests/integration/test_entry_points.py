@@ -109,7 +109,7 @@ def test_an_internal_error_keeps_its_traceback_and_exits_1(env, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_every_tool_has_help_and_train_runs_as_a_module_and_a_script():
+def test_every_tool_has_help_and_train_runs_as_a_module_and_a_script(env):
     for tool in TOOLS:
         result = subprocess.run([shutil.which(tool) or tool, "--help"], capture_output=True,
                                 text=True, timeout=120)

@@ -10,7 +10,10 @@ import pytest
 from PIL import Image
 
 from tests.conftest import require_component
-from tests.trainer_runs import ROOT, accelerate, cpu_env, explain, gloo_env, run
+from tests.helpers.trainer_runs import ROOT, accelerate, cpu_env, explain, gloo_env, run
+
+# all on trained_run (the trainer, 100 steps) and a report made by evaluate.py: ~40 s before the first
+pytestmark = pytest.mark.slow
 
 EVALUATE = str(ROOT / "pipeline" / "evaluate.py")
 DETERMINISTIC = ["--dropout", "off", "--norm-stats", "running"]
@@ -91,8 +94,8 @@ def test_the_page_renders_with_its_grid_in_headless_chromium(report, tmp_path):
 
 
 def test_default_mode_is_the_papers_and_a_foreign_checkpoint_is_refused(trained_run, tmp_path):
-    result = run([sys.executable, EVALUATE, *evaluate_args(trained_run, tmp_path / "paper", "--samples", "2")],
-                 cpu_env())
+    result = run([sys.executable, EVALUATE,
+                  *evaluate_args(trained_run, tmp_path / "paper", "--samples", "2")], cpu_env())
     assert result.returncode == 0, explain(result)
     metrics = json.loads((tmp_path / "paper" / "metrics.json").read_text())
     assert metrics["test_mode"]["dropout"] == "on" and metrics["test_mode"]["norm_stats"] == "batch"

@@ -9,6 +9,9 @@ from pipeline.checkpoint import load_generator
 from pipeline.export import ONNX_TOLERANCE, main
 from tests.conftest import require_component
 
+# all on trained_run: the real trainer, 100 steps (15-90 s on 2 cores, by load)
+pytestmark = pytest.mark.slow
+
 SHAPES = [(1, 3, 128, 128), (3, 3, 256, 384)]  # batch, H and W other than the traced ones
 
 
@@ -55,11 +58,3 @@ def test_onnx_export_equals_pytorch_in_onnxruntime(exported):
         error = (torch.from_numpy(result) - y).abs().max().item()
         print(f"onnxruntime vs PyTorch {tuple(x.shape)}: max |diff| {error:.2e}")
         assert error <= ONNX_TOLERANCE
-
-
-def test_unknown_format_and_foreign_checkpoint_fail_clearly(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"), "--format", "tflite"])
-    assert "unknown format 'tflite'" in capsys.readouterr().err
-    assert main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "no generator.json" in capsys.readouterr().err

@@ -2,29 +2,23 @@
 the newest complete checkpoint always loads, `--train.resume=auto` finishes the run, and
 the resumed losses equal the uninterrupted run's bit for bit (CPU); a killed shard.py
 re-run gives the same bytes as an uninterrupted one."""
-import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from pipeline import checkpoint
-from tests.test_shard import make_aligned, tree
-from tests.trainer_runs import ROOT, cpu_env, explain, latest, run, single, step_log, train_args
+from tests.helpers.runs import LOSSES, assert_newest_checkpoint_loads, losses_by_step
+from tests.helpers.shard_trees import SHARD_PY, make_aligned, tree
+from tests.helpers.trainer_runs import ROOT, cpu_env, explain, latest, run, single, step_log, train_args
 
-LOSSES = ("train/loss_D", "train/loss_G", "train/loss_G_gan", "train/loss_G_l1")
 STEPS = 6
 # ckpt_every=1 and keep_last=2: every step commits and rotates, so each point is reached
 RUN = (f"--train.max_steps={STEPS}", "--train.ckpt_every=1", "--train.keep_last=2",
        "--log.tracker=none", "--data.num_workers=1")
-SHARD_PY = [sys.executable, str(ROOT / "data_tools" / "shard.py")]
 
 
 @pytest.fixture(scope="module")
@@ -36,29 +30,6 @@ def reference(demo_shards, tmp_path_factory):
     return losses_by_step(step_log(run_dir))
 
 
-def losses_by_step(records) -> dict[int, list[float]]:
-    return {r["step"]: [r[k] for k in LOSSES] for r in records}
-
-
-def assert_newest_checkpoint_loads(run_dir: Path) -> int | None:
-    """Every committed step_N/ is whole and the marker's one loads as a resume would
-    read it; returns its step (None before the first commit)."""
-    root = Path(checkpoint.checkpoints_dir(str(run_dir)))
-    for name in checkpoint.committed(str(root)):
-        files = {p.name for p in (root / name).iterdir()}
-        assert {"trainer.json", "generator.safetensors", "discriminator.safetensors",
-                "optimizers.pt", "rank_00000.json", "rank_00000_rng.pt"} <= files, (name, files)
-    path = checkpoint.resolve(str(run_dir), "auto")
-    if path is None:
-        assert not checkpoint.committed(str(root))  # a committed step has a marker
-        return None
-    checkpoint.load_generator(path)
-    load_file(Path(path) / "discriminator.safetensors")
-    torch.load(Path(path) / "optimizers.pt", weights_only=True)
-    json.loads((Path(path) / "rank_00000.json").read_text())
-    return json.loads((Path(path) / "trainer.json").read_text())["step"]
-
-
 def assert_losses_match(run_dir: Path, reference: dict) -> None:
     """Every logged step of every segment, killed ones included, equals the reference:
     a resumed segment re-logs the steps after its checkpoint with the same numbers."""
@@ -68,6 +39,7 @@ def assert_losses_match(run_dir: Path, reference: dict) -> None:
         assert [record[k] for k in LOSSES] == reference[record["step"]], record["step"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("point", ["checkpoint.after_models:3", "checkpoint.staged:3",
                                    "checkpoint.renamed:3", "checkpoint.rotating:2"])
@@ -145,7 +117,7 @@ def kill_at_random(command, run_dir: Path, rng: random.Random, startup: float) -
         deadline = time.monotonic() + rng.uniform(0.0, 0.6)
     try:
         process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        pytest.fail(f"a segment finished the run before its kill: raise RANDOM_STEPS")
+        pytest.fail("a segment finished the run before its kill: raise RANDOM_STEPS")
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=30)

@@ -1,4 +1,4 @@
-"""S3 that fails: a flaky network (tests/fault_proxy.py in front of a real S3 server on
+"""S3 that fails: a flaky network (tests/helpers/fault_proxy.py in front of a real S3 server on
 loopback), an unreachable endpoint, a missing bucket, wrong or read-only credentials.
 Sharding and training ride out transient faults and lose nothing; a shard that stays
 unreadable is skipped and counted; what cannot work fails at start-up in one line; the
@@ -13,8 +13,17 @@ import pytest
 
 from data_tools.shard import main as shard
 from pipeline import storage
-from tests.trainer_runs import (accelerate, cpu_env, explain, free_port, gloo_env, run, single,
-                                step_log, train_args)
+from pipeline.distributed import free_port
+from tests.helpers.trainer_runs import (
+    accelerate,
+    cpu_env,
+    explain,
+    gloo_env,
+    run,
+    single,
+    step_log,
+    train_args,
+)
 
 WRONG_SECRET = "wrong-secret-" + "k" * 27
 
@@ -45,6 +54,7 @@ def _assert_secret_nowhere(secret: str, outputs=(), folders=(), prefixes=()) -> 
     return len(files) + len(objects)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_sharding_through_a_flaky_network_loses_and_repeats_nothing(
         demo_shards, seaweed_s3, fault_proxy, monkeypatch, capsys):
@@ -72,9 +82,9 @@ def _train(run_dir, data_url, *extra, steps=2, env=None, launch=single, timeout=
 
 
 def _one_error_line(result, program: str) -> str:
-    """The single line a failed start-up prints: `PROGRAM: error: ...`, exit code 2 for
-    train.py (1 for shard.py, which exits through SystemExit)."""
-    assert result.returncode == (2 if program == "train.py" else 1), explain(result)
+    """The single line a failed start-up prints: `PROGRAM: error: ...`, exit code 2 (a
+    user error, for train.py and shard.py alike)."""
+    assert result.returncode == 2, explain(result)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith(f"{program}: error: "), explain(result)
     return lines[-1]
@@ -102,6 +112,7 @@ def _upload(folder, url: str) -> None:
         storage.put(str(path), storage.join(url, path.name))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_training_through_a_flaky_network_skips_and_counts_only_a_dead_shard(
         demo_shards, seaweed_s3, fault_proxy, monkeypatch, tmp_path):
@@ -131,6 +142,7 @@ def test_training_through_a_flaky_network_skips_and_counts_only_a_dead_shard(
     print(f"training: {dict(proxy.counts)}; skipped {log[-1]['data/skipped_unreadable_shard']}")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_mirror_that_breaks_mid_run_costs_copies_not_the_run(
         demo_shards, moto_s3, fault_proxy, monkeypatch, tmp_path):

@@ -45,6 +45,7 @@ def one_line(result) -> str:
 
 # ----------------------------------------------------------------- 1. a second run
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_second_run_into_a_used_run_folder_is_refused_touching_nothing(demo_shards, tmp_path):
     args = train_args(tmp_path / "run", demo_shards, "--train.max_steps=2", *QUIET)
@@ -59,6 +60,7 @@ def test_a_second_run_into_a_used_run_folder_is_refused_touching_nothing(demo_sh
     assert tree(tmp_path / "run") == before  # not a byte, not a timestamp changed
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_overwrite_moves_the_old_run_aside_and_an_elastic_restart_resumes(demo_shards, tmp_path):
     args = train_args(tmp_path / "run", demo_shards, "--train.max_steps=2", *QUIET)
@@ -148,6 +150,7 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_it_skipped(demo_shards, tmp
         (run_dir / "checkpoints" / "latest").exists()  # nothing half-committed
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_errors_through_p2p_train_are_the_trainers_line_and_code(demo_shards, tmp_path):
     user = run([sys.executable, "-m", "pipeline.launch", *launch_options(1), "--",
@@ -163,6 +166,7 @@ def test_errors_through_p2p_train_are_the_trainers_line_and_code(demo_shards, tm
 
 # ----------------------------------------------------------------- 4. precision
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_start_up_says_the_precision_and_where_it_came_from(demo_shards, tmp_path):
     args = train_args(tmp_path / "run", demo_shards, "--train.max_steps=2", *QUIET)
@@ -181,6 +185,7 @@ def test_start_up_says_the_precision_and_where_it_came_from(demo_shards, tmp_pat
 
 # ----------------------------------------------------------------- 5. export
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_export_without_options_writes_what_the_installed_packages_allow(trained_run, tmp_path):
     # a fresh interpreter in which onnxscript cannot be imported (as on a plain install)
@@ -196,6 +201,7 @@ def test_export_without_options_writes_what_the_installed_packages_allow(trained
 
 # ----------------------------------------------------------------- 6. permissions
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
 def test_every_file_gets_the_permissions_the_umask_gives(tmp_path, umask, mode):
@@ -221,6 +227,7 @@ def test_every_file_gets_the_permissions_the_umask_gives(tmp_path, umask, mode):
 
 # ----------------------------------------------------------------- 7. A|B in translate
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_translate_takes_the_input_half_of_an_a_b_image(trained_run, tmp_path):
     pair = sorted((trained_run["raw"] / "val").glob("*.png"))[0]  # 256 wide x 128 high
@@ -319,6 +326,7 @@ def test_shard_py_missing_source_bad_images_and_strict(tmp_path):
 
 # ----------------------------------------------------------------- 11-12. logs, small ones
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_resuming_adds_no_tensorboard_runs_and_no_duplicate_rows(demo_shards, tmp_path):
     args = train_args(tmp_path / "run", demo_shards, "--train.max_steps=2", "--train.eval_every=1",
@@ -335,6 +343,7 @@ def test_resuming_adds_no_tensorboard_runs_and_no_duplicate_rows(demo_shards, tm
     assert '"distributed_type": "NO"' in result.stdout  # a value, not an enum repr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_report_path_is_clean_when_out_ends_with_a_slash(trained_run, tmp_path):
     result = run([sys.executable, str(ROOT / "pipeline" / "evaluate.py"), "--checkpoint",

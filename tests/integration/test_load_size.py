@@ -9,6 +9,7 @@ from pipeline.data.format import Manifest
 from tests.helpers.trainer_runs import cpu_env, explain, run, single, step_log, train_args
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_pre_resized_shards_train_exactly_like_the_originals(tmp_path):
     assert make_demo([str(tmp_path / "raw"), "--train", "8", "--val", "2", "--size", "96",

@@ -7,6 +7,7 @@ import pytest
 from tests.helpers.trainer_runs import accelerate, cpu_env, explain, gloo_env, run, single, train_args
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_processes_log_with_their_rank_and_the_data_streams_info(demo_shards, tmp_path):
     args = train_args(tmp_path / "run", demo_shards, "--train.max_steps=2", "--log.tracker=none")
@@ -22,6 +23,7 @@ def test_two_processes_log_with_their_rank_and_the_data_streams_info(demo_shards
     assert ours and all(line.startswith("[rank ") for line in ours)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_log_level_from_the_config_hides_info(demo_shards, tmp_path):
     args = train_args(tmp_path / "run", demo_shards, "--train.max_steps=1", "--log.tracker=none",

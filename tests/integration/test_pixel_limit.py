@@ -11,6 +11,7 @@ from pipeline.data.format import Manifest
 from tests.helpers.trainer_runs import cpu_env, explain, run, single, step_log
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_an_image_just_under_the_shard_limit_is_trained_on(tmp_path):
     height = 6688

@@ -1,4 +1,4 @@
-"""launch/slurm/ on a real Slurm cluster (two nodes on 127.0.0.1, see slurm_cluster.py):
+"""launch/slurm/ on a real Slurm cluster (two nodes on 127.0.0.1, see tests/helpers/slurm_cluster.py):
 2-node training as one world, preemption warning -> checkpoint -> requeue -> resume with
 no step lost or repeated, and the sharding job array against a single run."""
 import re
@@ -11,7 +11,11 @@ import pytest
 
 from data_tools.make_demo import main as make_demo
 from data_tools.shard import main as shard
-from tests.trainer_runs import ROOT, TINY, cpu_env, free_port, latest, step_log
+from pipeline.distributed import free_port
+from tests.helpers.trainer_runs import ROOT, TINY, cpu_env, latest, step_log
+
+# Slurm jobs of the real trainer and shard.py: 11-60 s each on 2 cores
+pytestmark = pytest.mark.slow
 
 TRAIN_SBATCH = str(ROOT / "launch" / "slurm" / "train.sbatch")
 SHARD_SBATCH = str(ROOT / "launch" / "slurm" / "shard.sbatch")

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.tracking import installed
 from tests.conftest import require_component
-from tests.trainer_runs import ROOT, TRAIN, cpu_env, explain, single, train_args
+from tests.helpers.trainer_runs import ROOT, TRAIN, cpu_env, explain, single, train_args
 
 # 4 steps: train scalars at 1..4, val metrics at 0, 2, 4, sample grids at 2 and 4
 SHORT = ["--train.max_steps=4", "--log.every=1", "--log.sample_every=2", "--train.eval_every=2"]
@@ -72,6 +72,7 @@ def wandb_history(path: Path) -> dict[str, dict[int, object]]:
     return history
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_wandb_offline_run_records_losses_val_metrics_and_samples_under_the_run_folder(
         demo_shards, tmp_path):
@@ -107,6 +108,7 @@ def mlflow_metric(run: Path, key: str) -> dict[int, float]:
     return {int(step): float(value) for _ts, value, step in (ln.split() for ln in lines if ln)}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_mlflow_file_store_under_the_run_folder_holds_metrics_and_sample_artifacts(
         demo_shards, tmp_path):
@@ -132,6 +134,7 @@ def test_mlflow_file_store_under_the_run_folder_holds_metrics_and_sample_artifac
 
 # --------------------------------------------------------------------------- tensorboard
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_tensorboard_still_gets_scalars_and_sample_images(demo_shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -172,3 +175,14 @@ def test_a_tracker_that_is_not_installed_stops_the_run_in_one_line(demo_shards, 
         "pip install -e '.[tracking]' (or choose tensorboard/none)"], explain(result)
     assert not run_dir.exists()
     assert list((tmp_path / "cwd").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- imports
+
+def test_importing_tracking_imports_no_tracker_and_no_torch():
+    code = ("import sys, pipeline.tracking; "
+            "print(sorted(m for m in ('wandb', 'mlflow', 'torch', 'accelerate') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -4,22 +4,31 @@ import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.models import build_generator
 from pipeline.config import ModelConfig
-from tests.trainer_runs import (ROOT, accelerate, cpu_env, explain, free_port, gloo_env,
-                                latest, run, single, step_log, train_args)
+from pipeline.distributed import free_port
+from pipeline.models import build_generator
+from tests.helpers.runs import DECAY, LOSSES, losses_by_step, run_then_resume, wait_for_step
+from tests.helpers.trainer_runs import (
+    ROOT,
+    accelerate,
+    cpu_env,
+    explain,
+    gloo_env,
+    latest,
+    run,
+    single,
+    step_log,
+    train_args,
+)
 
-LOSSES = ("train/loss_D", "train/loss_G", "train/loss_G_gan", "train/loss_G_l1")
-DECAY = ["--optim.constant_steps=2", "--optim.decay_steps=5"]
 
-
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_one_process_leaves_checkpoint_logs_samples_and_an_export(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
@@ -55,6 +64,7 @@ def two_process_run(demo_shards, tmp_path_factory):
     return run_dir, result
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_processes_keep_g_and_d_bitwise_equal(two_process_run):
     run_dir, result = two_process_run
@@ -65,6 +75,7 @@ def test_two_processes_keep_g_and_d_bitwise_equal(two_process_run):
     assert all(torch.isfinite(torch.tensor([r[k] for k in LOSSES])).all() for r in step_log(run_dir))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_replica_check_fails_when_d_gradients_are_not_all_reduced(demo_shards, tmp_path):
     helper = str(ROOT / "tests" / "helpers" / "train_without_d_allreduce.py")
@@ -74,6 +85,7 @@ def test_replica_check_fails_when_d_gradients_are_not_all_reduced(demo_shards, t
     assert "replicas diverged" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_lr_follows_the_schedule_the_same_with_1_and_2_processes(two_process_run, demo_shards, tmp_path):
     one = run(single(train_args(tmp_path / "one", demo_shards, "--train.max_steps=8", *DECAY)), cpu_env())
@@ -85,6 +97,7 @@ def test_lr_follows_the_schedule_the_same_with_1_and_2_processes(two_process_run
     assert lrs_one == pytest.approx(expected) and lrs_two == pytest.approx(expected)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_nodes_on_loopback_train_as_one_world(demo_shards, tmp_path):
     port, args = free_port(), train_args(tmp_path / "run", demo_shards, "--train.max_steps=3")
@@ -98,6 +111,7 @@ def test_two_nodes_on_loopback_train_as_one_world(demo_shards, tmp_path):
     assert "[rank 1] exiting with code 0" in outputs[1][1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_run_folder_must_be_shared_by_every_node(demo_shards, tmp_path):
     port = free_port()
@@ -111,20 +125,7 @@ def test_run_folder_must_be_shared_by_every_node(demo_shards, tmp_path):
     assert "is not shared" in outputs[0][1]
 
 
-def run_then_resume(launch, env, run_dir, shards, stop_at, total, *extra):
-    first = run(launch(train_args(run_dir, shards, f"--train.max_steps={stop_at}", *extra)), env)
-    assert first.returncode == 0, explain(first)
-    second = run(launch(train_args(run_dir, shards, f"--train.max_steps={total}",
-                                   "--train.resume=auto", *extra)), env)
-    assert second.returncode == 0, explain(second)
-    assert f"resumed from" in second.stdout and f"at step {stop_at}" in second.stdout
-    return step_log(run_dir)
-
-
-def losses_by_step(records):
-    return {r["step"]: [r[k] for k in LOSSES] for r in records}
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_one_process_resume_reproduces_the_uninterrupted_losses(demo_shards, tmp_path):
     extra = ("--data.num_workers=2", *DECAY)
@@ -139,6 +140,7 @@ def test_one_process_resume_reproduces_the_uninterrupted_losses(demo_shards, tmp
         assert got[step] == expected[step], f"step {step} differs after resume"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_process_resume_reproduces_the_uninterrupted_losses(two_process_run, demo_shards, tmp_path):
     resumed = run_then_resume(lambda args: accelerate(args), gloo_env(), tmp_path / "resumed",
@@ -149,17 +151,7 @@ def test_two_process_resume_reproduces_the_uninterrupted_losses(two_process_run,
         assert got[step] == expected[step], f"step {step} differs after resume"
 
 
-def wait_for_step(run_dir: Path, step: int, process, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "trainer ended before the signal"
-        log = run_dir / "train_log.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= step:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"no step {step} within {timeout} s")
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_stop_signal_checkpoints_at_a_step_boundary_and_exits_0(sig, demo_shards, tmp_path):
@@ -187,6 +179,7 @@ def start_endless_two_process_run(run_dir, shards) -> subprocess.Popen:
     return launcher
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_processes_stop_together_on_sigusr1_to_the_workers(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
@@ -214,42 +207,13 @@ def test_syncbatch_is_refused_on_cpu_at_start_up(demo_shards, tmp_path):
 @pytest.mark.timeout(200)
 def test_independent_world_size_1_runs_are_refused(demo_shards, tmp_path):
     # --multi_gpu on CPU without ACCELERATE_USE_CPU: two processes that each think they
-    # are alone (the trap TRAPS.md describes): train.py must refuse, not train twice.
+    # are alone (accelerate starts N independent world-size-1 runs): train.py must refuse.
     result = run(accelerate(train_args(tmp_path / "run", demo_shards)), cpu_env())
     assert result.returncode != 0
     assert "but the launcher started WORLD_SIZE=2" in result.stderr
 
 
-@pytest.mark.timeout(120)
-def test_bf16_runs_the_step_convolutions_in_bf16_on_cpu(demo_shards, tmp_path):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    from pipeline.config import from_cli
-    from pipeline.gan import train_step
-    from pipeline.losses import Pix2PixObjective
-    from pipeline.engines import DDPEngines
-
-    cfg, _ = from_cli(train_args(tmp_path / "run", demo_shards))
-    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
-    try:
-        engines = DDPEngines(cfg, accelerator)
-        G, D = engines.G, engines.D
-        dtypes = set()
-        for model in (G, D):
-            for module in model.modules():
-                if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-                    module.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
-        x = torch.rand(2, 3, 128, 128) * 2 - 1
-        losses = train_step(G, D, engines.opt_G, engines.opt_D, x, x.flip(-1), Pix2PixObjective(),
-                            engines.hooks)
-    finally:
-        AcceleratorState._reset_state(True)
-    assert dtypes == {torch.bfloat16}
-    assert all(torch.isfinite(torch.tensor(list(losses.values()))))
-    assert all(p.dtype == torch.float32 for p in G.parameters())  # fp32 master weights
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bf16_learns_as_well_as_fp32_on_the_demo_data(demo_shards, tmp_path):
     final_l1 = {}
@@ -265,6 +229,7 @@ def test_bf16_learns_as_well_as_fp32_on_the_demo_data(demo_shards, tmp_path):
     assert abs(final_l1["bf16"] - final_l1["no"]) <= 0.05 * final_l1["no"], final_l1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_to_the_launcher_stops_both_workers_cleanly(demo_shards, tmp_path):
     run_dir = tmp_path / "run"

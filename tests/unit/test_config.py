@@ -3,8 +3,17 @@
 import pytest
 import yaml
 
-from pipeline.config import (Config, ConfigError, from_cli, from_dict, load_yaml, to_dict,
-                             to_yaml, validate, validate_runtime)
+from pipeline.config import (
+    Config,
+    ConfigError,
+    from_cli,
+    from_dict,
+    load_yaml,
+    to_dict,
+    to_yaml,
+    validate,
+    validate_runtime,
+)
 
 
 def test_defaults_are_the_reference_recipe():
@@ -53,11 +62,13 @@ def test_cli_defaults_do_not_override_the_file(tmp_path):
     (["--model.dropout=3"], "model.dropout: expected bool, got 3"),
     (["--data.batch_size=true"], "data.batch_size: expected int, got True"),
     (["--model.norm=group"], "model.norm: 'group' is not one of batch, instance, none, syncbatch"),
-    (["--data.crop_size=200", "--data.load_size=286"], "data.crop_size: 200 is not divisible by 2**8=256"),
+    (["--data.crop_size=200", "--data.load_size=286"],
+     "data.crop_size: 200 is not divisible by 256 as model.generator=unet_256 needs"),
     (["--data.load_size=128"], "data.load_size: 128 is smaller than data.crop_size 256"),
     (["--optim.lr=0"], "optim.lr: must be > 0"),
     (["--data.num_workers=-1"], "data.num_workers: must be >= 0"),
-    (["--data.train=pipe:curl x"], "'pipe:' URLs run a shell and are refused"),
+    (["--data.train=pipe:curl x"], "data.train: unsupported storage URL 'pipe:curl x': only local paths, "
+                                   "file:// and s3:// are accepted (pipe: URLs run a shell and are refused)"),
     (["positional"], "unexpected command-line argument 'positional'"),
 ])
 def test_cli_errors_are_one_line_and_name_the_key(argv, message):

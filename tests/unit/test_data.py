@@ -1,106 +1,29 @@
-"""pipeline/data.py: stages alone, then real multi-process ranks (gloo), S3, resume."""
+"""pipeline/data/ in-process: listing, decoding, augmentation, the eval stream, resume
+and skips (loader workers included); real ranks, shard.py output and S3 are in
+tests/integration/test_data_streams.py."""
 import io
 import json
-import multiprocessing
-import os
-import socket
 import struct
-import subprocess
-import sys
 import tarfile
-import traceback
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pipeline import data
+from pipeline import data, storage
 from pipeline.config import DataConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-SIZE = 16  # pixels of the test images: tiny, the 2 shared cores stay free
-
-
-# ------------------------------------------------------------------------------ helpers
-
-def image_bytes(pixels: np.ndarray, fmt: str = "PNG", **save) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt, **save)
-    return buffer.getvalue()
-
-
-def sample_pixels(key: str, size: int = SIZE) -> np.ndarray:
-    """A smooth image unique to `key` (smooth: resizes keep it a known function)."""
-    rng = np.random.default_rng(data.derive_seed(key))
-    ramp = np.linspace(0, 1, size)
-    base = rng.uniform(40, 200, 3) + rng.uniform(-30, 30, 3) * ramp[:, None, None] \
-        + rng.uniform(-30, 30, 3) * ramp[None, :, None]
-    return base.round().astype(np.uint8)
-
-
-def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    tar.addfile(info, io.BytesIO(payload))
-
-
-def write_dataset(folder: Path, counts: list[int], split: str = "train",
-                  prefix: str = "") -> list[str]:
-    """Shards `split-00000N.tar` of PNG pairs (target = 255 - input) + manifest.json;
-    returns every key."""
-    folder.mkdir(parents=True, exist_ok=True)
-    keys, entries = [], []
-    for number, count in enumerate(counts):
-        name = f"{split}-{number:06d}.tar"
-        with tarfile.open(folder / name, "w") as tar:
-            for i in range(count):
-                key = f"{prefix}s{number:02d}n{i:03d}"
-                pixels = sample_pixels(key)
-                add_member(tar, f"{key}.input.png", image_bytes(pixels))
-                add_member(tar, f"{key}.target.png", image_bytes(255 - pixels))
-                add_member(tar, f"{key}.json", b'{"layout": "separate"}')
-                keys.append(key)
-        entries.append({"name": name, "samples": count, "bytes": (folder / name).stat().st_size})
-    manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else \
-        {"format_version": 1, "splits": {}, "options": {}}
-    manifest["splits"][split] = {"samples": sum(counts),
-                                 "bytes": sum(e["bytes"] for e in entries), "shards": entries}
-    manifest_path.write_text(json.dumps(manifest))
-    return keys
-
-
-def config(folder, **overrides) -> DataConfig:
-    base = dict(train=str(folder), val=str(folder), load_size=18, crop_size=16,
-                batch_size=2, num_workers=0, shuffle_buffer=4)
-    return DataConfig(**{**base, **overrides})
-
-
-def epoch_batches(loader) -> list[dict]:
-    """The batches of the loader's current epoch (stops at the first batch of the next);
-    sets loader.epoch_skipped to the skip counts as the epoch ended."""
-    epoch, batches = loader.epoch, []
-    while True:
-        skipped = loader.skipped
-        batch = next(loader)
-        if loader.epoch != epoch:
-            loader.epoch_skipped = skipped
-            return batches
-        batches.append(batch)
-
-
-def keys_of(batches) -> list[str]:
-    return [key for batch in batches for key in batch["key"]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from pipeline.data import decode as data_decode
+from pipeline.errors import DataError
+from tests.helpers.images import (
+    SIZE,
+    config,
+    image_bytes,
+    keys_of,
+    sample_pixels,
+    write_dataset,
+)
 
 # ------------------------------------------------------------------------------ listing
 
@@ -114,7 +37,7 @@ def test_list_shards_forms(tmp_path):
     (tmp_path / "manifest.json").unlink()
     assert data.list_shards(pattern, "ignored") == by_folder  # counts from tar headers
     for refused in ("pipe:cat x.tar", "http://host/x.tar"):
-        with pytest.raises(ValueError, match="refusing"):
+        with pytest.raises(DataError, match="data.train: unsupported storage URL"):
             data.list_shards(refused, "train")
 
 
@@ -123,7 +46,9 @@ def test_damaged_tars_are_counted_not_silently_short(tmp_path):
     shard = tmp_path / "train-000000.tar"
     whole = shard.read_bytes()
     offsets = [m.offset for m in tarfile.open(shard)]  # 9 members: 3 per sample
-    read = lambda: [(e[2], e[3] if e[2] is None else None) for e in data.read_entries([shard])]
+    # (key, None) for a sample, (None, reason) for a skip
+    read = lambda: [(e.key, None) if isinstance(e, data.Entry) else (None, e.reason)
+                    for e in data.read_entries([shard])]
     assert read() == [("s00n000", None), ("s00n001", None), ("s00n002", None)]
     cases = {"at a header boundary": whole[:offsets[6]],
              "inside member data": whole[:offsets[6] + 700],
@@ -146,7 +71,7 @@ def test_shard_order_and_splits_partition():
 
 def test_exact_mode_refuses_too_few_shards(tmp_path):
     write_dataset(tmp_path, [4, 4, 4])
-    with pytest.raises(ValueError, match="3 shards < 2 ranks x 2 workers"):
+    with pytest.raises(DataError, match="3 shards < 2 ranks x 2 workers"):
         data.make_train_loader(config(tmp_path, num_workers=2), rank=0, world_size=2, seed=0,
                                in_channels=3, out_channels=3, have_batch_all_ranks=bool)
 
@@ -251,7 +176,7 @@ def test_augmentation_keeps_pairs_aligned_in_worker_and_on_device(tmp_path):
     assert len({tuple(p[:2]) for p in params}) > 1 and {p[2] for p in params} == {0, 1}
     # the crop really is each key's: recompute one sample by hand
     top, left, flip = data.augment_params(3, 0, batch["key"][0], worker)
-    manual = data.resize_u8(data._chw(sample_pixels(batch["key"][0])), 24)[0, :, top:top + 16,
+    manual = data.resize_u8(data.chw(sample_pixels(batch["key"][0])), 24)[0, :, top:top + 16,
                                                                           left:left + 16]
     manual = manual.flip(-1) if flip else manual
     assert torch.equal(data.to_unit_range(manual), batch["input"][0])
@@ -324,9 +249,9 @@ def test_resume_deep_in_a_shard_decodes_nothing_skipped(tmp_path, monkeypatch):
     assert state["workers"][0]["offset"] > 0  # a block start deep inside the shard
     expected = next(first)["key"]
     decoded, reads = [], []
-    real_decode, real_open = data.decode_image, data.storage.open_read
-    monkeypatch.setattr(data, "decode_image", lambda *a: decoded.append(1) or real_decode(*a))
-    monkeypatch.setattr(data.storage, "open_read", lambda url: reads.append(url) or real_open(url))
+    real_decode, real_open = data_decode.decode_image, storage.open_read
+    monkeypatch.setattr(data_decode, "decode_image", lambda *a: decoded.append(1) or real_decode(*a))
+    monkeypatch.setattr(storage, "open_read", lambda url: reads.append(url) or real_open(url))
     resumed = make()
     resumed.load_state_dict(state)
     assert next(resumed)["key"] == expected
@@ -341,7 +266,7 @@ def test_all_bad_data_ends_instead_of_spinning(tmp_path):
     for mode in ("exact", "resampled"):
         loader = data.make_train_loader(config(tmp_path, mode=mode), rank=0, world_size=1,
                                         seed=0, in_channels=3, out_channels=3)
-        with pytest.raises(RuntimeError, match="no usable batch"):
+        with pytest.raises(DataError, match="no usable batch"):
             next(loader)
         assert loader.skipped["truncated_shard"] >= 2
 
@@ -371,166 +296,3 @@ def test_changed_world_size_restarts_the_epoch(tmp_path, caplog):
     one.load_state_dict(two.state_dict())
     assert "restarting epoch 1" in caplog.text
     assert (one.epoch, one.step_in_epoch, one.steps_per_epoch) == (1, 0, 8)
-
-
-# ------------------------------------------------------------------- real ranks (gloo)
-
-def _rank_main(rank, world, port, cases, out_dir):
-    """One rank: read one epoch of every case, write what it saw to out_dir/rank.json."""
-    import torch.distributed as dist
-    code = 0
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=rank, world_size=world)
-
-        def have_batch_all_ranks(flag: bool) -> bool:
-            t = torch.tensor([int(flag)])
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            return bool(t.item())
-
-        seen = {}
-        for name, cfg in cases.items():
-            loader = data.make_train_loader(cfg, rank=rank, world_size=world, seed=7,
-                                            in_channels=3, out_channels=3,
-                                            have_batch_all_ranks=have_batch_all_ranks)
-            batches = epoch_batches(loader)
-            seen[name] = {"keys": [b["key"] for b in batches], "skipped": loader.epoch_skipped,
-                          "planned": loader.steps_per_epoch}
-        (Path(out_dir) / f"{rank}.json").write_text(json.dumps(seen))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # gloo can SIGABRT at interpreter exit (pytorch issue 190489)
-
-
-def run_ranks(world: int, cases: dict, out_dir: Path, timeout: float = 100) -> list[dict]:
-    """Real processes, one per rank, a gloo group on loopback; fails on a hang."""
-    context = multiprocessing.get_context("fork")
-    port = free_port()
-    procs = [context.Process(target=_rank_main, args=(r, world, port, cases, str(out_dir)))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung, f"{len(hung)} ranks hung"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [json.loads((out_dir / f"{r}.json").read_text()) for r in range(world)]
-
-
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("workers", [0, 2])
-def test_ranks_take_equal_steps(tmp_path, world, workers):
-    cases, datasets = {}, {}
-    for shards in (1, 7, 9, 12):  # 12: divides evenly for every ranks x workers here
-        folder = tmp_path / f"d{shards}"
-        datasets[shards] = write_dataset(folder, [6] * shards, prefix=f"d{shards}")
-        cases[f"resampled{shards}"] = config(folder, mode="resampled", num_workers=workers)
-        if shards >= world * max(1, workers):
-            cases[f"exact{shards}"] = config(folder, num_workers=workers)
-    results = run_ranks(world, cases, tmp_path)
-    for name in cases:
-        steps = [len(r[name]["keys"]) for r in results]
-        assert len(set(steps)) == 1 and steps[0] == results[0][name]["planned"] > 0, (name, steps)
-        if name.startswith("exact"):
-            seen = [k for r in results for batch in r[name]["keys"] for k in batch]
-            assert len(seen) == len(set(seen)), f"{name}: a sample seen twice"
-            shards = int(name.removeprefix("exact"))
-            if shards % (world * max(1, workers)) == 0:
-                assert sorted(seen) == sorted(datasets[shards])
-
-
-def corrupt_dataset(folder: Path, world: int) -> None:
-    """8 shards; in rank 1's shards (epoch 0) a sample loses its target, another gets a
-    corrupt image, and a third shard is truncated."""
-    write_dataset(folder, [6] * 8)
-    shards = data.list_shards(str(folder), "train")
-    mine = data.split_by_node(data.epoch_shards(shards, 7, 0), 1, world)
-    corrupt, truncated = Path(mine[0].url), Path(mine[1].url)
-    orphan = f"s{int(corrupt.stem.split('-')[1]):02d}n000.target.png"
-    with tarfile.open(corrupt) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar]
-    with tarfile.open(corrupt, "w") as tar:
-        for member, payload in members:
-            if member.name != orphan:
-                tar.addfile(member, io.BytesIO(payload))
-    raw = bytearray(corrupt.read_bytes())
-    png_at = raw.index(b"\x89PNG", 4096)  # a later sample's image
-    raw[png_at + 40:png_at + 120] = b"\x00" * 80
-    corrupt.write_bytes(bytes(raw))
-    truncated.write_bytes(truncated.read_bytes()[:5000])
-
-
-@pytest.mark.timeout(180)
-def test_bad_data_on_one_rank_no_hang_equal_steps_counted(tmp_path):
-    corrupt_dataset(tmp_path, world=2)
-    cases = {"exact": config(tmp_path, num_workers=2), "exact0": config(tmp_path),
-             "resampled": config(tmp_path, mode="resampled", num_workers=2)}
-    results = run_ranks(2, cases, tmp_path)
-    steps = [len(r["resampled"]["keys"]) for r in results]  # endless: bad data never cuts
-    assert steps[0] == steps[1] == results[0]["resampled"]["planned"]
-    for name in ("exact", "exact0"):
-        steps = [len(r[name]["keys"]) for r in results]
-        assert steps[0] == steps[1] > 0
-        assert results[0][name]["skipped"] == {}
-        skipped = results[1][name]["skipped"]
-        assert skipped == {"truncated_shard": 1, "corrupt_image": 1, "missing_target": 1}
-        assert steps[0] < results[0][name]["planned"]  # rank 1 ran short: all cut together
-
-
-# ---------------------------------------------------------------------- shard.py and S3
-
-def make_shards_with_shard_py(tmp_path) -> Path:
-    """An aligned A|B source folder (PNG: exact pixels), packed by data_tools/shard.py."""
-    source = tmp_path / "source"
-    for split, count in (("train", 12), ("val", 3)):
-        (source / split).mkdir(parents=True)
-        for i in range(count):
-            a = sample_pixels(f"{split}{i}")
-            Image.fromarray(np.concatenate([a, 255 - a], axis=1)).save(
-                source / split / f"{i}.png")
-    dest = tmp_path / "shards"
-    subprocess.run([sys.executable, "data_tools/shard.py", str(source), str(dest),
-                    "--min-shards", "4", "--workers", "1", "--quiet"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=120)
-    return dest
-
-
-@pytest.mark.timeout(120)
-def test_reads_shards_written_by_shard_py(tmp_path):
-    dest = make_shards_with_shard_py(tmp_path)
-    cfg = config(dest, num_workers=0, batch_size=3, load_size=16, flip=False)
-    loader = data.make_train_loader(cfg, rank=0, world_size=1, seed=0, in_channels=3,
-                                    out_channels=3)
-    batches = epoch_batches(loader)
-    assert len(keys_of(batches)) == 12 and loader.skipped == {}
-    for batch in batches:  # pair members split after decode: target = 255 - input
-        assert (batch["input"] + batch["target"]).abs().max() < 1e-6
-    evaluated = list(data.make_eval_loader(cfg, rank=0, world_size=1, in_channels=3,
-                                           out_channels=3))
-    assert len(keys_of(evaluated)) == 3
-
-
-@pytest.mark.timeout(180)
-def test_same_stream_from_s3(tmp_path, seaweed_s3, monkeypatch):
-    write_dataset(tmp_path / "local", [5, 4, 6, 5])
-    seaweed_s3.use(monkeypatch)
-    bucket = seaweed_s3.make_bucket()
-    for path in sorted((tmp_path / "local").iterdir()):
-        data.storage.put(str(path), f"s3://{bucket}/ds/{path.name}")
-    for workers in (0, 2):
-        local = config(tmp_path / "local", num_workers=workers)
-        remote = replace(local, train=f"s3://{bucket}/ds")
-        runs = [epoch_batches(data.make_train_loader(c, rank=0, world_size=1, seed=1,
-                                                     in_channels=3, out_channels=3))
-                for c in (local, remote)]
-        assert keys_of(runs[0]) == keys_of(runs[1]) and len(keys_of(runs[0])) == 20
-        assert all(torch.equal(a["input"], b["input"]) for a, b in zip(*runs))

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_tools.make_demo import main as make_demo, make_pair
+from data_tools.make_demo import main as make_demo
+from data_tools.make_demo import make_pair
 from pipeline.gan import train_step
 from pipeline.losses import Pix2PixObjective
 from pipeline.models import PatchDiscriminator, UNetGenerator, init_weights
@@ -46,6 +47,7 @@ def test_rejects_tiny_sizes(tmp_path, capsys):
     assert "--size must be >= 32" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_few_hundred_gan_steps_lower_val_l1_by_30_percent():
     size = 64

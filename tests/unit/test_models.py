@@ -4,8 +4,15 @@ import torch
 import torch.nn as nn
 
 from pipeline.config import ModelConfig
-from pipeline.models import (PatchDiscriminator, PixelDiscriminator, UNetGenerator,
-                             build_discriminator, build_generator, init_weights, unet)
+from pipeline.models import (
+    PatchDiscriminator,
+    PixelDiscriminator,
+    UNetGenerator,
+    build_discriminator,
+    build_generator,
+    init_weights,
+    unet,
+)
 
 
 def count(module: nn.Module) -> int:
@@ -55,7 +62,8 @@ def test_norm_none_has_no_norm_layers_but_keeps_biases():
 
 def test_dropout_sits_in_the_inner_decoder_blocks_only():
     assert sum(isinstance(m, nn.Dropout) for m in unet("unet_256", base_filters=4).modules()) == 3
-    assert not any(isinstance(m, nn.Dropout) for m in unet("unet_256", base_filters=4, dropout=False).modules())
+    without = unet("unet_256", base_filters=4, dropout=False)
+    assert not any(isinstance(m, nn.Dropout) for m in without.modules())
 
 
 def test_pixel_discriminator_judges_every_pixel():
@@ -67,7 +75,8 @@ def test_pixel_discriminator_judges_every_pixel():
 def test_normal_init_matches_the_reference():
     torch.manual_seed(0)
     g = init_weights(unet("unet_256"), "normal", 0.02)
-    convs = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))])
+    convs = torch.cat([m.weight.flatten() for m in g.modules()
+                       if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))])
     norms = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, nn.BatchNorm2d)])
     biases = [m.bias for m in g.modules() if getattr(m, "bias", None) is not None]
     assert convs.mean().abs() < 1e-3 and abs(convs.std().item() - 0.02) < 1e-3

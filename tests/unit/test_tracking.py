@@ -1,15 +1,13 @@
 """pipeline/tracking.py without a training run: the one list of choices, the installed
-check on packages that truly do not exist, where mlflow is pointed, light imports."""
+check on packages that truly do not exist, where mlflow is pointed (its light imports, in a
+fresh interpreter: tests/integration/test_tracking.py)."""
 import os
-import subprocess
-import sys
 import typing
 
 import pytest
 
 from pipeline import tracking
 from pipeline.config import ConfigError, LogConfig, _field_types, build_parser, from_dict
-from tests.trainer_runs import ROOT
 
 
 def test_config_offers_exactly_the_trackers_tracking_knows():
@@ -61,12 +59,3 @@ def test_mlflow_goes_to_the_run_folder_unless_the_user_chose(tmp_path, monkeypat
     tracking.mlflow_store(str(tmp_path))
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
     assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ
-
-
-def test_importing_tracking_imports_no_tracker_and_no_torch():
-    code = ("import sys, pipeline.tracking; "
-            "print(sorted(m for m in ('wandb', 'mlflow', 'torch', 'accelerate') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
