@@ -70,7 +70,8 @@ def inspect(dest: str, decode: int) -> list[str]:
     """Print a report per split; return the problems found."""
     manifest_url = storage.join(dest, MANIFEST)
     if not storage.exists(manifest_url):
-        return [f"no {MANIFEST} in {dest}: not a finished shard folder"]
+        raise DataError(f"no {MANIFEST} in {dest}: not a finished shard folder (shard.py "
+                        "writes it last, once every shard is packed)")
     manifest = Manifest.read(manifest_url)
     problems = _unlisted(dest, manifest)
     for split, info in manifest.splits.items():

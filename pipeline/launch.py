@@ -42,6 +42,8 @@ STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 LAUNCHER_FAILURES = ("subprocess.CalledProcessError:",
                      "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:")
 USAGE = __doc__.split("\n\n")[1]
+# accelerate's launcher, when a value comes from neither its config nor an option
+DEFAULTS_NOTICE = b"The following values were not passed to `accelerate launch`"
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -160,10 +162,13 @@ def copy_stderr(stream) -> None:
 
 def drop_launcher_failures(lines: Iterator[bytes]) -> Iterator[bytes]:
     """Lines, except a traceback whose exception is a LAUNCHER_FAILURES one (and the
-    `====` table torchrun prints after it). Any other traceback passes whole."""
+    `====` table torchrun prints after it), and accelerate's notice that it used its
+    defaults (p2p-train with no `--` asks for them). Any other traceback passes whole."""
     held: list[bytes] = []
     for line in lines:
-        if not held and line.startswith(b"Traceback (most recent call last):"):
+        if not held and line.startswith(DEFAULTS_NOTICE):
+            _skip_notice(lines)
+        elif not held and line.startswith(b"Traceback (most recent call last):"):
             held = [line]
         elif held and line[:1] in (b" ", b"\t"):
             held.append(line)
@@ -177,6 +182,13 @@ def drop_launcher_failures(lines: Iterator[bytes]) -> Iterator[bytes]:
         else:
             yield line
     yield from held
+
+
+def _skip_notice(lines: Iterator[bytes]) -> None:
+    """Skip the rest of accelerate's defaults notice: tab-indented lines, then its last."""
+    for line in lines:
+        if not line.startswith(b"\t"):
+            return
 
 
 def _skip_table(lines: Iterator[bytes], last: bytes) -> Iterator[bytes]:
