@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -86,9 +87,12 @@ def latest(run_dir) -> str:
 # --------------------------------------------------------------------------- DeepSpeed
 
 # DeepSpeed JIT-compiles its CPU shared-memory comm op (~25 s) on first use: into a folder
-# that outlives the test run, compiled once by tests/helpers/build_deepspeed_ops.py.
+# that outlives the test run, compiled once by tests/helpers/build_deepspeed_ops.py. Keyed by
+# the torch version: an op built against another torch fails to load, or hangs the ranks on
+# the build lock it left behind.
 TORCH_EXTENSIONS_DIR = os.environ.get(
-    "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "pix2pix-at-scale" / "torch_extensions"))
+    "TORCH_EXTENSIONS_DIR",
+    str(Path.home() / ".cache" / "pix2pix-at-scale" / f"torch_extensions-{version('torch')}"))
 
 
 def deepspeed_env(**extra) -> dict:
