@@ -13,7 +13,8 @@ and the models' training state, written by the engines (pipeline/engines.py):
     DeepSpeed: G/ and D/, each engine's own checkpoint (every rank writes its optimiser
                partition). DeepSpeed checkpoints are pickles: resume only from trusted ones.
 Every rank writes its own files into `step_N.tmp/`; once all have, rank 0 renames the
-folder to `step_N/`, then rewrites the `latest` marker, then removes the oldest
+folder to `step_N/`, then rewrites the `latest` marker (and `best`, when train.best_metric
+improved at this step; the checkpoint it names is never rotated away), then removes the oldest
 checkpoints beyond keep_last (each renamed to `.tmp` first, then deleted). A crash at any
 moment leaves the previous checkpoint and marker intact and every `step_N/` complete; a
 `.tmp` folder is never loaded and is cleared by the next save. A failed write (a full
@@ -40,6 +41,7 @@ from pipeline import faults, storage, weights
 from pipeline.errors import CheckpointMismatch, RunError
 
 LATEST = "latest"
+BEST = "best"  # the checkpoint with the best train.best_metric so far (written like LATEST)
 TMP, OLD = ".tmp", ".old"  # suffixes of folders that are not (or no longer) checkpoints
 
 
@@ -119,13 +121,15 @@ def _write_torch(path: str, value) -> None:
         torch.save(value, f)
 
 
-def save(run_dir: str, step: int, snapshot: Snapshot, ranks: Ranks, keep_last: int) -> str:
+def save(run_dir: str, step: int, snapshot: Snapshot, ranks: Ranks, keep_last: int,
+         best: bool = False) -> str:
     """Write a checkpoint from every rank and commit it; returns its final folder.
 
     All ranks must call this at the same step: `snapshot.save_models(staging, rank)`
     writes the models' training state (engines.save), rank 0 the generator export and
     trainer.json, every rank its own position and RNG. `ranks.any_rank(flag)` makes every
-    rank refuse or fail together, never leaving a peer waiting at a barrier.
+    rank refuse or fail together, never leaving a peer waiting at a barrier. `best` also
+    points the `best` marker at it; rotation never removes the checkpoint that marker names.
     """
     rank, barrier, any_rank = ranks.rank, ranks.barrier, ranks.any_rank
     root = checkpoints_dir(run_dir)
@@ -155,7 +159,9 @@ def save(run_dir: str, step: int, snapshot: Snapshot, ranks: Ranks, keep_last: i
         _commit(staging, final)
         faults.kill_point("checkpoint.renamed")
         storage.write_bytes(os.path.join(root, LATEST), step_name(step).encode())
-        rotate(root, keep_last, keep=step_name(step))
+        if best:
+            storage.write_bytes(os.path.join(root, BEST), step_name(step).encode())
+        rotate(root, keep_last, keep={step_name(step), marked(root, BEST)})
     barrier()
     return final
 
@@ -258,13 +264,19 @@ def clear_uncommitted(root: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def rotate(root: str, keep_last: int, keep: str) -> None:
-    """Remove the oldest committed checkpoints beyond keep_last (never `keep`), after
+def marked(root: str, marker: str) -> str | None:
+    """The checkpoint name a marker (LATEST, BEST) in `root` holds, if it exists."""
+    path = os.path.join(root, marker)
+    return storage.read_bytes(path).decode().strip() if os.path.isfile(path) else None
+
+
+def rotate(root: str, keep_last: int, keep: set) -> None:
+    """Remove the oldest committed checkpoints beyond keep_last (never those in `keep`), after
     the new one is committed: the opposite order would leave nothing on a crash. Each is
     renamed to `.tmp` first, so a crash mid-delete never leaves a half folder that looks
     committed."""
     for name in committed(root)[:-keep_last]:
-        if name != keep:
+        if name not in keep:
             trash = os.path.join(root, name + TMP)
             os.replace(os.path.join(root, name), trash)
             faults.kill_point("checkpoint.rotating")
@@ -348,9 +360,12 @@ def load_tensors(path: str):
 
 
 def load_generator(path: str) -> tuple[torch.nn.Module, dict]:
-    """(generator in eval mode, its generator.json) from a checkpoint step_N folder, a run
-    folder (its latest checkpoint) or an export folder, local or s3://; no trainer needed."""
-    if os.path.exists(os.path.join(checkpoints_dir(path), LATEST)):
+    """(generator in eval mode, its generator.json) from a checkpoint step_N folder, a
+    marker (RUN/checkpoints/latest or best), a run folder (its latest checkpoint) or an
+    export folder, local or s3://; no trainer needed."""
+    if os.path.basename(path.rstrip("/")) in (LATEST, BEST) and os.path.isfile(path):
+        path = os.path.join(os.path.dirname(path), marked(os.path.dirname(path), os.path.basename(path)))
+    elif os.path.exists(os.path.join(checkpoints_dir(path), LATEST)):
         path = resolve(path, "auto")
     return weights.read_generator(path)
 

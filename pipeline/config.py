@@ -1,6 +1,6 @@
 """One typed config: the single source of every default.
 
-Nested dataclasses (model, loss, data, optim, train, log), loaded from YAML and overridden
+Nested dataclasses (model, loss, data, optim, train, log, eval), loaded from YAML and overridden
 on the command line with `--section.key=value`. Defaults are the reference pix2pix's
 (junyanz/pytorch-CycleGAN-and-pix2pix) wherever it has one. Any mistake (unknown key,
 wrong type, a choice that does not exist, an inconsistent combination) raises ConfigError
@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline import cli, losses, models, storage
+from pipeline import cli, losses, models, realism, storage
 from pipeline.data.decode import MAX_IMAGE_PIXELS
 from pipeline.errors import UserError
 from pipeline.tracking import TRACKERS
@@ -122,6 +122,9 @@ class TrainConfig:
     overwrite: bool = opt(False, "start fresh in a run_dir that holds a run, moving that run "
                                  "aside to RUN_DIR.old-TIME first (it is never deleted)")
     eval_every: int = opt(500, "evaluate on the val split every N steps (0: only at the end)")
+    best_metric: str = opt("", "mark the checkpoint with the best value of this validation metric "
+                               "as checkpoints/best (saved when it improves, never rotated away; "
+                               "empty: off)", choices=("", *realism.METRICS))
     mirror: str = opt("", "copy each committed checkpoint to this s3:// prefix (empty: off)")
     collective_timeout: int = opt(
         600, "seconds a rank waits in a collective before failing (a dead peer ends the run)")
@@ -151,6 +154,15 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    metrics: str = opt("auto", "validation metrics, a comma list of " + ", ".join(realism.METRICS)
+                       + " (auto: l1, psnr, ssim plus every metric whose package and weights "
+                       "are here; the trainer never downloads: see evaluate.py --help)")
+    weights_dir: str = opt("", f"folder of the metrics' weights, torch.hub's layout (empty: "
+                               f"${realism.WEIGHTS_ENV}, else torch's cache)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -158,6 +170,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -272,6 +285,16 @@ def validate(cfg: Config) -> Config:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    try:
+        names = realism.parse(cfg.eval.metrics)
+    except realism.MetricsError as err:
+        raise ConfigError(f"eval.metrics: {err}") from None
+    best = cfg.train.best_metric
+    if best and names is not None and best not in names:
+        raise ConfigError(f"train.best_metric: {best} is not among eval.metrics ({cfg.eval.metrics}); "
+                          f"add it there")
+    if best and not cfg.data.val:
+        raise ConfigError(f"train.best_metric: {best} needs a validation split: set data.val")
     if cfg.train.mirror and not cfg.train.mirror.startswith("s3://"):
         raise ConfigError(f"train.mirror: {cfg.train.mirror!r} is not an s3:// prefix")
     for key in ("data.train", "data.val"):

@@ -68,6 +68,15 @@ def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
 def sum_counts(counts: dict[str, int]) -> dict[str, int]:
     """{name: total over ranks} of per-rank counters that may name different things."""
     everyone = [counts]
@@ -141,12 +150,7 @@ def parameter_digest(*modules: torch.nn.Module) -> str:
 
 def replica_digests(*modules: torch.nn.Module) -> list[str]:
     """Every rank's parameter digest (the same list on all ranks)."""
-    mine = parameter_digest(*modules)
-    if not is_distributed():
-        return [mine]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return everyone
+    return gather_objects(parameter_digest(*modules))
 
 
 # what gloo and NCCL say when a peer is gone, whichever collective noticed (not every

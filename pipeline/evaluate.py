@@ -34,6 +34,17 @@ from torchmetrics.functional.image import structural_similarity_index_measure as
 from pipeline import cli, storage
 from pipeline.data import derive_seed, make_eval_loader
 from pipeline.precision import BF16_FLAG_HELP
+from pipeline.realism import (
+    METRICS,
+    PAIRWISE,
+    WEIGHTS_ENV,
+    MetricsError,
+    Realism,
+    choose,
+    download_missing,
+    value_key,
+    weights_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +96,10 @@ def evaluate(generator: torch.nn.Module,
              batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]],
              device: torch.device, autocast: Callable = contextlib.nullcontext,
              reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-             seed: int = 0) -> dict[str, float]:
-    """Mean L1, PSNR and SSIM over all ranks' images of (input, target, keys) batches;
+             seed: int = 0, names: Iterable[str] = PAIRWISE, realism: Realism | None = None,
+             gather: Callable[[list], list[list]] = lambda rows: [rows]) -> dict[str, float]:
+    """The `names` metrics over all ranks' images of (input, target, keys) batches: mean
+    L1, PSNR and SSIM, and FID, KID and LPIPS through `realism` (pipeline/realism.py);
     `images` is the count."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     with untouched_state(generator, device):
@@ -95,10 +108,15 @@ def evaluate(generator: torch.nn.Module,
             metrics = per_image_metrics(output, y).double()
             sums[:3] += metrics.sum(0)
             sums[3] += len(metrics)
+            if realism:
+                realism.add(keys, to_uint8(output), to_uint8(y))
     sums = reduce_sum(sums)
     count = max(sums[3].item(), 1.0)
-    return {"l1": sums[0].item() / count, "psnr": sums[1].item() / count,
-            "ssim": sums[2].item() / count, "images": int(sums[3].item())}
+    result = {name: sums[i].item() / count for i, name in enumerate(PAIRWISE) if name in names}
+    result["images"] = int(sums[3].item())
+    if realism:
+        result.update(realism.result(gather))
+    return result
 
 
 def sample_grid(generator: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, keys: list[str],
@@ -123,21 +141,45 @@ def save_png(path: str, pixels: np.ndarray) -> None:
 # --------------------------------------------------------------------------- the report
 
 def sample_rows(generator: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, keys: list[str],
-                device: torch.device, autocast: Callable, seed: int) -> tuple[np.ndarray, list]:
-    """(grid, metrics per row), each row the output the metrics over the split measured."""
+                device: torch.device, autocast: Callable, seed: int,
+                realism: Realism | None = None) -> tuple[np.ndarray, list]:
+    """(grid, metrics per row), each row the output the metrics over the split measured:
+    the pairwise ones, and LPIPS where it is measured."""
     grid = sample_grid(generator, x, y, keys, device, autocast, seed)
-    return grid, [evaluate(generator, [(x[i:i + 1], y[i:i + 1], [key])], device, autocast, seed=seed)
-                  for i, key in enumerate(keys)]
+    rows = [evaluate(generator, [(x[i:i + 1], y[i:i + 1], [key])], device, autocast, seed=seed)
+            for i, key in enumerate(keys)]
+    if realism is not None and realism.lpips_net is not None:
+        with untouched_state(generator, device):
+            output = translate_each(generator, x, keys, autocast, seed)
+        for row, score in zip(rows, realism.lpips_each(to_uint8(output), to_uint8(y))):
+            row["lpips"] = score
+    return grid, rows
+
+
+# name in metrics.json -> (column heading, format)
+COLUMNS = {"l1": ("L1 ([-1, 1] scale)", ".4f"), "psnr": ("PSNR (dB)", ".2f"), "ssim": ("SSIM", ".3f"),
+           "fid": ("FID", ".2f"), "kid_mean": ("KID (mean)", ".4f"), "kid_std": ("KID (std)", ".4f"),
+           "lpips": ("LPIPS", ".4f")}
+
+
+def _cells(values: dict, tag: str = "td") -> str:
+    shown = [k for k in COLUMNS if k in values]
+    if tag == "th":
+        return "".join(f"<th>{COLUMNS[k][0]}</th>" for k in shown)
+    return "".join("<td>n/a</td>" if values[k] is None else f"<td>{values[k]:{COLUMNS[k][1]}}</td>"
+                   for k in shown)
 
 
 def report_html(summary: dict) -> str:
     """The page: what was evaluated and how, the metrics, the grid with a row per sample.
     The grid's onload marks <body data-grid-width=...>, which a headless browser test reads."""
     esc = lambda v: html.escape(str(v))
-    rows = "".join(f"<tr><td>{i}</td><td>{esc(s['key'])}</td><td>{s['l1']:.4f}</td>"
-                   f"<td>{s['psnr']:.2f}</td><td>{s['ssim']:.3f}</td></tr>"
-                   for i, s in enumerate(summary["samples"]))
+    samples = summary["samples"]
+    rows = "".join(f"<tr><td>{i}</td><td>{esc(s['key'])}</td>{_cells(s)}</tr>"
+                   for i, s in enumerate(samples))
     mode = summary["test_mode"]
+    kid = (f" KID: {summary['kid_subsets']} subsets of {summary['kid_subset_size']} images."
+           if "kid_subset_size" in summary else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>pix2pix evaluation: {esc(summary['checkpoint'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
@@ -148,13 +190,13 @@ img{{image-rendering:pixelated;max-width:100%}}</style>
 <p>Checkpoint <code>{esc(summary['checkpoint'])}</code> (step {esc(summary['step'])}), data
 <code>{esc(summary['data'])}</code> split <code>{esc(summary['split'])}</code>: {summary['images']} images
 on {summary['world_size']} process(es). Test-time mode: dropout {esc(mode['dropout'])},
-{esc(mode['norm_stats'])} statistics.</p>
-<table><tr><th>L1 ([-1, 1] scale)</th><th>PSNR (dB)</th><th>SSIM</th></tr>
-<tr><td>{summary['l1']:.4f}</td><td>{summary['psnr']:.2f}</td><td>{summary['ssim']:.3f}</td></tr></table>
+{esc(mode['norm_stats'])} statistics.{kid}</p>
+<table><tr>{_cells(summary, "th")}</tr>
+<tr>{_cells(summary)}</tr></table>
 <h2>Samples: input | output | target</h2>
 <img id="grid" src="samples.png" alt="rows of input, output and target"
  onload="document.body.dataset.gridWidth = this.naturalWidth">
-<table><tr><th>row</th><th>key</th><th>L1</th><th>PSNR</th><th>SSIM</th></tr>{rows}</table>
+<table><tr><th>row</th><th>key</th>{_cells(samples[0], "th") if samples else ""}</tr>{rows}</table>
 </body></html>
 """
 
@@ -164,7 +206,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint step_N folder, run folder (latest checkpoint) or export folder")
+                        help="checkpoint step_N folder, run folder (latest checkpoint), a marker "
+                             "(RUN/checkpoints/best or latest) or export folder")
     parser.add_argument("--data", required=True, help="shards: folder or s3:// prefix with "
                         "manifest.json, a manifest URL, or a brace pattern")
     parser.add_argument("--split", default="val", help="manifest split (default: val)")
@@ -183,6 +226,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=8, help="pairs in the grid (default: 8)")
     parser.add_argument("--num-workers", type=int, default=1, help="loader workers per process")
     parser.add_argument("--bf16", action="store_true", help=BF16_FLAG_HELP)
+    parser.add_argument("--metrics", default="auto",
+                        help="comma list of " + ", ".join(METRICS) + " (default: auto = l1, psnr, "
+                             "ssim plus every metric whose package and weights are here; one asked "
+                             "for by name is downloaded if missing, unless --no-download)")
+    parser.add_argument("--weights-dir", default="",
+                        help=f"folder of the metrics' weights, torch.hub's layout (hub/checkpoints/...; "
+                             f"default: ${WEIGHTS_ENV}, else torch's cache)")
+    parser.add_argument("--no-download", action="store_true",
+                        help="never download weights (offline clusters): a missing file is an error")
     return parser.parse_args(argv)
 
 
@@ -195,6 +247,12 @@ def _main(argv: list[str]) -> int:
 
     args = parse_args(argv)
     cli.setup_logging()
+    root = weights_dir(args.weights_dir)
+    try:
+        names = choose(args.metrics, root, allow_download=not args.no_download)
+        download_missing(names, root)  # every process, before any waits for another
+    except MetricsError as err:
+        raise MetricsError(f"--metrics: {err}") from None
     device_type = precision.launch_device_type()
     mixed_precision, notice = precision.for_inference(args.bf16, device_type)
     accelerator = Accelerator(mixed_precision=mixed_precision)
@@ -204,13 +262,15 @@ def _main(argv: list[str]) -> int:
     generator, meta = load_generator(args.checkpoint)
     set_test_mode(generator.to(device), args.dropout == "on", args.norm_stats == "batch")
     cfg, channels = eval_data(args, meta)
+    realism = Realism(names, device, root)
     loader = make_eval_loader(cfg, rank=accelerator.process_index,
                               world_size=accelerator.num_processes, **channels)
     metrics = evaluate(generator, (_on(device, b) for b in loader), device, accelerator.autocast,
-                       distributed.sum_across_ranks, seed=args.seed)
+                       distributed.sum_across_ranks, seed=args.seed, names=names, realism=realism,
+                       gather=distributed.gather_objects)
     if accelerator.is_main_process:
         first = next(iter(make_eval_loader(cfg, rank=0, world_size=1, batch_size=args.samples, **channels)))
-        write_report(args, meta, metrics, first, generator, device, accelerator)
+        write_report(args, meta, metrics, first, generator, device, accelerator, realism)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
@@ -229,20 +289,24 @@ def _on(device: torch.device, batch: dict) -> tuple[torch.Tensor, torch.Tensor, 
     return batch["input"].to(device), batch["target"].to(device), batch["key"]
 
 
-def write_report(args, meta: dict, metrics: dict, first: dict, generator, device, accelerator) -> None:
+def write_report(args, meta: dict, metrics: dict, first: dict, generator, device, accelerator,
+                 realism: Realism) -> None:
     """OUT/samples.png, OUT/metrics.json and OUT/index.html (main process)."""
     grid, per_sample = sample_rows(generator, *_on(device, first), device, accelerator.autocast,
-                                   args.seed)
+                                   args.seed, realism)
+    names = [n for n in METRICS if n in metrics or value_key(n) in metrics]
     summary = {"checkpoint": args.checkpoint, "step": meta["step"], "data": args.data,
                "split": args.split, "world_size": accelerator.num_processes, **metrics,
+               "metrics": {n: METRICS[n].help for n in names},
                "test_mode": {"dropout": args.dropout, "norm_stats": args.norm_stats, "seed": args.seed},
-               "samples": [{"key": k, "l1": m["l1"], "psnr": m["psnr"], "ssim": m["ssim"]}
+               "samples": [{"key": k, **{n: v for n, v in m.items() if n != "images"}}
                            for k, m in zip(first["key"], per_sample)]}
     save_png(storage.join(args.out, "samples.png"), grid)
     storage.write_bytes(storage.join(args.out, "metrics.json"), json.dumps(summary, indent=1).encode())
     storage.write_bytes(storage.join(args.out, "index.html"), report_html(summary).encode())
-    log.info(f"evaluate.py: L1 {metrics['l1']:.4f}, PSNR {metrics['psnr']:.2f} dB, SSIM "
-             f"{metrics['ssim']:.3f} over {metrics['images']} images; report in "
+    shown = ", ".join(f"{COLUMNS[k][0].split(' (')[0]} {metrics[k]:{COLUMNS[k][1]}}" for k in COLUMNS
+                      if metrics.get(k) is not None and k != "kid_std")
+    log.info(f"evaluate.py: {shown} over {metrics['images']} images; report in "
              f"{storage.join(args.out, 'index.html')}")
 
 

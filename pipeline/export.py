@@ -87,7 +87,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint step_N folder, run folder (latest checkpoint) or export folder")
+                        help="checkpoint step_N folder, run folder (latest checkpoint), a marker "
+                             "(RUN/checkpoints/best or latest) or export folder")
     parser.add_argument("--out", required=True, help="local folder for the exports")
     parser.add_argument("--format", default="",
                         help=f"comma-separated subset of {','.join(FORMATS)} (default: every "

@@ -29,6 +29,7 @@ from pipeline import (
     evaluate,
     faults,
     precision,
+    realism,
     run_folder,
     storage,
     tracking,
@@ -109,6 +110,9 @@ class Evaluator:
         self.enabled = bool(cfg.data.val)
         self.metrics_path = os.path.join(cfg.train.run_dir, "metrics.jsonl")
         self.sample_batch = self._first_val_batch() if self.enabled else None
+        self.names = metric_names(cfg) if self.enabled else []
+        self.realism = realism.Realism(self.names, accelerator.device,
+                                       realism.weights_dir(cfg.eval.weights_dir))
 
     def _loader(self, batch_size: int | None = None, rank: int | None = None, world_size: int | None = None):
         acc = self.accelerator
@@ -134,11 +138,13 @@ class Evaluator:
         generator = self.engines.generator  # no DDP collectives: ranks differ in count
         result = evaluate.evaluate(generator, (self._to_device(b) for b in self._loader()),
                                    self.accelerator.device, self.engines.autocast,
-                                   distributed.sum_across_ranks, seed=self.cfg.train.seed)
+                                   distributed.sum_across_ranks, seed=self.cfg.train.seed,
+                                   names=self.names, realism=self.realism,
+                                   gather=distributed.gather_objects)
         if self.accelerator.is_main_process:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, **result}) + "\n")
-        self.accelerator.log({f"val/{k}": v for k, v in result.items()}, step=step)
+        self.accelerator.log({f"val/{k}": v for k, v in result.items() if v is not None}, step=step)
         return result
 
     def samples(self, step: int) -> None:
@@ -158,10 +164,20 @@ class Evaluator:
             records = [json.loads(line) for line in f if line.strip()]
         return next((r for r in reversed(records) if r["step"] == step), None)
 
-    def untrained_l1(self) -> float | None:
-        """The val L1 logged at step 0 of this run, if any."""
-        record = self.recorded(0)
-        return None if record is None else record["l1"]
+    def summary(self, result: dict) -> str:
+        """'L1 0.1200 (untrained 0.3192, -62%), PSNR ...': the metrics measured, each
+        beside its value at step 0 of this run where that was logged."""
+        untrained = self.recorded(0) or {}
+        parts = []
+        for name in self.names:
+            key = realism.value_key(name)
+            value, before = result.get(key), untrained.get(key)
+            if value is None:
+                continue
+            fmt = evaluate.COLUMNS[key][1]
+            change = f" (untrained {before:{fmt}}, {value / before - 1:+.0%})" if before else ""
+            parts.append(f"{name.upper()} {value:{fmt}}{change}")
+        return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -182,6 +198,7 @@ class Trainer:
         self.skipped: list[str] = []  # this step's updates not applied: "D", "G"
         self.stopping = False  # every rank agreed to stop after this step
         self.hooks = self.engines.guarded_hooks(self.nonfinite_gradients)
+        self.best: float | None = None  # train.best_metric's best value so far (main process)
 
     def resume(self) -> None:
         path = checkpoint.resolve(self.cfg.train.run_dir, self.cfg.train.resume)
@@ -192,6 +209,7 @@ class Trainer:
         state = checkpoint.load(path, rank=self.rank, world_size=self.world,
                                 load_models=self.engines.load, model=to_dict(self.cfg)["model"])
         self.step = self.resumed_step = state.step
+        self.best = self.recorded_best()
         if state.precision not in (None, self.acc.mixed_precision) and self.acc.is_main_process:
             names = {"no": "fp32", "bf16": "bf16"}
             log.warning(f"{path} was trained in {names.get(state.precision, state.precision)}, this "
@@ -206,7 +224,29 @@ class Trainer:
                            "stream restarts its epoch with the new split and RNGs are reseeded")
             torch.manual_seed(self.cfg.train.seed * 100003 + self.rank * 7919 + self.step)
 
-    def save(self) -> None:
+    def recorded_best(self) -> float | None:
+        """The value metrics.jsonl holds for the checkpoint the `best` marker names."""
+        name = checkpoint.marked(checkpoint.checkpoints_dir(self.cfg.train.run_dir), checkpoint.BEST)
+        if not (name and self.cfg.train.best_metric and self.acc.is_main_process):
+            return None
+        record = self.evaluator.recorded(int(name.removeprefix("step_")))
+        return None if record is None else record.get(realism.value_key(self.cfg.train.best_metric))
+
+    def improved(self, result: dict | None) -> bool:
+        """Whether this step's validation beat the best so far (the main process decides,
+        every rank gets the same answer)."""
+        metric = self.cfg.train.best_metric
+        value = None if not (metric and result and self.step) else result.get(realism.value_key(metric))
+        better = self.acc.is_main_process and value is not None and realism.better(metric, value, self.best)
+        if distributed.any_rank(better, self.acc.device):
+            if better:
+                log0(self.acc, f"step {self.step}: best {metric} so far ({value:.4g}, was "
+                               f"{'none' if self.best is None else f'{self.best:.4g}'})")
+            self.best = value
+            return True
+        return False
+
+    def save(self, best: bool = False) -> None:
         e = self.engines
         snapshot = checkpoint.Snapshot(
             save_models=e.save, generator_state=e.generator_state_fp32(),
@@ -215,7 +255,7 @@ class Trainer:
         ranks = checkpoint.Ranks(self.rank, self.world, distributed.barrier,
                                  lambda flag: distributed.any_rank(flag, self.acc.device))
         path = checkpoint.save(self.cfg.train.run_dir, self.step, snapshot, ranks,
-                               keep_last=self.cfg.train.keep_last)
+                               keep_last=self.cfg.train.keep_last, best=best)
         log0(self.acc, f"step {self.step}: checkpoint {path}")
         if self.cfg.train.mirror and self.acc.is_main_process:
             self.mirror(path)
@@ -328,35 +368,32 @@ class Trainer:
                                "checkpointing and exiting")
                 self.save()
                 return 0
-            if self.periodic(cfg.train.eval_every):
-                self.evaluator.metrics(self.step)
+            best = self.periodic(cfg.train.eval_every) and self.improved(self.evaluator.metrics(self.step))
             if self.periodic(cfg.log.sample_every):
                 self.evaluator.samples(self.step)
-            if self.periodic(cfg.train.ckpt_every):
-                self.save()
+            if self.periodic(cfg.train.ckpt_every) or best:
+                self.save(best=best)
         bar.close()
         self.finish_run()
         return 0
 
     def finish_run(self) -> None:
+        best = False
         if self.step > self.resumed_step or self.step == 0:
             final = self.evaluator.metrics(self.step)
+            best = self.improved(final)
             self.evaluator.samples(self.step)
         else:  # resumed with nothing left to do: this state was evaluated and saved already
             final = self.evaluator.recorded(self.step) if self.acc.is_main_process else None
             log0(self.acc, f"step {self.step} of {self.cfg.train.max_steps}: nothing left to train")
         if self.step > self.resumed_step:  # else the checkpoint just loaded is this state
-            self.save()
+            self.save(best=best)
         digests = distributed.replica_digests(*self.engines.modules())
         if len(set(digests)) != 1:
             raise RuntimeError(f"replicas diverged: parameter digests differ across ranks {digests}")
         log0(self.acc, f"replicas agree: G and D digest {digests[0][:16]} on {len(digests)} rank(s)")
         if final is not None:
-            untrained = self.evaluator.untrained_l1()
-            change = "" if not untrained else \
-                f" (untrained {untrained:.4f}, {final['l1'] / untrained - 1:+.0%})"
-            log0(self.acc, f"final val: L1 {final['l1']:.4f}{change}, PSNR {final['psnr']:.2f} dB, "
-                           f"SSIM {final['ssim']:.3f} over {final['images']} images")
+            log0(self.acc, f"final val: {self.evaluator.summary(final)} over {final['images']} images")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = from_cli(argv, prog="train.py", description=__doc__.split("\n\n")[0])
     cli.setup_logging(cfg.log.level)
     tracking.require_installed(cfg.log.tracker)  # accelerate would train untracked
-    check_inputs(cfg)  # before anything is created: a wrong path fails in one line
+    check_inputs(cfg)  # before anything is created: a wrong path or metric fails in one line
     cfg.train.resume = run_folder.prepare(cfg.train.run_dir, cfg.train.resume,
                                           cfg.train.overwrite, int(os.environ.get("RANK", "0")))
     if cfg.train.mirror:  # a mirror that cannot be written fails now, in one line
@@ -396,6 +433,20 @@ def check_inputs(cfg: Config) -> None:
                           f"pass --data.load_size={packed}, or use shards of the original images")
     if cfg.data.val:
         data.list_shards(cfg.data.val, cfg.data.val_split, key="data.val")
+        metric_names(cfg)
+
+
+def metric_names(cfg: Config) -> list[str]:
+    """eval.metrics resolved here (never downloading); ConfigError naming what is missing."""
+    try:
+        names = realism.choose(cfg.eval.metrics, realism.weights_dir(cfg.eval.weights_dir))
+    except realism.MetricsError as err:
+        raise ConfigError(f"eval.metrics: {err}") from None
+    best = cfg.train.best_metric
+    if best and best not in names:
+        raise ConfigError(f"train.best_metric: {best} cannot be measured here ("
+                          f"{realism.missing(best, realism.weights_dir(cfg.eval.weights_dir))})")
+    return names
 
 
 def _flat_config(cfg: Config) -> dict:

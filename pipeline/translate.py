@@ -296,7 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or shards "
                         "(a folder/prefix with manifest.json, a .tar, a brace pattern); local or s3://")
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint step_N folder, run folder (latest checkpoint) or export folder")
+                        help="checkpoint step_N folder, run folder (latest checkpoint), a marker "
+                             "(RUN/checkpoints/best or latest) or export folder")
     parser.add_argument("--out", required=True, help="output folder (local or s3://): NAME.png per input")
     parser.add_argument("--split", default="val", help="manifest split to read from shards (default: val)")
     parser.add_argument("--dropout", choices=("on", "off"), default="on",

@@ -24,5 +24,6 @@ pytest_plugins = [
     "tests.helpers.fault_proxy",  # fault_proxy: a flaky HTTP proxy in front of a test S3 server
     "tests.helpers.trainer_runs",  # demo_shards
     "tests.helpers.inference_runs",  # trained_run
+    "tests.helpers.substitute_weights",  # substitute_weights: FID/KID/LPIPS weights in a tmp folder
     "tests.helpers.slurm_cluster",  # slurm_cluster: munged, slurmctld, 2 x slurmd on 127.0.0.1
 ]

@@ -105,7 +105,7 @@ def test_syncbatch_needs_several_cuda_processes():
 
 
 def test_to_dict_has_every_section():
-    assert set(to_dict(Config())) == {"model", "loss", "data", "optim", "train", "log"}
+    assert set(to_dict(Config())) == {"model", "loss", "data", "optim", "train", "log", "eval"}
 
 
 def test_help_lists_every_key():
