@@ -223,7 +223,7 @@ def to_load_size(im: Image.Image, size: int) -> Image.Image:
     import torch
 
     from pipeline.data.augmentation import resize_u8
-    pixels = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None]
+    pixels = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None]
     return Image.fromarray(resize_u8(pixels, size)[0].permute(1, 2, 0).contiguous().numpy())
 
 

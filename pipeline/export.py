@@ -9,7 +9,7 @@ cannot switch that at run time, the safetensors export can):
                  model config; pipeline.checkpoint.load_generator(DIR) rebuilds it
   torch-export   DIR/generator.pt2 (torch.export.save): load with torch.export.load,
                  call .module()(x); batch, height and width are dynamic (H and W
-                 multiples of 2**num_downs)
+                 multiples of the generator's size multiple: 2**num_downs for a U-Net, 4 for a ResNet)
   onnx           DIR/generator.onnx (opset 18, the same dynamic axes), checked against
                  PyTorch with onnxruntime when it is installed (pip install '.[export]')
 Inputs are N x in_channels x H x W floats in [-1, 1]; outputs the same range.
@@ -27,6 +27,7 @@ import torch.fx.experimental._config as shape_config
 from pipeline import cli, storage, weights
 from pipeline.checkpoint import load_generator
 from pipeline.errors import RunError, UserError
+from pipeline.models import size_multiple
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,12 @@ def example_input(meta: dict, multiple: int, batch: int = 2, tiles: tuple = (2, 
     return torch.rand(batch, meta["model"]["in_channels"], h, w) * 2 - 1
 
 
+MAX_SIDE = 16384  # pixels: the exported programs take any multiple of the size multiple up to this
+
+
 def dynamic_shapes(multiple: int) -> dict:
-    rows, cols = torch.export.Dim("rows", min=1, max=64), torch.export.Dim("cols", min=1, max=64)
+    most = MAX_SIDE // multiple
+    rows, cols = torch.export.Dim("rows", min=1, max=most), torch.export.Dim("cols", min=1, max=most)
     return {"x": {0: torch.export.Dim("batch", min=1, max=1024), 2: multiple * rows, 3: multiple * cols}}
 
 
@@ -51,7 +56,7 @@ def export_safetensors(generator: torch.nn.Module, meta: dict, out: str) -> None
 
 
 def export_program(generator: torch.nn.Module, meta: dict, out: str) -> torch.export.ExportedProgram:
-    multiple = 2 ** generator.num_downs
+    multiple = size_multiple(meta["model"]["generator"])
     # size-oblivious: else a size-1 bottleneck (H or W = 2**num_downs) is guarded out
     with shape_config.patch(backed_size_oblivious=True):
         program = torch.export.export(generator, (example_input(meta, multiple),),
@@ -65,7 +70,7 @@ def export_program(generator: torch.nn.Module, meta: dict, out: str) -> torch.ex
 def export_onnx(generator: torch.nn.Module, meta: dict, out: str) -> float | None:
     """Writes generator.onnx; returns max |onnxruntime - PyTorch| on an example input
     (None when onnxruntime is not installed)."""
-    multiple = 2 ** generator.num_downs
+    multiple = size_multiple(meta["model"]["generator"])
     path = storage.join(out, "generator.onnx")
     storage.makedirs(out)
     torch.onnx.export(generator, (example_input(meta, multiple),), path, dynamo=True,

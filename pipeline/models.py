@@ -154,6 +154,57 @@ def unet(preset: str, **kwargs) -> UNetGenerator:
     return UNetGenerator(num_downs=UNET_DOWNS[preset], **kwargs)
 
 
+class ResnetBlock(nn.Module):
+    """x + (reflect-pad, 3x3 conv, norm, ReLU, [dropout 0.5], reflect-pad, 3x3 conv, norm)."""
+
+    def __init__(self, channels: int, norm: str, dropout: bool):
+        super().__init__()
+        bias = conv_bias(norm)
+        layers = [nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=bias),
+                  norm_layer(norm, channels), nn.ReLU(True)]
+        if dropout:
+            layers.append(nn.Dropout(0.5))
+        layers += [nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=bias),
+                   norm_layer(norm, channels)]
+        self.conv_block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """The reference's ResnetGenerator (Johnson et al.'s): a 7x7 conv, 2 stride-2 downsamplings,
+    `blocks` residual blocks at 4x base_filters, 2 transposed-conv upsamplings, a 7x7 conv
+    and tanh. Inputs must be multiples of 4 pixels."""
+
+    DOWNSAMPLINGS = 2
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, blocks: int = 9,
+                 base_filters: int = 64, norm: str = "batch", dropout: bool = False):
+        super().__init__()
+        bias, nf = conv_bias(norm), base_filters
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, nf, 7, bias=bias), norm_layer(norm, nf),
+                  nn.ReLU(True)]
+        for i in range(self.DOWNSAMPLINGS):
+            c = nf * 2 ** i
+            layers += [nn.Conv2d(c, c * 2, 3, stride=2, padding=1, bias=bias), norm_layer(norm, c * 2),
+                       nn.ReLU(True)]
+        width = nf * 2 ** self.DOWNSAMPLINGS
+        layers += [ResnetBlock(width, norm, dropout) for _ in range(blocks)]
+        for i in range(self.DOWNSAMPLINGS):
+            c = width // 2 ** i
+            layers += [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),
+                       norm_layer(norm, c // 2), nn.ReLU(True)]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(nf, out_channels, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+RESNET_BLOCKS = {"resnet_6blocks": 6, "resnet_9blocks": 9}  # preset -> residual blocks
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN: classifies each overlapping patch of an (input, output) pair.
 
@@ -244,6 +295,11 @@ def _unet_from_config(cfg) -> UNetGenerator:
                 checkpoint_blocks=2 if cfg.activation_checkpointing else 0)
 
 
+def _resnet_from_config(cfg) -> ResnetGenerator:
+    return ResnetGenerator(cfg.in_channels, cfg.out_channels, RESNET_BLOCKS[cfg.generator],
+                           base_filters=cfg.g_filters, norm=cfg.norm, dropout=cfg.dropout)
+
+
 def _patch_from_config(cfg) -> PatchDiscriminator:
     return PatchDiscriminator(cfg.in_channels + cfg.out_channels, cfg.d_filters, cfg.d_layers,
                               cfg.norm)
@@ -255,6 +311,10 @@ def _pixel_from_config(cfg) -> PixelDiscriminator:
 
 GENERATORS = {name: Choice(_unet_from_config, f"U-Net, {downs} downsamplings ({2 ** downs} px crops)",
                            size_multiple=2 ** downs) for name, downs in UNET_DOWNS.items()}
+GENERATORS.update({name: Choice(_resnet_from_config, f"ResNet, {blocks} residual blocks at 1/4 "
+                                "resolution (the reference's ResnetGenerator)",
+                                size_multiple=2 ** ResnetGenerator.DOWNSAMPLINGS)
+                   for name, blocks in RESNET_BLOCKS.items()})
 DISCRIMINATORS = {
     "patch": Choice(_patch_from_config, "PatchGAN with d_layers strided convs (70x70 for 3)"),
     "pixel": Choice(_pixel_from_config, "1x1 PatchGAN: judges every pixel given its input"),

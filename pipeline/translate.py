@@ -2,8 +2,9 @@
 
     python pipeline/translate.py --checkpoint RUN/checkpoints/step_N a.jpg photos/ s3://b/shards --out DIR
 
-Any image size: an image is padded by reflection to a multiple of 2**num_downs (the
-U-Net halves it num_downs times), translated whole and cropped back; an image above
+Any image size: an image is padded by reflection to a multiple of the generator's size
+multiple (2**num_downs for a U-Net, which halves it num_downs times; 4 for a ResNet),
+translated whole and cropped back; an image above
 --max-whole-pixels is translated in overlapping tiles (>= 25% overlap) blended with a
 raised-cosine window, so memory stays bounded by the tile batch (4096x4096 on a CPU).
 
@@ -52,7 +53,7 @@ from pipeline.data import (
 from pipeline.data.format import is_image_name
 from pipeline.errors import DataError, UserError
 from pipeline.evaluate import save_png, to_uint8
-from pipeline.models import set_test_mode
+from pipeline.models import set_test_mode, size_multiple
 
 log = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -131,7 +132,7 @@ def default_tile(crop_size: int, multiple: int) -> int:
 def check_tiling(tile: int, overlap: int, crop_size: int, multiple: int) -> None:
     if tile < crop_size or tile % multiple:
         raise UserError(f"--tile {tile}: must be >= the training crop {crop_size} and a "
-                         f"multiple of {multiple} (2**num_downs)")
+                         f"multiple of {multiple} (the generator's size multiple)")
     if not tile / 4 <= overlap < tile:
         raise UserError(f"tile overlap {overlap} px: must be >= 25% of the tile ({tile}) "
                          "and smaller than the tile")
@@ -332,7 +333,7 @@ def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     cli.setup_logging()
     generator, meta = load_generator(args.checkpoint)
-    multiple = 2 ** generator.num_downs
+    multiple = size_multiple(meta["model"]["generator"])
     tile = args.tile or default_tile(meta["data"]["crop_size"], multiple)
     overlap = round(args.overlap * tile)
     check_tiling(tile, overlap, meta["data"]["crop_size"], multiple)

@@ -35,7 +35,7 @@ def make_export(folder: Path, **model) -> str:
     """An untrained generator export (generator.safetensors + generator.json) with these
     ModelConfig fields changed, e.g. in_channels=1, out_channels=1."""
     cfg = Config()
-    cfg.model = dataclasses.replace(cfg.model, generator="unet_128", g_filters=8, **model)
+    cfg.model = dataclasses.replace(cfg.model, **{"generator": "unet_128", "g_filters": 8, **model})
     cfg.data.crop_size = 128
     meta = export_metadata(to_dict(cfg), step=0)
     export_safetensors(build_generator(cfg.model).eval(), meta, str(folder))

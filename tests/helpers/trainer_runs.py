@@ -41,9 +41,13 @@ def train_args(run_dir, shards, *extra) -> list[str]:
             *TINY, REAL_BF16, *extra]
 
 
+# eval.metrics=auto measures what the weights folder holds: none, unless a test says which
+NO_WEIGHTS = "/nonexistent/p2p-weights"
+
+
 def cpu_env(**extra) -> dict:
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               ACCELERATE_MIXED_PRECISION="no", PYTHONUNBUFFERED="1")
+               ACCELERATE_MIXED_PRECISION="no", PYTHONUNBUFFERED="1", P2P_WEIGHTS_DIR=NO_WEIGHTS)
     env.update(extra)
     return env
 

@@ -50,6 +50,18 @@ def test_validation_measures_realism_and_marks_the_best_checkpoint(demo_shards, 
     assert summary["step"] == best_step
     for key in ("l1", "lpips"):
         assert summary[key] == pytest.approx(measured[best_step][key], rel=1e-6), key
+    # a resumed run compares against the value metrics.jsonl holds for the best checkpoint
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    unbeatable = [json.dumps({**r, "l1": -1.0}) if r["step"] == best_step else json.dumps(r)
+                  for r in map(json.loads, lines)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(unbeatable) + "\n")
+    resumed = train_args(run_dir, demo_shards, "--train.max_steps=15", "--train.eval_every=3",
+                         "--train.ckpt_every=1000", "--train.keep_last=1", "--train.best_metric=l1",
+                         "--train.resume=auto", *QUIET)
+    result = run(single(resumed), gloo_env(), timeout=300)
+    assert result.returncode == 0, explain(result)
+    assert (checkpoints / "best").read_text().strip() == f"step_{best_step:08d}"
+    assert (checkpoints / f"step_{best_step:08d}").is_dir() and (checkpoints / "step_00000015").is_dir()
     exported = tmp_path / "export"
     result = run([sys.executable, str(ROOT / "pipeline" / "export.py"), "--checkpoint",
                   str(checkpoints / "best"), "--out", str(exported), "--format", "safetensors"], gloo_env())

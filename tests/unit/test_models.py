@@ -23,6 +23,22 @@ def test_unet_256_has_the_reference_parameter_count():
     assert count(unet("unet_256", in_channels=3, out_channels=3, norm="batch")) == 54_413_955
 
 
+@pytest.mark.parametrize("generator,norm,dropout,params", [
+    ("resnet_6blocks", "batch", True, 7_841_411), ("resnet_9blocks", "batch", True, 11_383_427),
+    ("resnet_9blocks", "instance", False, 11_378_179)])
+def test_resnet_generators_have_the_reference_parameter_counts(generator, norm, dropout, params):
+    model = build_generator(ModelConfig(generator=generator, norm=norm, dropout=dropout))
+    assert count(model) == params
+    assert any(isinstance(m, nn.Dropout) for m in model.modules()) == dropout
+
+
+def test_resnet_generator_keeps_any_multiple_of_4_and_is_bounded():
+    model = build_generator(ModelConfig(generator="resnet_6blocks", g_filters=8)).eval()
+    for h, w in ((64, 64), (36, 100)):
+        y = model(torch.rand(2, 3, h, w) * 2 - 1)
+        assert y.shape == (2, 3, h, w) and y.abs().max() <= 1
+
+
 def test_patchgan_70x70_has_the_reference_parameter_count_and_output_grid():
     d = PatchDiscriminator(in_channels=6, base_filters=64, n_layers=3, norm="batch")
     assert count(d) == 2_768_705

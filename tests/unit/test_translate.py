@@ -86,3 +86,28 @@ def test_a_checkpoint_of_another_architecture_is_rejected_in_one_line(tmp_path, 
     (tmp_path / "g" / "generator.json").write_text(json.dumps(meta))
     assert main(["--checkpoint", checkpoint, image, "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "is not a pix2pix-at-scale/generator version 1 export" in capsys.readouterr().err
+
+
+def test_a_resnet_generator_translates_and_exports_at_its_own_size_multiple(tmp_path):
+    """translate.py pads to the ResNet's multiple of 4 (not a U-Net's 2**num_downs), whole and
+    tiled; torch.export follows it on shapes other than the traced one."""
+    from PIL import Image
+
+    from pipeline.export import main as export_main
+    from pipeline.translate import main as translate_main
+    checkpoint = make_export(tmp_path / "g", generator="resnet_6blocks")
+    Image.new("RGB", (70, 45), (120, 30, 200)).save(tmp_path / "small.png")
+    Image.new("RGB", (300, 150), (20, 130, 60)).save(tmp_path / "large.png")
+    assert translate_main([str(tmp_path / "small.png"), str(tmp_path / "large.png"), "--checkpoint",
+                           checkpoint, "--out", str(tmp_path / "out"), "--max-whole-pixels", "20000",
+                           "--quiet", "--split-pair", "no"]) == 0
+    assert Image.open(tmp_path / "out" / "small.png").size == (70, 45)
+    assert Image.open(tmp_path / "out" / "large.png").size == (300, 150)  # tiled
+    assert export_main(["--checkpoint", checkpoint, "--out", str(tmp_path / "x"), "--format",
+                        "torch-export"]) == 0
+    generator, _ = load_generator(checkpoint)
+    program = torch.export.load(str(tmp_path / "x" / "generator.pt2")).module()
+    for shape in ((2, 3, 36, 20), (1, 3, 300, 260)):  # above 64 x the multiple too
+        x = torch.rand(shape) * 2 - 1
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), generator.eval()(x), rtol=0, atol=1e-5)
