@@ -51,6 +51,7 @@ class ModelConfig:
     discriminator: str = opt("patch", "the discriminator network", choices=models.DISCRIMINATORS)
     d_layers: int = opt(3, "strided conv layers of the PatchGAN (3 = 70x70 receptive field)")
     d_filters: int = opt(64, "discriminator filters in the first layer (ndf)")
+    num_d: int = opt(2, "scales of the multiscale discriminator (pix2pixHD's num_D)")
     norm: str = opt("batch", "normalisation layer; syncbatch needs >= 2 CUDA processes",
                     choices=models.NORMS)
     dropout: bool = opt(True, "dropout 0.5 in the inner decoder blocks (pix2pix's noise)")
@@ -69,6 +70,8 @@ class ModelConfig:
 class LossConfig:
     gan: str = opt("vanilla", "GAN loss", choices=losses.GAN_LOSSES)
     lambda_l1: float = opt(100.0, "weight of the L1 term in the generator loss")
+    lambda_feat: float = opt(0.0, "weight of pix2pixHD's feature matching (10 there; 0: off); "
+                                  "needs model.discriminator=multiscale")
 
 
 @dataclass
@@ -272,7 +275,8 @@ def validate(cfg: Config) -> Config:
     positive = {"data.batch_size": cfg.data.batch_size, "train.max_steps": cfg.train.max_steps,
                 "train.ckpt_every": cfg.train.ckpt_every, "train.keep_last": cfg.train.keep_last,
                 "log.every": cfg.log.every, "log.samples": cfg.log.samples,
-                "train.collective_timeout": cfg.train.collective_timeout, "optim.lr": cfg.optim.lr}
+                "train.collective_timeout": cfg.train.collective_timeout, "optim.lr": cfg.optim.lr,
+                "model.num_d": cfg.model.num_d}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
@@ -285,6 +289,11 @@ def validate(cfg: Config) -> Config:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if cfg.loss.lambda_feat and cfg.model.discriminator != "multiscale":
+        raise ConfigError(f"loss.lambda_feat: feature matching compares a multiscale D's features; "
+                          f"set model.discriminator=multiscale (now {cfg.model.discriminator})")
+    if cfg.loss.lambda_feat < 0:
+        raise ConfigError(f"loss.lambda_feat: must be >= 0, got {cfg.loss.lambda_feat}")
     try:
         names = realism.parse(cfg.eval.metrics)
     except realism.MetricsError as err:

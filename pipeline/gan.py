@@ -92,11 +92,18 @@ def train_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer,
     opt_G.zero_grad(set_to_none=True)
     with hooks.autocast():
         fake_logits = hooks.frozen_view(D)(torch.cat([x, fake], 1))
-    loss_G, loss_G_gan, loss_G_l1 = objective.generator(fake_logits, fake, y)
-    hooks.backward(loss_G, G)
+    real_features = None
+    if objective.wants_real_features:  # feature matching: the updated D on the real pair
+        with hooks.autocast(), torch.no_grad():
+            real_features = hooks.frozen_view(D)(torch.cat([x, y], 1))
+    loss_G = objective.generator(fake_logits, fake, y, real_features)
+    hooks.backward(loss_G.total, G)
     hooks.step(opt_G, G)
     set_requires_grad(D, True)
 
-    losses = torch.stack([loss_D.detach(), loss_G.detach(), loss_G_gan.detach(), loss_G_l1.detach()])
-    d, g, g_gan, g_l1 = losses.tolist()  # one device sync for all four
-    return {"loss_D": d, "loss_G": g, "loss_G_gan": g_gan, "loss_G_l1": g_l1}
+    names = ["loss_D", "loss_G", "loss_G_gan", "loss_G_l1"]
+    values = [loss_D, loss_G.total, loss_G.gan, loss_G.l1]
+    if loss_G.feat is not None:
+        names.append("loss_G_feat")
+        values.append(loss_G.feat)
+    return dict(zip(names, torch.stack([v.detach() for v in values]).tolist()))  # one device sync

@@ -176,7 +176,8 @@ class Evaluator:
                 continue
             fmt = evaluate.COLUMNS[key][1]
             change = f" (untrained {before:{fmt}}, {value / before - 1:+.0%})" if before else ""
-            parts.append(f"{name.upper()} {value:{fmt}}{change}")
+            unit = " dB" if name == "psnr" else ""
+            parts.append(f"{name.upper()} {value:{fmt}}{unit}{change}")
         return ", ".join(parts)
 
 
@@ -187,7 +188,7 @@ class Trainer:
         self.cfg, self.acc = cfg, accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.engines = make_engines(cfg, accelerator)
-        self.objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1)
+        self.objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1, cfg.loss.lambda_feat)
         self.loader = data.make_train_loader(
             cfg.data, rank=self.rank, world_size=self.world, seed=cfg.train.seed,
             in_channels=cfg.model.in_channels, out_channels=cfg.model.out_channels,

@@ -114,3 +114,12 @@ def test_help_lists_every_key():
     for section, values in to_dict(Config()).items():
         for key in values:
             assert f"--{section}.{key}" in text
+
+
+def test_feature_matching_needs_the_multiscale_discriminator():
+    with pytest.raises(ConfigError, match="loss.lambda_feat: feature matching compares a multiscale D"):
+        from_cli(["--loss.lambda_feat=10"])
+    cfg, _ = from_cli(["--loss.lambda_feat=10", "--model.discriminator=multiscale", "--model.num_d=3"])
+    assert cfg.model.num_d == 3
+    with pytest.raises(ConfigError, match="model.num_d: must be > 0"):
+        from_cli(["--model.num_d=0"])

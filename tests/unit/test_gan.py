@@ -89,3 +89,19 @@ def test_every_gan_loss_trains(gan):
     for _ in range(9):
         last = train_step(G, D, opt_G, opt_D, x, y, Pix2PixObjective(gan))
     assert last["loss_G_l1"] < first["loss_G_l1"]
+
+
+def test_a_multiscale_d_with_feature_matching_trains_and_reports_the_term():
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_discriminator, build_generator
+    cfg = ModelConfig(generator="resnet_6blocks", g_filters=8, d_filters=8, discriminator="multiscale",
+                      norm="instance", dropout=False)
+    torch.manual_seed(0)
+    G, D = build_generator(cfg), build_discriminator(cfg)
+    opt_G, opt_D = (torch.optim.Adam(m.parameters(), 2e-4, betas=(0.5, 0.999)) for m in (G, D))
+    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    objective = Pix2PixObjective("lsgan", lambda_feat=10.0)
+    losses = [train_step(G, D, opt_G, opt_D, x, y, objective) for _ in range(3)]
+    assert all(set(step) == {"loss_D", "loss_G", "loss_G_gan", "loss_G_l1", "loss_G_feat"} for step in losses)
+    assert all(step["loss_G_feat"] > 0 for step in losses)
+    assert losses[-1]["loss_G_l1"] < losses[0]["loss_G_l1"]

@@ -48,13 +48,37 @@ def test_generator_loss_is_gan_plus_lambda_times_l1():
     objective = Pix2PixObjective("lsgan", lambda_l1=100.0)
     output = torch.tensor([0.5, -0.5, 0.0, 1.0])
     target = torch.tensor([0.0, 0.0, 0.0, 0.0])
-    total, adversarial, l1 = objective.generator(torch.zeros(4), output, target)
-    assert adversarial.item() == pytest.approx(1.0)
-    assert l1.item() == pytest.approx(0.5)
-    assert total.item() == pytest.approx(1.0 + 100 * 0.5)
+    loss = objective.generator(torch.zeros(4), output, target)
+    assert loss.gan.item() == pytest.approx(1.0)
+    assert loss.l1.item() == pytest.approx(0.5)
+    assert loss.total.item() == pytest.approx(1.0 + 100 * 0.5) and loss.feat is None
 
 
 def test_losses_are_computed_in_fp32_under_bf16_inputs():
     objective = Pix2PixObjective()
-    total, _, _ = objective.generator(LOGITS.bfloat16(), torch.ones(4).bfloat16(), torch.zeros(4))
-    assert total.dtype == torch.float32
+    loss = objective.generator(LOGITS.bfloat16(), torch.ones(4).bfloat16(), torch.zeros(4))
+    assert loss.total.dtype == torch.float32
+
+
+def test_feature_matching_weights_layers_and_scales_and_leaves_d_untouched():
+    from pipeline.losses import feature_matching
+    # 2 scales x (3 feature layers + logits): n_layers + 1 = 3 -> 4/3 per layer, 1/2 per scale
+    fake = [[torch.full((2, 4), 1.0, requires_grad=True) for _ in range(4)] for _ in range(2)]
+    real = [[torch.full((2, 4), 0.0, requires_grad=True) for _ in range(4)] for _ in range(2)]
+    fake[0][3].data.fill_(100.0)  # the logits never count
+    fake[1][0].data.fill_(3.0)  # |3 - 0| on one layer of the second scale
+    value = feature_matching(fake, real)
+    assert value.item() == pytest.approx((4 / 3) * 0.5 * (3 * 1 + (3 + 1 + 1)))
+    value.backward()
+    assert all(r.grad is None for scale in real for r in scale)  # the real side is a target
+    assert fake[0][3].grad is None and fake[0][0].grad is not None
+
+
+def test_multiscale_losses_sum_the_scales_and_add_feature_matching():
+    objective = Pix2PixObjective("lsgan", lambda_l1=0.0, lambda_feat=10.0)
+    scales = [[torch.zeros(1, 2), torch.ones(1, 1)], [torch.zeros(1, 2), torch.ones(1, 1)]]
+    assert objective.discriminator(scales, scales).item() == pytest.approx(0.5 * (0 + 2))
+    real = [[torch.ones(1, 2), torch.ones(1, 1)], [torch.zeros(1, 2), torch.ones(1, 1)]]
+    loss = objective.generator(scales, torch.zeros(2), torch.zeros(2), real)
+    assert loss.gan.item() == 0.0 and loss.feat.item() == pytest.approx(4 / 1 * 0.5 * 1)
+    assert loss.total.item() == pytest.approx(10 * loss.feat.item())

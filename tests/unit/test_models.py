@@ -139,3 +139,17 @@ def test_builders_follow_the_model_config():
     g, d = build_generator(cfg), build_discriminator(cfg)
     assert isinstance(g, UNetGenerator) and g.num_downs == 7
     assert isinstance(d, PixelDiscriminator) and d.model[0].in_channels == 4
+
+
+def test_multiscale_discriminator_has_pix2pixhds_parameter_count_and_answers_per_scale():
+    from pipeline.models import MultiscaleDiscriminator
+    D = MultiscaleDiscriminator(num_d=2, in_channels=6, norm="instance")
+    assert count(D) == 5_535_618
+    for size, grids in ((256, (30, 14)), (512, (62, 30))):
+        answers = D(torch.rand(1, 6, size, size))
+        assert len(answers) == 2 and all(len(scale) == 5 for scale in answers)  # n_layers + 2
+        assert [scale[-1].shape[-1] for scale in answers] == list(grids)
+        assert [t.shape[1] for t in answers[0]] == [64, 128, 256, 512, 1]
+    # each scale's logits are its PatchGAN's, on the pair pooled k times
+    pair = torch.rand(1, 6, 64, 64)
+    torch.testing.assert_close(D(pair)[1][-1], D.scales[1](D.downsample(pair)), rtol=0, atol=0)
