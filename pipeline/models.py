@@ -173,25 +173,26 @@ class ResnetBlock(nn.Module):
 
 
 class ResnetGenerator(nn.Module):
-    """The reference's ResnetGenerator (Johnson et al.'s): a 7x7 conv, 2 stride-2 downsamplings,
-    `blocks` residual blocks at 4x base_filters, 2 transposed-conv upsamplings, a 7x7 conv
-    and tanh. Inputs must be multiples of 4 pixels."""
-
-    DOWNSAMPLINGS = 2
+    """The reference's ResnetGenerator (Johnson et al.'s): a 7x7 conv, `downsamplings` stride-2
+    convs, `blocks` residual blocks at 2**downsamplings x base_filters, as many
+    transposed-conv upsamplings, a 7x7 conv and tanh. Inputs must be multiples of
+    2**downsamplings pixels. With 4 downsamplings and 9 blocks it is pix2pixHD's
+    GlobalGenerator."""
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, blocks: int = 9,
-                 base_filters: int = 64, norm: str = "batch", dropout: bool = False):
+                 base_filters: int = 64, norm: str = "batch", dropout: bool = False,
+                 downsamplings: int = 2):
         super().__init__()
         bias, nf = conv_bias(norm), base_filters
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, nf, 7, bias=bias), norm_layer(norm, nf),
                   nn.ReLU(True)]
-        for i in range(self.DOWNSAMPLINGS):
+        for i in range(downsamplings):
             c = nf * 2 ** i
             layers += [nn.Conv2d(c, c * 2, 3, stride=2, padding=1, bias=bias), norm_layer(norm, c * 2),
                        nn.ReLU(True)]
-        width = nf * 2 ** self.DOWNSAMPLINGS
+        width = nf * 2 ** downsamplings
         layers += [ResnetBlock(width, norm, dropout) for _ in range(blocks)]
-        for i in range(self.DOWNSAMPLINGS):
+        for i in range(downsamplings):
             c = width // 2 ** i
             layers += [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),
                        norm_layer(norm, c // 2), nn.ReLU(True)]
@@ -203,6 +204,38 @@ class ResnetGenerator(nn.Module):
 
 
 RESNET_BLOCKS = {"resnet_6blocks": 6, "resnet_9blocks": 9}  # preset -> residual blocks
+HEAD = 3  # a ResnetGenerator's last layers: reflection pad, 7x7 conv, tanh
+
+
+class LocalEnhancer(nn.Module):
+    """pix2pixHD's LocalEnhancer with one enhancer: a GlobalGenerator at 2 x base_filters
+    (4 downsamplings, 9 blocks, without its last HEAD layers) translates the input pooled
+    to half size; the enhancer (a 7x7 and a stride-2 conv at base_filters, `local_blocks`
+    residual blocks, an upsampling and the 7x7 head) adds the full-resolution detail to
+    its features. `global_part` holds the global generator's layers under the indices a
+    `global` run's G has them (model.N -> global_part.N), for staged training."""
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, base_filters: int = 32,
+                 norm: str = "instance", global_downsamplings: int = 4, global_blocks: int = 9,
+                 local_blocks: int = 3):
+        super().__init__()
+        bias, nf = conv_bias(norm), base_filters
+        global_gen = ResnetGenerator(in_channels, out_channels, global_blocks, nf * 2, norm,
+                                     downsamplings=global_downsamplings)
+        self.global_part = nn.Sequential(*list(global_gen.model)[:-HEAD])
+        self.local_down = nn.Sequential(
+            nn.ReflectionPad2d(3), nn.Conv2d(in_channels, nf, 7, bias=bias), norm_layer(norm, nf),
+            nn.ReLU(True), nn.Conv2d(nf, nf * 2, 3, stride=2, padding=1, bias=bias),
+            norm_layer(norm, nf * 2), nn.ReLU(True))
+        self.local_up = nn.Sequential(
+            *[ResnetBlock(nf * 2, norm, dropout=False) for _ in range(local_blocks)],
+            nn.ConvTranspose2d(nf * 2, nf, 3, stride=2, padding=1, output_padding=1, bias=bias),
+            norm_layer(norm, nf), nn.ReLU(True),
+            nn.ReflectionPad2d(3), nn.Conv2d(nf, out_channels, 7), nn.Tanh())
+        self.downsample = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.local_up(self.local_down(x) + self.global_part(self.downsample(x)))
 
 
 class PatchDiscriminator(nn.Module):
@@ -333,6 +366,15 @@ def _resnet_from_config(cfg) -> ResnetGenerator:
                            base_filters=cfg.g_filters, norm=cfg.norm, dropout=cfg.dropout)
 
 
+def _global_from_config(cfg) -> ResnetGenerator:
+    return ResnetGenerator(cfg.in_channels, cfg.out_channels, 9, base_filters=cfg.g_filters,
+                           norm=cfg.norm, dropout=cfg.dropout, downsamplings=4)
+
+
+def _local_from_config(cfg) -> LocalEnhancer:
+    return LocalEnhancer(cfg.in_channels, cfg.out_channels, base_filters=cfg.g_filters, norm=cfg.norm)
+
+
 def _patch_from_config(cfg) -> PatchDiscriminator:
     return PatchDiscriminator(cfg.in_channels + cfg.out_channels, cfg.d_filters, cfg.d_layers,
                               cfg.norm)
@@ -351,8 +393,14 @@ GENERATORS = {name: Choice(_unet_from_config, f"U-Net, {downs} downsamplings ({2
                            size_multiple=2 ** downs) for name, downs in UNET_DOWNS.items()}
 GENERATORS.update({name: Choice(_resnet_from_config, f"ResNet, {blocks} residual blocks at 1/4 "
                                 "resolution (the reference's ResnetGenerator)",
-                                size_multiple=2 ** ResnetGenerator.DOWNSAMPLINGS)
+                                size_multiple=4)
                    for name, blocks in RESNET_BLOCKS.items()})
+GENERATORS["global"] = Choice(_global_from_config, "pix2pixHD's GlobalGenerator: 4 downsamplings, "
+                              "9 residual blocks (g_filters 64, norm instance in pix2pixHD)",
+                              size_multiple=16)
+GENERATORS["local"] = Choice(_local_from_config, "pix2pixHD's LocalEnhancer, one enhancer at g_filters "
+                             "(32 in pix2pixHD) around a global generator at 2 x g_filters",
+                             size_multiple=32)
 DISCRIMINATORS = {
     "patch": Choice(_patch_from_config, "PatchGAN with d_layers strided convs (70x70 for 3)"),
     "pixel": Choice(_pixel_from_config, "1x1 PatchGAN: judges every pixel given its input"),

@@ -32,6 +32,25 @@ def test_resnet_generators_have_the_reference_parameter_counts(generator, norm, 
     assert any(isinstance(m, nn.Dropout) for m in model.modules()) == dropout
 
 
+@pytest.mark.parametrize("generator,filters,params",
+                         [("global", 64, 182_443_267), ("local", 32, 182_701_827)])
+def test_pix2pixhd_generators_have_pix2pixhds_parameter_counts(generator, filters, params):
+    with torch.device("meta"):  # 182M parameters: counted without allocating them
+        model = build_generator(ModelConfig(generator=generator, g_filters=filters, norm="instance",
+                                            dropout=False))
+    assert count(model) == params
+
+
+def test_local_enhancer_keeps_the_global_generators_layer_indices():
+    global_g = build_generator(ModelConfig(generator="global", g_filters=8, norm="instance", dropout=False))
+    local_g = build_generator(ModelConfig(generator="local", g_filters=4, norm="instance", dropout=False))
+    global_keys = {k for k in global_g.state_dict() if int(k.split(".")[1]) < len(global_g.model) - 3}
+    assert {k.replace("model.", "global_part.", 1) for k in global_keys} == \
+        {k for k in local_g.state_dict() if k.startswith("global_part.")}
+    y = local_g(torch.rand(1, 3, 64, 96) * 2 - 1)
+    assert y.shape == (1, 3, 64, 96) and y.abs().max() <= 1
+
+
 def test_resnet_generator_keeps_any_multiple_of_4_and_is_bounded():
     model = build_generator(ModelConfig(generator="resnet_6blocks", g_filters=8)).eval()
     for h, w in ((64, 64), (36, 100)):
