@@ -1,0 +1,30 @@
+"""The pix2pixHD objective through the real trainer on 2 processes (gloo): a ResNet G, the
+multiscale D and feature matching keep G and D bitwise equal across ranks, log the
+feature-matching term, and resume exactly."""
+import pytest
+
+from tests.helpers.runs import DECAY, losses_by_step, run_then_resume
+from tests.helpers.trainer_runs import accelerate, explain, gloo_env, run, step_log, train_args
+
+pytestmark = pytest.mark.slow
+
+HD = ("--model.generator=resnet_6blocks", "--model.discriminator=multiscale", "--model.num_d=2",
+      "--model.norm=instance", "--model.dropout=false", "--loss.gan=lsgan", "--loss.lambda_feat=10",
+      "--data.num_workers=1", "--log.tracker=none", *DECAY)
+
+
+@pytest.mark.timeout(600)
+def test_hd_objective_on_two_processes_stays_in_step_and_resumes_exactly(demo_shards, tmp_path):
+    whole = run(accelerate(train_args(tmp_path / "whole", demo_shards, "--train.max_steps=6", *HD)),
+                gloo_env(), timeout=400)
+    assert whole.returncode == 0, explain(whole)
+    assert "replicas agree: G and D digest" in whole.stdout and "on 2 rank(s)" in whole.stdout
+    records = step_log(tmp_path / "whole")
+    assert all(r["train/loss_G_feat"] > 0 for r in records)
+    resumed = run_then_resume(lambda args: accelerate(args), gloo_env(), tmp_path / "resumed",
+                              demo_shards, 3, 6, *HD)
+    expected, got = losses_by_step(records), losses_by_step(resumed)
+    for step in range(4, 7):
+        assert got[step] == expected[step], f"step {step} differs after resume"
+    feat = {r["step"]: r["train/loss_G_feat"] for r in resumed}
+    assert [feat[s] for s in range(4, 7)] == [r["train/loss_G_feat"] for r in records[3:6]]
