@@ -123,3 +123,10 @@ def test_feature_matching_needs_the_multiscale_discriminator():
     assert cfg.model.num_d == 3
     with pytest.raises(ConfigError, match="model.num_d: must be > 0"):
         from_cli(["--model.num_d=0"])
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "facades.yaml", "hd_512.yaml"])
+def test_every_shipped_config_loads_and_validates(name):
+    from pathlib import Path
+    cfg, _ = from_cli(["--config", str(Path(__file__).parents[2] / "configs" / name)])
+    assert cfg.data.crop_size % cfg.model.size_multiple == 0
