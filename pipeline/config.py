@@ -125,6 +125,9 @@ class TrainConfig:
     overwrite: bool = opt(False, "start fresh in a run_dir that holds a run, moving that run "
                                  "aside to RUN_DIR.old-TIME first (it is never deleted)")
     eval_every: int = opt(500, "evaluate on the val split every N steps (0: only at the end)")
+    grad_accum: int = opt(1, "micro-batches of data.batch_size per update: K D micro-steps and "
+                             "one D update, then K G micro-steps and one G update (global batch: "
+                             "batch_size x K x processes; DDP only for now)")
     best_metric: str = opt("", "mark the checkpoint with the best value of this validation metric "
                                "as checkpoints/best (saved when it improves, never rotated away; "
                                "empty: off)", choices=("", *realism.METRICS))
@@ -276,7 +279,7 @@ def validate(cfg: Config) -> Config:
                 "train.ckpt_every": cfg.train.ckpt_every, "train.keep_last": cfg.train.keep_last,
                 "log.every": cfg.log.every, "log.samples": cfg.log.samples,
                 "train.collective_timeout": cfg.train.collective_timeout, "optim.lr": cfg.optim.lr,
-                "model.num_d": cfg.model.num_d}
+                "model.num_d": cfg.model.num_d, "train.grad_accum": cfg.train.grad_accum}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")

@@ -103,7 +103,7 @@ class DDPEngines(Engines):
         # D in the G step through the unwrapped module: frozen, it needs no all-reduce
         self.hooks = StepHooks(backward=lambda loss, model: accelerator.backward(loss),
                                step=self._clip_and_step, autocast=accelerator.autocast,
-                               frozen_view=accelerator.unwrap_model)
+                               frozen_view=accelerator.unwrap_model, no_sync=accelerator.no_sync)
 
     def _clip_and_step(self, optimizer, model) -> None:
         if self.cfg.optim.grad_clip > 0:

@@ -34,11 +34,14 @@ class StepHooks:
     autocast(): the mixed-precision context for the forward passes.
     frozen_view(model): the module to call for D in the G step; the unwrapped module
         under DDP, so that a D whose parameters are frozen triggers no all-reduce.
+    no_sync(model): the context of an accumulation micro-step that does not update
+        (DDP's no_sync: no all-reduce until the last one).
     """
     backward: Callable[[torch.Tensor, nn.Module], None] = _plain_backward
     step: Callable[[torch.optim.Optimizer, nn.Module], None] = _plain_step
     autocast: Callable[[], AbstractContextManager] = field(default=nullcontext)
     frozen_view: Callable[[nn.Module], nn.Module] = field(default=lambda model: model)
+    no_sync: Callable[[nn.Module], AbstractContextManager] = field(default=lambda model: nullcontext())
 
 
 def finite_gradients(model: nn.Module) -> bool:
@@ -107,3 +110,76 @@ def train_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer,
         names.append("loss_G_feat")
         values.append(loss_G.feat)
     return dict(zip(names, torch.stack([v.detach() for v in values]).tolist()))  # one device sync
+
+
+# --------------------------------------------------------------------------- accumulation
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def train_step_accumulated(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer,
+                           opt_D: torch.optim.Optimizer, xs: list[torch.Tensor], ys: list[torch.Tensor],
+                           objective: Pix2PixObjective, hooks: StepHooks = StepHooks()) -> dict[str, float]:
+    """train_step over K = len(xs) micro-batches: K D micro-steps and one D update, then K G
+    micro-steps and one G update, so G always meets the updated D. Each micro-step's loss
+    is divided by K (the gradient of the mean over the K micro-batches); only the last of
+    each K all-reduces (hooks.no_sync). The fakes the D micro-steps judge come from no-grad
+    forwards; the G micro-steps recompute them one at a time with the same dropout masks
+    (the RNG state of each is replayed) and G's buffers as they were, so G's activations are
+    held for one micro-batch only and BatchNorm's running statistics move once per
+    micro-batch. Returns the losses averaged over the micro-batches."""
+    k, device = len(xs), xs[0].device
+    buffers = [b.clone() for b in G.buffers()]
+    states, fakes = [], []
+    with torch.no_grad():
+        for x in xs:
+            states.append(_rng_state(device))
+            with hooks.autocast():
+                fakes.append(hooks.frozen_view(G)(x))
+        for buffer, saved in zip(G.buffers(), buffers):
+            buffer.copy_(saved)
+    totals: dict[str, torch.Tensor] = {}
+    add = lambda name, value: totals.__setitem__(name, totals.get(name, 0) + value.detach() / k)
+
+    set_requires_grad(D, True)
+    opt_D.zero_grad(set_to_none=True)
+    for i, (x, y, fake) in enumerate(zip(xs, ys, fakes)):
+        with hooks.no_sync(D) if i < k - 1 else nullcontext():
+            with hooks.autocast():
+                fake_logits = D(torch.cat([x, fake], 1))  # fake first, as train_step
+                real_logits = D(torch.cat([x, y], 1))
+            loss_D = objective.discriminator(real_logits, fake_logits)
+            hooks.backward(loss_D / k, D)
+        add("loss_D", loss_D)
+    hooks.step(opt_D, D)
+
+    set_requires_grad(D, False)
+    opt_G.zero_grad(set_to_none=True)
+    for i, (x, y, state) in enumerate(zip(xs, ys, states)):
+        _set_rng_state(device, state)
+        with hooks.no_sync(G) if i < k - 1 else nullcontext():
+            with hooks.autocast():
+                fake = G(x)
+                fake_logits = hooks.frozen_view(D)(torch.cat([x, fake], 1))
+            real_features = None
+            if objective.wants_real_features:
+                with hooks.autocast(), torch.no_grad():
+                    real_features = hooks.frozen_view(D)(torch.cat([x, y], 1))
+            loss_G = objective.generator(fake_logits, fake, y, real_features)
+            hooks.backward(loss_G.total / k, G)
+        for name, value in (("loss_G", loss_G.total), ("loss_G_gan", loss_G.gan), ("loss_G_l1", loss_G.l1),
+                            ("loss_G_feat", loss_G.feat)):
+            if value is not None:
+                add(name, value)
+    hooks.step(opt_G, G)
+    set_requires_grad(D, True)
+    names = list(totals)
+    return dict(zip(names, torch.stack([totals[n] for n in names]).tolist()))

@@ -37,7 +37,7 @@ from pipeline import (
 from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
 from pipeline.engines import Engines, make_engines
 from pipeline.errors import RunError
-from pipeline.gan import train_step
+from pipeline.gan import train_step, train_step_accumulated
 from pipeline.losses import Pix2PixObjective
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,7 @@ class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator, stop: distributed.StopRequest):
         self.cfg, self.acc = cfg, accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.world  # samples per update
         self.engines = make_engines(cfg, accelerator)
         self.objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1, cfg.loss.lambda_feat)
         self.loader = data.make_train_loader(
@@ -274,19 +275,30 @@ class Trainer:
     def periodic(self, every: int) -> bool:
         return every > 0 and self.step % every == 0 and self.step < self.cfg.train.max_steps
 
+    def next_batches(self, batch_iter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """train.grad_accum batches, on the device: (inputs, targets)."""
+        xs, ys = [], []
+        for _ in range(self.cfg.train.grad_accum):
+            x, y = data.to_device(next(batch_iter), self.acc.device, cfg=self.cfg.data,
+                                  channels_last=self.engines.channels_last)
+            if faults.triggered("train.nonfinite_batch"):  # tests: NaN through the real step
+                x = torch.full_like(x, float("nan"))
+            xs.append(x)
+            ys.append(y)
+        return xs, ys
+
     def train_one_step(self, batch_iter) -> tuple[dict, float, float]:
         """(losses, seconds waiting for data, seconds in total)."""
         start = time.perf_counter()
-        batch = next(batch_iter)
-        x, y = data.to_device(batch, self.acc.device, cfg=self.cfg.data,
-                              channels_last=self.engines.channels_last)
-        if faults.triggered("train.nonfinite_batch"):  # tests: NaN through the real step
-            x = torch.full_like(x, float("nan"))
+        xs, ys = self.next_batches(batch_iter)
         waited = time.perf_counter() - start
         e = self.engines
         buffers = [b.clone() for b in self.buffers()] if self.cfg.train.on_nonfinite == "skip" else None
         self.skipped = []
-        losses = train_step(e.G, e.D, e.opt_G, e.opt_D, x, y, self.objective, self.hooks)
+        if len(xs) == 1:  # the pix2pix step itself
+            losses = train_step(e.G, e.D, e.opt_G, e.opt_D, xs[0], ys[0], self.objective, self.hooks)
+        else:
+            losses = train_step_accumulated(e.G, e.D, e.opt_G, e.opt_D, xs, ys, self.objective, self.hooks)
         finite = all(math.isfinite(v) for v in losses.values())
         # one collective a step for the two things all ranks must agree on
         nonfinite, self.stopping = distributed.any_rank_each(
@@ -328,7 +340,7 @@ class Trainer:
         return f"the newest checkpoint is {path}" if path else "no checkpoint written yet"
 
     def log(self, losses: dict, waited: float, elapsed: float) -> None:
-        batch = self.cfg.data.batch_size * self.world
+        batch = self.global_batch
         scalars = {f"train/{k}": v for k, v in losses.items()}
         scalars.update({"train/lr": self.engines.lr(),
                         "perf/samples_per_s": batch / max(elapsed, 1e-9),
@@ -362,7 +374,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(D=f"{losses['loss_D']:.3f}", G=f"{losses['loss_G']:.2f}",
                             L1=f"{losses['loss_G_l1']:.3f}",
-                            sps=f"{cfg.data.batch_size * self.world / max(elapsed, 1e-9):.1f}",
+                            sps=f"{self.global_batch / max(elapsed, 1e-9):.1f}",
                             wait=f"{wait_total / max(time_total, 1e-9):.0%}", refresh=False)
             if self.stopping:
                 log0(self.acc, f"step {self.step}: stop requested ({self.stop.signal_name or 'by a peer'}); "
@@ -425,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_inputs(cfg: Config) -> None:
-    """The shards named by data.train (and data.val) exist and hold their splits."""
+    """The shards named by data.train (and data.val) exist and hold their splits; what
+    this launch cannot do is refused."""
+    if cfg.train.grad_accum > 1 and launched_with_deepspeed():
+        raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} is not supported under DeepSpeed "
+                          "yet; use DDP, or a larger data.batch_size")
     data.list_shards(cfg.data.train, cfg.data.train_split, key="data.train")
     packed = data.packed_load_size(cfg.data.train)
     if packed and packed != cfg.data.load_size:

@@ -1,6 +1,6 @@
 """The pix2pixHD objective through the real trainer on 2 processes (gloo): a ResNet G, the
-multiscale D and feature matching keep G and D bitwise equal across ranks, log the
-feature-matching term, and resume exactly."""
+multiscale D, feature matching and 2 accumulated micro-batches per update keep G and D
+bitwise equal across ranks, log the feature-matching term, and resume exactly."""
 import pytest
 
 from tests.helpers.runs import DECAY, losses_by_step, run_then_resume
@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 HD = ("--model.generator=resnet_6blocks", "--model.discriminator=multiscale", "--model.num_d=2",
       "--model.norm=instance", "--model.dropout=false", "--loss.gan=lsgan", "--loss.lambda_feat=10",
-      "--data.num_workers=1", "--log.tracker=none", *DECAY)
+      "--train.grad_accum=2", "--data.num_workers=1", "--log.tracker=none", *DECAY)
 
 
 @pytest.mark.timeout(600)
