@@ -9,7 +9,9 @@ A checkpoint is one folder `RUN/checkpoints/step_00001000/` holding:
     rank_00000_rng.pt ...                   NumPy RNG states; torch RNG states
 and the models' training state, written by the engines (pipeline/engines.py):
     DDP:       discriminator.safetensors, optimizers.pt (both optimisers and lr schedulers:
-               tensors and numbers only, loaded with weights_only=True); G is the export
+               tensors and numbers only, loaded with weights_only=True); G is the export,
+               except under train.ema_decay: the export is then the EMA and the raw G
+               that training continues is generator_raw.safetensors
     DeepSpeed: G/ and D/, each engine's own checkpoint (every rank writes its optimiser
                partition). DeepSpeed checkpoints are pickles: resume only from trusted ones.
 Every rank writes its own files into `step_N.tmp/`; once all have, rank 0 renames the
@@ -215,20 +217,38 @@ def _intact(root: str) -> str:
     return f"the previous one (step {int(name.removeprefix('step_'))}, {os.path.join(root, name)}) is intact"
 
 
+RAW_GENERATOR = "generator_raw.safetensors"  # G itself, when the export is its EMA
+
+
 def write_weights_and_optimizers(staging: str, discriminator: torch.nn.Module,
-                                 optimizers: dict, schedulers: dict) -> None:
-    """The DDP training state besides the generator export (which doubles as G's weights)."""
+                                 optimizers: dict, schedulers: dict,
+                                 raw_generator: torch.nn.Module | None = None) -> None:
+    """The DDP training state besides the generator export (which doubles as G's weights
+    unless the export is G's EMA: then `raw_generator` is written too)."""
     storage.write_bytes(os.path.join(staging, "discriminator.safetensors"),
                         save_safetensors(weights.contiguous(discriminator.state_dict())))
+    if raw_generator is not None:
+        storage.write_bytes(os.path.join(staging, RAW_GENERATOR),
+                            save_safetensors(weights.contiguous(raw_generator.state_dict())))
     _write_torch(os.path.join(staging, "optimizers.pt"),
                  {"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                   "schedulers": {k: s.state_dict() for k, s in schedulers.items()}})
 
 
 def load_weights_and_optimizers(path: str, generator: torch.nn.Module, discriminator: torch.nn.Module,
-                                optimizers: dict, schedulers: dict) -> None:
-    """What write_weights_and_optimizers and the export wrote, into the unwrapped modules."""
-    weights.load_weights(generator, os.path.join(path, weights.WEIGHTS))
+                                optimizers: dict, schedulers: dict,
+                                ema: torch.nn.Module | None = None) -> None:
+    """What write_weights_and_optimizers and the export wrote, into the unwrapped modules:
+    G from the raw file where there is one (else the export), `ema` from the export where
+    it is one (else a copy of G: a run that turns the EMA on starts it there)."""
+    raw = os.path.join(path, RAW_GENERATOR)
+    has_raw = os.path.isfile(raw)
+    weights.load_weights(generator, raw if has_raw else os.path.join(path, weights.WEIGHTS))
+    if ema is not None:
+        if has_raw:
+            weights.load_weights(ema, os.path.join(path, weights.WEIGHTS))
+        else:
+            ema.load_state_dict(generator.state_dict())
     weights.load_weights(discriminator, os.path.join(path, "discriminator.safetensors"))
     states = load_tensors(os.path.join(path, "optimizers.pt"))
     for name, optimizer in optimizers.items():
@@ -329,13 +349,16 @@ def load(path: str, *, rank: int, world_size: int, load_models: Callable[[str], 
 
 # model keys that change the weights' names or shapes (norm: batch and syncbatch share them)
 ARCHITECTURE = ("generator", "in_channels", "out_channels", "g_filters", "discriminator",
-                "d_layers", "d_filters", "norm")
+                "d_layers", "d_filters", "norm", "num_d")
 
 
 def check_architecture(saved: dict, current: dict, path: str) -> None:
     """CheckpointMismatch naming every architecture key in which `saved` (a checkpoint's model
     config) differs from `current`; dropout, init or activation checkpointing may change."""
-    tensors_of = lambda config, key: "batch" if config.get(key) == "syncbatch" else config.get(key)
+    def tensors_of(config: dict, key: str):
+        if key == "num_d" and config.get("discriminator") != "multiscale":
+            return None  # only a multiscale D has scales (older checkpoints record none)
+        return "batch" if config.get(key) == "syncbatch" else config.get(key)
     changed = [f"model.{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in ARCHITECTURE
                if tensors_of(saved, k) != tensors_of(current, k)]
     if changed:

@@ -125,6 +125,9 @@ class TrainConfig:
     overwrite: bool = opt(False, "start fresh in a run_dir that holds a run, moving that run "
                                  "aside to RUN_DIR.old-TIME first (it is never deleted)")
     eval_every: int = opt(500, "evaluate on the val split every N steps (0: only at the end)")
+    ema_decay: float = opt(0.0, "exponential moving average of G's weights (e.g. 0.999; 0: off): "
+                                "evaluation, sample grids and the export use it, training goes "
+                                "on with the raw G (DDP only for now)")
     grad_accum: int = opt(1, "micro-batches of data.batch_size per update: K D micro-steps and "
                              "one D update, then K G micro-steps and one G update (global batch: "
                              "batch_size x K x processes; DDP only for now)")
@@ -295,6 +298,8 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.lambda_feat and cfg.model.discriminator != "multiscale":
         raise ConfigError(f"loss.lambda_feat: feature matching compares a multiscale D's features; "
                           f"set model.discriminator=multiscale (now {cfg.model.discriminator})")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     if cfg.loss.lambda_feat < 0:
         raise ConfigError(f"loss.lambda_feat: must be >= 0, got {cfg.loss.lambda_feat}")
     try:

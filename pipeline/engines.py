@@ -30,7 +30,7 @@ from pipeline import checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.errors import CheckpointMismatch
 from pipeline.gan import StepHooks, guard_updates
-from pipeline.models import build_discriminator, build_generator
+from pipeline.models import build_discriminator, build_generator, update_ema
 
 
 def lr_factor(step: int, constant_steps: int, decay_steps: int) -> float:
@@ -84,6 +84,17 @@ class Engines:
     def modules(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         return self.generator, self.discriminator
 
+    ema: torch.nn.Module | None = None  # G's moving average (train.ema_decay), DDP only
+
+    @property
+    def eval_generator(self) -> torch.nn.Module:
+        """What evaluation, sample grids and the export see: the EMA where there is one."""
+        return self.generator if self.ema is None else self.ema
+
+    def update_ema(self) -> None:
+        if self.ema is not None:
+            update_ema(self.ema, self.generator, self.cfg.train.ema_decay)
+
 
 # --------------------------------------------------------------------------- DDP
 
@@ -97,6 +108,8 @@ class DDPEngines(Engines):
         G, D = build_models(cfg, self.channels_last)
         opt_G, opt_D, self.schedulers = build_optimizers(cfg, G, D)
         self.G, self.D, self.opt_G, self.opt_D = accelerator.prepare(G, D, opt_G, opt_D)
+        if cfg.train.ema_decay > 0:
+            self.ema = copy.deepcopy(self.generator).requires_grad_(False)
         if cfg.train.compile:
             self.G, self.D = torch.compile(self.G), torch.compile(self.D)
         self.autocast = accelerator.autocast
@@ -121,12 +134,12 @@ class DDPEngines(Engines):
     def save(self, staging: str, rank: int) -> None:
         """Rank 0 writes D and the optimiser/scheduler states (G is the export itself)."""
         if rank == 0:
-            checkpoint.write_weights_and_optimizers(staging, self.discriminator,
-                                                    self.optimizers(), self.schedulers)
+            checkpoint.write_weights_and_optimizers(staging, self.discriminator, self.optimizers(),
+                                                    self.schedulers, self.generator if self.ema else None)
 
     def load(self, path: str) -> None:
         checkpoint.load_weights_and_optimizers(path, self.generator, self.discriminator,
-                                               self.optimizers(), self.schedulers)
+                                               self.optimizers(), self.schedulers, self.ema)
 
     def optimizers(self) -> dict:
         return {"G": self.opt_G, "D": self.opt_D}
@@ -135,7 +148,7 @@ class DDPEngines(Engines):
         return {"engines": "ddp", "channels_last": self.channels_last}
 
     def generator_state_fp32(self) -> dict[str, torch.Tensor]:
-        return dict(self.generator.state_dict())
+        return dict(self.eval_generator.state_dict())
 
 
 # --------------------------------------------------------------------------- DeepSpeed

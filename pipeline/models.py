@@ -347,6 +347,16 @@ def set_test_mode(module: nn.Module, dropout: bool, batch_stats: bool) -> nn.Mod
     return module
 
 
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay x ema + (1 - decay) x model for the parameters; buffers (BatchNorm's
+    running statistics) copied, so the averaged weights meet statistics of their scale."""
+    for averaged, current in zip(ema.parameters(), model.parameters()):
+        averaged.lerp_(current, 1.0 - decay)
+    for averaged, current in zip(ema.buffers(), model.buffers()):
+        averaged.copy_(current)
+
+
 @dataclass(frozen=True)
 class Choice:
     """A registered network: how to build it from a ModelConfig, and what --help says."""

@@ -135,7 +135,7 @@ class Evaluator:
     def metrics(self, step: int) -> dict | None:
         if not self.enabled:
             return None
-        generator = self.engines.generator  # no DDP collectives: ranks differ in count
+        generator = self.engines.eval_generator  # unwrapped, no DDP collectives: ranks differ in count
         result = evaluate.evaluate(generator, (self._to_device(b) for b in self._loader()),
                                    self.accelerator.device, self.engines.autocast,
                                    distributed.sum_across_ranks, seed=self.cfg.train.seed,
@@ -150,7 +150,7 @@ class Evaluator:
     def samples(self, step: int) -> None:
         if self.sample_batch is None:
             return
-        grid = evaluate.sample_grid(self.engines.generator, *self.sample_batch, self.accelerator.device,
+        grid = evaluate.sample_grid(self.engines.eval_generator, *self.sample_batch, self.accelerator.device,
                                     self.engines.autocast, seed=self.cfg.train.seed)
         png_path = os.path.join(self.cfg.train.run_dir, "samples", f"step_{step:08d}.png")
         evaluate.save_png(png_path, grid)
@@ -305,6 +305,8 @@ class Trainer:
             [not finite, self.stop.requested], self.acc.device)
         if nonfinite or self.skipped:
             self.nonfinite_step(losses, buffers)
+        if "G" not in self.skipped:
+            e.update_ema()
         e.step_schedulers()
         return losses, waited, time.perf_counter() - start
 
@@ -439,9 +441,13 @@ def main(argv: list[str] | None = None) -> int:
 def check_inputs(cfg: Config) -> None:
     """The shards named by data.train (and data.val) exist and hold their splits; what
     this launch cannot do is refused."""
-    if cfg.train.grad_accum > 1 and launched_with_deepspeed():
-        raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} is not supported under DeepSpeed "
-                          "yet; use DDP, or a larger data.batch_size")
+    if launched_with_deepspeed():
+        if cfg.train.grad_accum > 1:
+            raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} is not supported under DeepSpeed "
+                              "yet; use DDP, or a larger data.batch_size")
+        if cfg.train.ema_decay > 0:
+            raise ConfigError("train.ema_decay: the generator's EMA is not supported under DeepSpeed "
+                              "yet; use DDP, or set it to 0")
     data.list_shards(cfg.data.train, cfg.data.train_split, key="data.train")
     packed = data.packed_load_size(cfg.data.train)
     if packed and packed != cfg.data.load_size:

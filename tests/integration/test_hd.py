@@ -1,7 +1,9 @@
 """The pix2pixHD objective through the real trainer on 2 processes (gloo): a ResNet G, the
-multiscale D, feature matching and 2 accumulated micro-batches per update keep G and D
-bitwise equal across ranks, log the feature-matching term, and resume exactly."""
+multiscale D, feature matching, 2 accumulated micro-batches per update and G's EMA keep G
+and D bitwise equal across ranks, log the feature-matching term, and resume exactly: the
+raw G's losses and the EMA the export holds."""
 import pytest
+from safetensors.torch import load_file
 
 from tests.helpers.runs import DECAY, losses_by_step, run_then_resume
 from tests.helpers.trainer_runs import accelerate, explain, gloo_env, run, step_log, train_args
@@ -10,7 +12,8 @@ pytestmark = pytest.mark.slow
 
 HD = ("--model.generator=resnet_6blocks", "--model.discriminator=multiscale", "--model.num_d=2",
       "--model.norm=instance", "--model.dropout=false", "--loss.gan=lsgan", "--loss.lambda_feat=10",
-      "--train.grad_accum=2", "--data.num_workers=1", "--log.tracker=none", *DECAY)
+      "--train.grad_accum=2", "--train.ema_decay=0.9", "--data.num_workers=1", "--log.tracker=none",
+      *DECAY)
 
 
 @pytest.mark.timeout(600)
@@ -28,3 +31,10 @@ def test_hd_objective_on_two_processes_stays_in_step_and_resumes_exactly(demo_sh
         assert got[step] == expected[step], f"step {step} differs after resume"
     feat = {r["step"]: r["train/loss_G_feat"] for r in resumed}
     assert [feat[s] for s in range(4, 7)] == [r["train/loss_G_feat"] for r in records[3:6]]
+    final = lambda run_dir, name: load_file(str(run_dir / "checkpoints" / "step_00000006" / name))
+    ema, resumed_ema = final(tmp_path / "whole", "generator.safetensors"), \
+        final(tmp_path / "resumed", "generator.safetensors")
+    raw = final(tmp_path / "whole", "generator_raw.safetensors")
+    assert ema.keys() == resumed_ema.keys() == raw.keys()
+    assert all(ema[k].equal(resumed_ema[k]) for k in ema)  # the EMA resumed exactly
+    assert not all(ema[k].equal(raw[k]) for k in ema)  # and the export is the EMA, not G

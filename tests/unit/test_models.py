@@ -172,3 +172,17 @@ def test_multiscale_discriminator_has_pix2pixhds_parameter_count_and_answers_per
     # each scale's logits are its PatchGAN's, on the pair pooled k times
     pair = torch.rand(1, 6, 64, 64)
     torch.testing.assert_close(D(pair)[1][-1], D.scales[1](D.downsample(pair)), rtol=0, atol=0)
+
+
+def test_ema_moves_toward_the_model_and_copies_its_buffers():
+    from pipeline.models import update_ema
+    model, ema = (unet("unet_128", base_filters=8) for _ in range(2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+        for p in ema.parameters():
+            p.fill_(0.0)
+        next(b for b in model.buffers() if b.is_floating_point()).fill_(3.0)
+    update_ema(ema, model, decay=0.9)
+    assert all(torch.allclose(p, torch.full_like(p, 0.1)) for p in ema.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(ema.buffers(), model.buffers()))
