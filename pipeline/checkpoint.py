@@ -382,15 +382,21 @@ def load_tensors(path: str):
                              "only this project's checkpoints can be resumed") from None
 
 
-def load_generator(path: str) -> tuple[torch.nn.Module, dict]:
-    """(generator in eval mode, its generator.json) from a checkpoint step_N folder, a
-    marker (RUN/checkpoints/latest or best), a run folder (its latest checkpoint) or an
-    export folder, local or s3://; no trainer needed."""
+def generator_folder(path: str) -> str:
+    """The folder holding the generator export that `path` names: a checkpoint step_N
+    folder, a marker (RUN/checkpoints/latest or best), a run folder (its latest
+    checkpoint) or an export folder."""
     if os.path.basename(path.rstrip("/")) in (LATEST, BEST) and os.path.isfile(path):
-        path = os.path.join(os.path.dirname(path), marked(os.path.dirname(path), os.path.basename(path)))
-    elif os.path.exists(os.path.join(checkpoints_dir(path), LATEST)):
-        path = resolve(path, "auto")
-    return weights.read_generator(path)
+        return os.path.join(os.path.dirname(path), marked(os.path.dirname(path), os.path.basename(path)))
+    if os.path.exists(os.path.join(checkpoints_dir(path), LATEST)):
+        return resolve(path, "auto")
+    return path
+
+
+def load_generator(path: str) -> tuple[torch.nn.Module, dict]:
+    """(generator in eval mode, its generator.json) from anything generator_folder takes,
+    local or s3://; no trainer needed."""
+    return weights.read_generator(generator_folder(path))
 
 
 def mirror(checkpoint: str, prefix: str) -> None:

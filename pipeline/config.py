@@ -59,6 +59,9 @@ class ModelConfig:
     init_gain: float = opt(0.02, "std of normal init / gain of xavier init")
     activation_checkpointing: bool = opt(
         False, "recompute the U-Net's outer blocks in backward (saves memory on large crops)")
+    init_from: str = opt("", "start G from a trained one (a run, checkpoint, marker or export): "
+                             "the same generator, or a global run's G as a local one's global "
+                             "part (pix2pixHD's staged training); a fresh run only (empty: off)")
 
     @property
     def size_multiple(self) -> int:
@@ -128,6 +131,9 @@ class TrainConfig:
     ema_decay: float = opt(0.0, "exponential moving average of G's weights (e.g. 0.999; 0: off): "
                                 "evaluation, sample grids and the export use it, training goes "
                                 "on with the raw G (DDP only for now)")
+    freeze_global_steps: int = opt(0, "with model.generator=local: train only the enhancer for "
+                                      "the first N steps, then the global part too (pix2pixHD's "
+                                      "niter_fix_global; DDP only for now)")
     grad_accum: int = opt(1, "micro-batches of data.batch_size per update: K D micro-steps and "
                              "one D update, then K G micro-steps and one G update (global batch: "
                              "batch_size x K x processes; DDP only for now)")
@@ -291,6 +297,7 @@ def validate(cfg: Config) -> Config:
                     "optim.decay_steps": cfg.optim.decay_steps,
                     "optim.grad_clip": cfg.optim.grad_clip,
                     "train.eval_every": cfg.train.eval_every,
+                    "train.freeze_global_steps": cfg.train.freeze_global_steps,
                     "log.sample_every": cfg.log.sample_every}
     for key, value in non_negative.items():
         if value < 0:
@@ -298,6 +305,9 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.lambda_feat and cfg.model.discriminator != "multiscale":
         raise ConfigError(f"loss.lambda_feat: feature matching compares a multiscale D's features; "
                           f"set model.discriminator=multiscale (now {cfg.model.discriminator})")
+    if cfg.train.freeze_global_steps and cfg.model.generator != "local":
+        raise ConfigError(f"train.freeze_global_steps: only a local generator has a global part "
+                          f"to freeze (model.generator is {cfg.model.generator})")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     if cfg.loss.lambda_feat < 0:

@@ -30,7 +30,7 @@ from pipeline import checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.errors import CheckpointMismatch
 from pipeline.gan import StepHooks, guard_updates
-from pipeline.models import build_discriminator, build_generator, update_ema
+from pipeline.models import build_discriminator, build_generator, initialise_from, update_ema
 
 
 def lr_factor(step: int, constant_steps: int, decay_steps: int) -> float:
@@ -90,6 +90,12 @@ class Engines:
     def eval_generator(self) -> torch.nn.Module:
         """What evaluation, sample grids and the export see: the EMA where there is one."""
         return self.generator if self.ema is None else self.ema
+
+    def initialise_generator(self, source: torch.nn.Module, source_name: str) -> None:
+        """G (and its EMA) from a trained generator (models.initialise_from)."""
+        initialise_from(self.generator, self.cfg.model.generator, source, source_name)
+        if self.ema is not None:
+            self.ema.load_state_dict(self.generator.state_dict())
 
     def update_ema(self) -> None:
         if self.ema is not None:

@@ -66,6 +66,20 @@ def guard_updates(hooks: StepHooks, on_nonfinite: Callable[[nn.Module], None]) -
     return dataclasses.replace(hooks, step=step)
 
 
+def freeze_while(hooks: StepHooks, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                 active: Callable[[], bool]) -> StepHooks:
+    """`hooks` whose step leaves `params` unchanged while active(): their gradients are
+    dropped before `optimizer` steps, so Adam neither moves them nor starts their state
+    (they begin fresh when released, as pix2pixHD's new optimiser does). They stay in the
+    optimiser and in DDP's all-reduce from the start."""
+    def step(opt: torch.optim.Optimizer, model: nn.Module) -> None:
+        if opt is optimizer and active():
+            for p in params:
+                p.grad = None
+        hooks.step(opt, model)
+    return dataclasses.replace(hooks, step=step)
+
+
 def set_requires_grad(model: nn.Module, flag: bool) -> None:
     for p in model.parameters():
         p.requires_grad_(flag)

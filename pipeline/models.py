@@ -237,6 +237,30 @@ class LocalEnhancer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.local_up(self.local_down(x) + self.global_part(self.downsample(x)))
 
+    def frozen_part(self) -> list[nn.Parameter]:
+        """What train.freeze_global_steps holds still: the global generator's parameters."""
+        return list(self.global_part.parameters())
+
+
+def initialise_from(model: nn.Module, name: str, source: nn.Module, source_name: str) -> None:
+    """Copy a trained generator's weights into `model` (model.init_from): the same
+    architecture whole, or a `global` generator into a `local` one's global part
+    (pix2pixHD's staged training: train global at half resolution, then local around it).
+    ValueError when the two do not fit."""
+    if source_name == name:
+        model.load_state_dict(source.state_dict())
+        return
+    if not (name == "local" and source_name == "global"):
+        raise ValueError(f"a {name} generator cannot start from a {source_name} one (only the same "
+                         "generator, or global into local)")
+    kept = len(source.model) - HEAD
+    mapped = {k.replace("model.", "global_part.", 1): v for k, v in source.state_dict().items()
+              if int(k.split(".")[1]) < kept}
+    result = model.load_state_dict(mapped, strict=False)
+    if result.unexpected_keys or any(k.startswith("global_part.") for k in result.missing_keys):
+        raise ValueError(f"the global generator's layers do not fit this local one's global part "
+                         f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected)")
+
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN: classifies each overlapping patch of an (input, output) pair.

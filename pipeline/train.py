@@ -33,11 +33,12 @@ from pipeline import (
     run_folder,
     storage,
     tracking,
+    weights,
 )
 from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
 from pipeline.engines import Engines, make_engines
 from pipeline.errors import RunError
-from pipeline.gan import train_step, train_step_accumulated
+from pipeline.gan import freeze_while, train_step, train_step_accumulated
 from pipeline.losses import Pix2PixObjective
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,9 @@ class Trainer:
         self.skipped: list[str] = []  # this step's updates not applied: "D", "G"
         self.stopping = False  # every rank agreed to stop after this step
         self.hooks = self.engines.guarded_hooks(self.nonfinite_gradients)
+        if cfg.train.freeze_global_steps:  # pix2pixHD's staged training: the enhancer first
+            self.hooks = freeze_while(self.hooks, self.engines.opt_G, self.engines.generator.frozen_part(),
+                                      lambda: self.step < cfg.train.freeze_global_steps)
         self.best: float | None = None  # train.best_metric's best value so far (main process)
 
     def resume(self) -> None:
@@ -207,6 +211,7 @@ class Trainer:
         if path is None:
             if self.cfg.train.resume:
                 log0(self.acc, f"resume: no checkpoint in {self.cfg.train.run_dir} yet, starting fresh")
+            self.initialise()
             return
         state = checkpoint.load(path, rank=self.rank, world_size=self.world,
                                 load_models=self.engines.load, model=to_dict(self.cfg)["model"])
@@ -225,6 +230,19 @@ class Trainer:
                            f"{state.world_size} processes, this run has {self.world}: the data "
                            "stream restarts its epoch with the new split and RNGs are reseeded")
             torch.manual_seed(self.cfg.train.seed * 100003 + self.rank * 7919 + self.step)
+
+    def initialise(self) -> None:
+        """A fresh run's G from model.init_from, on every rank alike."""
+        source_path = self.cfg.model.init_from
+        if not source_path:
+            return
+        source, meta = checkpoint.load_generator(source_path)
+        try:
+            self.engines.initialise_generator(source, meta["model"]["generator"])
+        except (ValueError, RuntimeError) as err:  # RuntimeError: load_state_dict's shapes
+            raise ConfigError(f"model.init_from: {source_path}: {str(err).splitlines()[0]}") from None
+        log0(self.acc, f"G initialised from {source_path} (a {meta['model']['generator']} generator, "
+                       f"step {meta.get('step')})")
 
     def recorded_best(self) -> float | None:
         """The value metrics.jsonl holds for the checkpoint the `best` marker names."""
@@ -445,10 +463,16 @@ def check_inputs(cfg: Config) -> None:
         if cfg.train.grad_accum > 1:
             raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} is not supported under DeepSpeed "
                               "yet; use DDP, or a larger data.batch_size")
-        if cfg.train.ema_decay > 0:
-            raise ConfigError("train.ema_decay: the generator's EMA is not supported under DeepSpeed "
-                              "yet; use DDP, or set it to 0")
+        ddp_only = {"train.ema_decay": cfg.train.ema_decay, "model.init_from": cfg.model.init_from,
+                    "train.freeze_global_steps": cfg.train.freeze_global_steps}
+        for key, value in ddp_only.items():
+            if value:
+                raise ConfigError(f"{key}: not supported under DeepSpeed yet; use DDP, or leave it off")
     data.list_shards(cfg.data.train, cfg.data.train_split, key="data.train")
+    source = cfg.model.init_from
+    if source and not weights.has_generator(checkpoint.generator_folder(source)):
+        raise ConfigError(f"model.init_from: {source} holds no generator (give a run folder, a "
+                          "checkpoint step_N folder, a marker such as RUN/checkpoints/best, or an export)")
     packed = data.packed_load_size(cfg.data.train)
     if packed and packed != cfg.data.load_size:
         raise ConfigError(f"data.load_size: {cfg.data.load_size}, but {cfg.data.train} holds pairs "

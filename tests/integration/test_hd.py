@@ -6,7 +6,16 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.helpers.runs import DECAY, losses_by_step, run_then_resume
-from tests.helpers.trainer_runs import accelerate, explain, gloo_env, run, step_log, train_args
+from tests.helpers.trainer_runs import (
+    accelerate,
+    cpu_env,
+    explain,
+    gloo_env,
+    run,
+    single,
+    step_log,
+    train_args,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,3 +47,34 @@ def test_hd_objective_on_two_processes_stays_in_step_and_resumes_exactly(demo_sh
     assert ema.keys() == resumed_ema.keys() == raw.keys()
     assert all(ema[k].equal(resumed_ema[k]) for k in ema)  # the EMA resumed exactly
     assert not all(ema[k].equal(raw[k]) for k in ema)  # and the export is the EMA, not G
+
+
+@pytest.mark.timeout(600)
+def test_a_local_run_starts_from_a_global_run_and_trains_its_global_part_after_the_freeze(
+        demo_shards, tmp_path):
+    """pix2pixHD's staged training as two runs: global, then local around it (init_from),
+    the global part held still for freeze_global_steps and trained after."""
+    common = ("--model.norm=instance", "--model.dropout=false", "--data.num_workers=1",
+              "--log.tracker=none")
+    first = run(single(train_args(tmp_path / "global", demo_shards, "--model.generator=global",
+                                  "--model.g_filters=8", "--train.max_steps=2", *common)), cpu_env())
+    assert first.returncode == 0, explain(first)
+    second = run(single(train_args(tmp_path / "local", demo_shards, "--model.generator=local",
+                                   "--model.g_filters=4", f"--model.init_from={tmp_path / 'global'}",
+                                   "--train.freeze_global_steps=2", "--train.max_steps=3",
+                                   "--train.ckpt_every=2", *common)), cpu_env())
+    assert second.returncode == 0, explain(second)
+    assert "G initialised from" in second.stdout
+    source = load_file(str(tmp_path / "global" / "checkpoints" / "step_00000002" / "generator.safetensors"))
+    at = lambda step: load_file(str(tmp_path / "local" / "checkpoints" / f"step_{step:08d}" /
+                                    "generator.safetensors"))
+    mapped = {k.replace("model.", "global_part.", 1): v for k, v in source.items()
+              if k.replace("model.", "global_part.", 1) in at(2)}
+    assert len(mapped) > 10
+    assert all(at(2)[k].equal(v) for k, v in mapped.items())  # held still for 2 steps
+    assert not all(at(3)[k].equal(v) for k, v in mapped.items())  # then trained
+    wrong = run(single(train_args(tmp_path / "wrong", demo_shards, "--model.generator=resnet_6blocks",
+                                  f"--model.init_from={tmp_path / 'global'}", *common)), cpu_env())
+    lines = wrong.stderr.strip().splitlines()
+    assert wrong.returncode == 2 and len(lines) == 1, explain(wrong)
+    assert "model.init_from" in lines[0] and "cannot start from a global" in lines[0]
