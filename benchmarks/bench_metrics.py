@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [{"metric": "+".join(names), "s_per_100": measure(names, root, targets, outputs, device)}
                  for names in (["fid", "kid"], ["lpips"])]
     report("bench_metrics", rows, {"images": args.images, "size": args.size, "device": str(device),
-                                   "substitute_weights": not args.weights_dir})
+                                   "weights": args.weights_dir or "substitutes (the real architectures)"})
     return 0
 
 

@@ -48,3 +48,17 @@ def test_bench_scaling_launches_one_two_processes_and_two_nodes():
     assert [(row["world"], row["nodes"]) for row in rows] == [(1, 1), (2, 1), (2, 2)]
     assert rows[0]["efficiency"] == 1 and rows[0]["allreduce_s"] == 0
     assert all(row["allreduce_s"] > 0 and 0 < row["efficiency"] for row in rows[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_bench_metrics_times_each_metric_in_a_table_then_one_json_line(substitute_weights):
+    run = subprocess.run([sys.executable, "benchmarks/bench_metrics.py", "--images", "2", "--size", "32",
+                          "--weights-dir", substitute_weights], cwd=ROOT, capture_output=True, text=True,
+                         timeout=170)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    record = json.loads(lines[-1])
+    assert record["benchmark"] == "bench_metrics" and "s_per_100" in lines[1]
+    assert [row["metric"] for row in record["rows"]] == ["l1+psnr+ssim", "fid+kid", "lpips"]
+    assert all(row["s_per_100"] > 0 for row in record["rows"])
