@@ -153,7 +153,7 @@ def train_step_seconds(steps: int, size: int) -> float:
     return seconds
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pairs", type=int, default=400)
@@ -166,7 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu",
                         help="where the `device` path resizes, crops and flips (cpu, cuda)")
     parser.add_argument("--step-steps", type=int, default=2, help="train steps timed (0: skip)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
     source = Path(args.source) if args.source else work / "source"
@@ -205,7 +209,12 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if server:
             server.terminate()
-    by = {row["path"]: row for row in rows}
+    figures = summarise({row["path"]: row for row in rows}, shard_bytes, args)
+    return report("bench_data", rows, figures)
+
+
+def summarise(by: dict[str, dict], shard_bytes: int, args: argparse.Namespace) -> dict:
+    """The figures the README quotes, from the rows by path."""
     figures = {"simplejpeg_vs_pil": by["jpeg_simplejpeg"]["pairs_per_cpu_s"] /
                by["jpeg_pil"]["pairs_per_cpu_s"],
                "decode_pairs_per_core_s": by["decode"]["pairs_per_cpu_s"],
@@ -226,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         figures["train_step_s_batch1_all_cores"] = step
         # one loader core's pairs/s over the pairs/s one (all-core) train step consumes
         figures["loader_core_vs_step"] = by["worker"]["pairs_per_cpu_s"] * step
-    return report("bench_data", rows, figures)
+    return figures
 
 
 if __name__ == "__main__":

@@ -302,16 +302,34 @@ def validate(cfg: Config) -> Config:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    _validate_hd(cfg)
+    _validate_metrics(cfg)
+    if cfg.train.mirror and not cfg.train.mirror.startswith("s3://"):
+        raise ConfigError(f"train.mirror: {cfg.train.mirror!r} is not an s3:// prefix")
+    for key in ("data.train", "data.val"):
+        try:
+            storage.check_url(getattr(cfg.data, key.split(".")[1]) or ".")
+        except storage.StorageError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    return cfg
+
+
+def _validate_hd(cfg: Config) -> None:
+    """The pix2pixHD options: each only where it means something."""
     if cfg.loss.lambda_feat and cfg.model.discriminator != "multiscale":
         raise ConfigError(f"loss.lambda_feat: feature matching compares a multiscale D's features; "
                           f"set model.discriminator=multiscale (now {cfg.model.discriminator})")
+    if cfg.loss.lambda_feat < 0:
+        raise ConfigError(f"loss.lambda_feat: must be >= 0, got {cfg.loss.lambda_feat}")
     if cfg.train.freeze_global_steps and cfg.model.generator != "local":
         raise ConfigError(f"train.freeze_global_steps: only a local generator has a global part "
                           f"to freeze (model.generator is {cfg.model.generator})")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
-    if cfg.loss.lambda_feat < 0:
-        raise ConfigError(f"loss.lambda_feat: must be >= 0, got {cfg.loss.lambda_feat}")
+
+
+def _validate_metrics(cfg: Config) -> None:
+    """eval.metrics names known metrics; train.best_metric is one of them, with a val split."""
     try:
         names = realism.parse(cfg.eval.metrics)
     except realism.MetricsError as err:
@@ -322,14 +340,6 @@ def validate(cfg: Config) -> Config:
                           f"add it there")
     if best and not cfg.data.val:
         raise ConfigError(f"train.best_metric: {best} needs a validation split: set data.val")
-    if cfg.train.mirror and not cfg.train.mirror.startswith("s3://"):
-        raise ConfigError(f"train.mirror: {cfg.train.mirror!r} is not an s3:// prefix")
-    for key in ("data.train", "data.val"):
-        try:
-            storage.check_url(getattr(cfg.data, key.split(".")[1]) or ".")
-        except storage.StorageError as err:
-            raise ConfigError(f"{key}: {err}") from None
-    return cfg
 
 
 def validate_runtime(cfg: Config, device_type: str, world_size: int) -> None:

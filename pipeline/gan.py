@@ -139,6 +139,22 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
         torch.set_rng_state(state)
 
 
+def _fakes_to_judge(G: nn.Module, xs: list[torch.Tensor], hooks: StepHooks) -> tuple[list, list]:
+    """(the RNG state before each, G(x) for each x) from no-grad forwards, G's buffers left
+    as they were: the G micro-steps replay each state and move the buffers once."""
+    device = xs[0].device
+    buffers = [b.clone() for b in G.buffers()]
+    states, fakes = [], []
+    with torch.no_grad():
+        for x in xs:
+            states.append(_rng_state(device))
+            with hooks.autocast():
+                fakes.append(hooks.frozen_view(G)(x))
+        for buffer, saved in zip(G.buffers(), buffers):
+            buffer.copy_(saved)
+    return states, fakes
+
+
 def train_step_accumulated(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer,
                            opt_D: torch.optim.Optimizer, xs: list[torch.Tensor], ys: list[torch.Tensor],
                            objective: Pix2PixObjective, hooks: StepHooks = StepHooks()) -> dict[str, float]:
@@ -151,15 +167,7 @@ def train_step_accumulated(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimi
     held for one micro-batch only and BatchNorm's running statistics move once per
     micro-batch. Returns the losses averaged over the micro-batches."""
     k, device = len(xs), xs[0].device
-    buffers = [b.clone() for b in G.buffers()]
-    states, fakes = [], []
-    with torch.no_grad():
-        for x in xs:
-            states.append(_rng_state(device))
-            with hooks.autocast():
-                fakes.append(hooks.frozen_view(G)(x))
-        for buffer, saved in zip(G.buffers(), buffers):
-            buffer.copy_(saved)
+    states, fakes = _fakes_to_judge(G, xs, hooks)
     totals: dict[str, torch.Tensor] = {}
     add = lambda name, value: totals.__setitem__(name, totals.get(name, 0) + value.detach() / k)
 

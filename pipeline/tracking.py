@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import os
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from pipeline.config import Config
+
+log = logging.getLogger(__name__)
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
 
@@ -112,6 +115,21 @@ def start(accelerator: Accelerator, cfg: Config, config: dict[str, Any]) -> None
         mlflow_store(run_dir)
         accelerator.init_trackers(PROJECT, config=config,
                                   init_kwargs={"mlflow": {"run_name": name}})
+
+
+def end_failed(accelerator: Accelerator) -> None:
+    """End the trackers' runs of a run that failed (mlflow's marked FAILED), without
+    accelerator.end_training(), which would also tear down a process group a dead peer
+    may hang. A tracker that cannot finish is said in a line, never hiding the failure."""
+    for tracker in accelerator.trackers:
+        try:
+            if tracker.name == "mlflow":
+                import mlflow
+                mlflow.end_run(status="FAILED")
+            else:
+                tracker.finish()
+        except Exception as err:  # noqa: BLE001 - the run's own error is the one to report
+            log.warning(f"{tracker.name}: could not end the run ({err})")
 
 
 def mlflow_store(run_dir: str) -> None:

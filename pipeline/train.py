@@ -451,7 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         log0(accelerator, "config:\n" + to_yaml(cfg) + "environment: "
              + json.dumps({**environment(accelerator), **trainer.engines.describe()}))
     tracking.start(accelerator, cfg, _flat_config(cfg))
-    code = trainer.run()
+    try:
+        code = trainer.run()
+    except BaseException:
+        tracking.end_failed(accelerator)
+        raise
     accelerator.end_training()
     return code
 

@@ -67,6 +67,11 @@ def test_validation_measures_realism_and_marks_the_best_checkpoint(demo_shards, 
                   str(checkpoints / "best"), "--out", str(exported), "--format", "safetensors"], gloo_env())
     assert result.returncode == 0, explain(result)
     assert json.loads((exported / "generator.json").read_text())["step"] == best_step
+    translated = tmp_path / "translated"
+    result = run([sys.executable, str(ROOT / "pipeline" / "translate.py"), demo_shards, "--checkpoint",
+                  str(checkpoints / "best"), "--out", str(translated), "--quiet"], gloo_env())
+    assert result.returncode == 0, explain(result)
+    assert len(list(translated.glob("*.png"))) == 6  # the val split, by the best generator
 
 
 @pytest.mark.slow

@@ -132,6 +132,20 @@ def test_mlflow_file_store_under_the_run_folder_holds_metrics_and_sample_artifac
     assert "run_name: run\n" in meta and "status: 3\n" in meta  # FINISHED
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_run_that_fails_ends_its_mlflow_run_as_failed(demo_shards, tmp_path):
+    require("mlflow", "mlflow", "mlflow", "mlflow-skinny")
+    run_dir = tmp_path / "run"
+    env = cpu_env(**NO_TELEMETRY, P2P_FAULT="train.nonfinite_batch:2")
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_ALLOW_FILE_STORE"):
+        env.pop(key, None)
+    result = run_in(tmp_path, single(train_args(run_dir, demo_shards, *SHORT, "--log.tracker=mlflow")), env)
+    assert result.returncode == 1 and "non-finite" in result.stderr, explain(result)
+    (run,) = [p.parent for p in (run_dir / "mlruns").glob("*/*/meta.yaml")]
+    assert "status: 4\n" in (run / "meta.yaml").read_text()  # FAILED, not left RUNNING
+
+
 # --------------------------------------------------------------------------- tensorboard
 
 @pytest.mark.slow
