@@ -110,6 +110,11 @@ class DDPEngines(Engines):
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
+        if accelerator.device.type == "cpu":
+            # accelerate's unwrap_model imports DeepSpeed wherever it is installed, whose
+            # import then warns "Setting accelerator to CPU..." into a run that never uses
+            # it; naming the accelerator it would pick is the same choice without the line
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.channels_last = cfg.train.channels_last
         G, D = build_models(cfg, self.channels_last)
         opt_G, opt_D, self.schedulers = build_optimizers(cfg, G, D)
