@@ -316,6 +316,13 @@ def validate(cfg: Config) -> Config:
 
 def _validate_hd(cfg: Config) -> None:
     """The pix2pixHD options: each only where it means something."""
+    m = cfg.model
+    if m.discriminator == "multiscale":
+        coarsest = -(-cfg.data.crop_size // 2 ** (m.num_d - 1))  # each pooling rounds up
+        if coarsest // 2 ** m.d_layers < 3:  # its last norm needs > 1 pixel, its logits >= 1
+            raise ConfigError(f"model.num_d: {m.num_d} scales of a {m.d_layers}-layer PatchGAN need "
+                              f"crops of at least {3 * 2 ** (m.d_layers + m.num_d - 1)} px "
+                              f"(data.crop_size is {cfg.data.crop_size}): lower num_d or d_layers")
     if cfg.loss.lambda_feat and cfg.model.discriminator != "multiscale":
         raise ConfigError(f"loss.lambda_feat: feature matching compares a multiscale D's features; "
                           f"set model.discriminator=multiscale (now {cfg.model.discriminator})")
