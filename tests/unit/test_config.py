@@ -125,7 +125,8 @@ def test_feature_matching_needs_the_multiscale_discriminator():
         from_cli(["--model.num_d=0"])
     with pytest.raises(ConfigError, match="model.num_d: 3 scales of a 3-layer PatchGAN need crops of "
                                           "at least 96"):
-        from_cli(["--model.discriminator=multiscale", "--model.num_d=3", "--data.crop_size=64",
+        from_cli(["--model.discriminator=multiscale", "--model.num_d=3", "--model.generator=resnet_6blocks",
+                  "--data.crop_size=64",
                   "--data.load_size=64"])
 
 
