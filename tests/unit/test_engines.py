@@ -33,3 +33,38 @@ def test_bf16_runs_the_step_convolutions_in_bf16_on_cpu(demo_shards, tmp_path):
     assert dtypes == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(list(losses.values()))))
     assert all(p.dtype == torch.float32 for p in G.parameters())  # fp32 master weights
+
+
+@pytest.mark.timeout(120)
+def test_the_hd_step_runs_its_convolutions_in_bf16_on_cpu(demo_shards, tmp_path):
+    """The HD recipe's pieces (ResNet G, multiscale D, feature matching, grad_accum, EMA)
+    under bf16 autocast: every convolution in bf16, the EMA and the weights in fp32."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from pipeline.config import from_cli
+    from pipeline.engines import DDPEngines
+    from pipeline.gan import train_step_accumulated
+    from pipeline.losses import Pix2PixObjective
+
+    cfg, _ = from_cli(train_args(tmp_path / "run", demo_shards, "--model.generator=resnet_6blocks",
+                                 "--model.discriminator=multiscale", "--model.norm=instance",
+                                 "--model.dropout=false", "--loss.lambda_feat=10", "--train.ema_decay=0.9"))
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    try:
+        engines = DDPEngines(cfg, accelerator)
+        dtypes = set()
+        for model in (engines.G, engines.D):
+            for module in model.modules():
+                if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                    module.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+        xs = [torch.rand(1, 3, 128, 128) * 2 - 1 for _ in range(2)]
+        losses = train_step_accumulated(engines.G, engines.D, engines.opt_G, engines.opt_D, xs,
+                                        [x.flip(-1) for x in xs], Pix2PixObjective("lsgan", 0.0, 10.0),
+                                        engines.hooks)
+        engines.update_ema()
+    finally:
+        AcceleratorState._reset_state(True)
+    assert dtypes == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(list(losses.values())))) and "loss_G_feat" in losses
+    assert all(p.dtype == torch.float32 for p in [*engines.generator.parameters(), *engines.ema.parameters()])
