@@ -136,7 +136,7 @@ class TrainConfig:
                                       "niter_fix_global; DDP only for now)")
     grad_accum: int = opt(1, "micro-batches of data.batch_size per update: K D micro-steps and "
                              "one D update, then K G micro-steps and one G update (global batch: "
-                             "batch_size x K x processes; DDP only for now)")
+                             "batch_size x K x processes; DeepSpeed: its own accumulation, fp32 sums)")
     best_metric: str = opt("", "mark the checkpoint with the best value of this validation metric "
                                "as checkpoints/best (saved when it improves, never rotated away; "
                                "empty: off)", choices=("", *realism.METRICS))

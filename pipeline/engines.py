@@ -180,10 +180,13 @@ def deepspeed_config(base: dict, cfg: Config, bf16: bool) -> dict:
         raise ConfigError(f"DeepSpeed config: zero_optimization.stage {stage} is not supported: "
                           "use 0, 1 or 2 (stage 3 partitions the parameters D is called with)")
     config.pop("train_batch_size", None)  # derived: micro batch x processes
-    config.update(train_micro_batch_size_per_gpu=cfg.data.batch_size, gradient_accumulation_steps=1,
+    config.update(train_micro_batch_size_per_gpu=cfg.data.batch_size,
+                  gradient_accumulation_steps=cfg.train.grad_accum,
                   gradient_clipping=cfg.optim.grad_clip)  # DeepSpeed would clip at 1.0 by default
     if bf16:  # bf16 mode casts parameters only: BatchNorm wants its buffers in bf16 too
         config.setdefault("data_types", {})["buffer_dtype"] = "bf16"
+    if bf16 and cfg.train.grad_accum > 1:  # bf16 would sum the micro-steps' gradients in bf16
+        config.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     return config
 
 
@@ -213,7 +216,8 @@ class DeepSpeedEngines(Engines):
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self.hooks = StepHooks(backward=lambda loss, engine: engine.backward(loss),
                                step=lambda optimizer, engine: engine.step(),
-                               autocast=self.autocast, frozen_view=lambda engine: engine.module)
+                               autocast=self.autocast, frozen_view=lambda engine: engine.module,
+                               engine_accumulates=True)  # gradient_accumulation_steps
 
     def guarded_hooks(self, on_nonfinite) -> StepHooks:
         """Unguarded: each rank holds only its partition of the gradients, and the engine

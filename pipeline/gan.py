@@ -36,12 +36,15 @@ class StepHooks:
         under DDP, so that a D whose parameters are frozen triggers no all-reduce.
     no_sync(model): the context of an accumulation micro-step that does not update
         (DDP's no_sync: no all-reduce until the last one).
+    engine_accumulates: the engine divides each micro-step's loss by K itself and wants
+        step() after every micro-step, updating at the K-th (DeepSpeed's own accumulation).
     """
     backward: Callable[[torch.Tensor, nn.Module], None] = _plain_backward
     step: Callable[[torch.optim.Optimizer, nn.Module], None] = _plain_step
     autocast: Callable[[], AbstractContextManager] = field(default=nullcontext)
     frozen_view: Callable[[nn.Module], nn.Module] = field(default=lambda model: model)
     no_sync: Callable[[nn.Module], AbstractContextManager] = field(default=lambda model: nullcontext())
+    engine_accumulates: bool = False
 
 
 def finite_gradients(model: nn.Module) -> bool:
@@ -167,6 +170,8 @@ def train_step_accumulated(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimi
     held for one micro-batch only and BatchNorm's running statistics move once per
     micro-batch. Returns the losses averaged over the micro-batches."""
     k, device = len(xs), xs[0].device
+    scale = 1.0 if hooks.engine_accumulates else 1.0 / k
+    micro_step = hooks.step if hooks.engine_accumulates else lambda optimizer, model: None
     states, fakes = _fakes_to_judge(G, xs, hooks)
     totals: dict[str, torch.Tensor] = {}
     add = lambda name, value: totals.__setitem__(name, totals.get(name, 0) + value.detach() / k)
@@ -179,8 +184,10 @@ def train_step_accumulated(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimi
                 fake_logits = D(torch.cat([x, fake], 1))  # fake first, as train_step
                 real_logits = D(torch.cat([x, y], 1))
             loss_D = objective.discriminator(real_logits, fake_logits)
-            hooks.backward(loss_D / k, D)
+            hooks.backward(loss_D * scale, D)
         add("loss_D", loss_D)
+        if i < k - 1:
+            micro_step(opt_D, D)
     hooks.step(opt_D, D)
 
     set_requires_grad(D, False)
@@ -196,7 +203,9 @@ def train_step_accumulated(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimi
                 with hooks.autocast(), torch.no_grad():
                     real_features = hooks.frozen_view(D)(torch.cat([x, y], 1))
             loss_G = objective.generator(fake_logits, fake, y, real_features)
-            hooks.backward(loss_G.total / k, G)
+            hooks.backward(loss_G.total * scale, G)
+        if i < k - 1:
+            micro_step(opt_G, G)
         for name, value in (("loss_G", loss_G.total), ("loss_G_gan", loss_G.gan), ("loss_G_l1", loss_G.l1),
                             ("loss_G_feat", loss_G.feat)):
             if value is not None:

@@ -464,9 +464,6 @@ def check_inputs(cfg: Config) -> None:
     """The shards named by data.train (and data.val) exist and hold their splits; what
     this launch cannot do is refused."""
     if launched_with_deepspeed():
-        if cfg.train.grad_accum > 1:
-            raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} is not supported under DeepSpeed "
-                              "yet; use DDP, or a larger data.batch_size")
         ddp_only = {"train.ema_decay": cfg.train.ema_decay, "model.init_from": cfg.model.init_from,
                     "train.freeze_global_steps": cfg.train.freeze_global_steps}
         for key, value in ddp_only.items():

@@ -184,3 +184,25 @@ def test_activation_checkpointing_changes_no_loss(runs, stage, demo_shards, tmp_
     assert "activation_checkpointing: true" in result.stdout
     # recomputed in backward, dropout masks replayed: the same numbers, bit for bit
     assert losses_by_step(step_log(run_dir)) == losses_by_step(step_log(plain_dir))
+
+
+HD = ("--model.generator=resnet_6blocks", "--model.discriminator=multiscale", "--model.norm=instance",
+      "--model.dropout=false", "--loss.gan=lsgan", "--loss.lambda_feat=10", "--train.grad_accum=2",
+      "--data.num_workers=1", *DECAY)
+
+
+@pytest.mark.timeout(3 * LAUNCH_TIMEOUT + 60)
+def test_zero2_bf16_accumulates_the_hd_objective_and_resumes_exactly(demo_shards, tmp_path):
+    """DeepSpeed's own gradient accumulation (gradient_accumulation_steps, fp32 sums under
+    bf16) with the multiscale D and feature matching: ranks equal, exact resume."""
+    launch = lambda args: deepspeed(args, stage=2, precision="bf16")
+    whole = run(launch(train_args(tmp_path / "whole", demo_shards, "--train.max_steps=4", *HD)),
+                deepspeed_env(), timeout=LAUNCH_TIMEOUT)
+    assert whole.returncode == 0, explain(whole)
+    assert '"zero_stage": 2' in whole.stdout and "replicas agree: G and D digest" in whole.stdout
+    resumed = run_then_resume(launch, deepspeed_env(), tmp_path / "resumed", demo_shards, 2, 4, *HD)
+    expected, got = losses_by_step(step_log(tmp_path / "whole")), losses_by_step(resumed)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert got[step] == expected[step], f"step {step} differs after resume"
+    assert all(r["train/loss_G_feat"] > 0 for r in resumed)
