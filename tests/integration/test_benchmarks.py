@@ -62,3 +62,17 @@ def test_bench_metrics_times_each_metric_in_a_table_then_one_json_line(substitut
     assert record["benchmark"] == "bench_metrics" and "s_per_100" in lines[1]
     assert [row["metric"] for row in record["rows"]] == ["l1+psnr+ssim", "fid+kid", "lpips"]
     assert all(row["s_per_100"] > 0 for row in record["rows"])
+
+
+def test_estimate_memory_adds_up_parameters_optimiser_and_activations():
+    run = subprocess.run([sys.executable, "benchmarks/estimate_memory.py", "--config", "configs/hd_512.yaml",
+                          "--generator", "global", "--size", "256"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    rows = {row["part"]: row["GiB"] for row in record["rows"]}
+    # 182,443,267 parameters x 16 bytes (fp32 weights, gradients, Adam's two moments)
+    assert rows["G weights + grads + Adam (fp32)"] == pytest.approx(182_443_267 * 16 / 2 ** 30)
+    assert rows["G's EMA (fp32)"] == pytest.approx(182_443_267 * 4 / 2 ** 30)
+    assert record["figures"]["total_GiB"] == pytest.approx(sum(rows.values()))
+    assert 0 < rows["G activations (one forward)"] < rows["G weights + grads + Adam (fp32)"]

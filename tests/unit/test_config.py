@@ -130,7 +130,7 @@ def test_feature_matching_needs_the_multiscale_discriminator():
                   "--data.load_size=64"])
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "facades.yaml", "hd_512.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "facades.yaml", "hd_512.yaml", "hd_1024.yaml"])
 def test_every_shipped_config_loads_and_validates(name):
     from pathlib import Path
     cfg, _ = from_cli(["--config", str(Path(__file__).parents[2] / "configs" / name)])
