@@ -1,9 +1,11 @@
-"""The pix2pix networks: U-Net generator and PatchGAN discriminator (pure torch).
+"""The networks (pure torch): pix2pix's U-Net and PatchGAN, the reference's ResNet
+generator, and pix2pixHD's global and local generators and multi-scale discriminator.
 
-The structure follows the reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix)
-layer for layer, so parameter counts match it exactly: unet_256 with batch norm has
-54,413,955 parameters, the 70x70 PatchGAN on 6 channels 2,768,705. Nothing here knows
-about devices, distribution or files.
+The structure follows the reference implementations (junyanz/pytorch-CycleGAN-and-pix2pix,
+NVIDIA/pix2pixHD) layer for layer, so parameter counts match them exactly: unet_256 with
+batch norm has 54,413,955 parameters, the 70x70 PatchGAN on 6 channels 2,768,705,
+resnet_9blocks 11,383,427, global 182,443,267, local 182,701,827, the 2-scale D 5,535,618.
+Nothing here knows about devices, distribution or files.
 """
 from __future__ import annotations
 
