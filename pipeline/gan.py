@@ -164,11 +164,13 @@ def train_step_accumulated(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimi
     """train_step over K = len(xs) micro-batches: K D micro-steps and one D update, then K G
     micro-steps and one G update, so G always meets the updated D. Each micro-step's loss
     is divided by K (the gradient of the mean over the K micro-batches); only the last of
-    each K all-reduces (hooks.no_sync). The fakes the D micro-steps judge come from no-grad
-    forwards; the G micro-steps recompute them one at a time with the same dropout masks
-    (the RNG state of each is replayed) and G's buffers as they were, so G's activations are
-    held for one micro-batch only and BatchNorm's running statistics move once per
-    micro-batch. Returns the losses averaged over the micro-batches."""
+    each K all-reduces (hooks.no_sync); an engine that accumulates itself (DeepSpeed) does
+    both and steps every micro-step (hooks.engine_accumulates). The fakes the D
+    micro-steps judge come from no-grad forwards; the G micro-steps recompute them one at
+    a time with the same dropout masks (the RNG state of each is replayed) and G's buffers
+    as they were, so G's activations are held for one micro-batch only and BatchNorm's
+    running statistics move once per micro-batch. Returns the losses averaged over the
+    micro-batches."""
     k, device = len(xs), xs[0].device
     scale = 1.0 if hooks.engine_accumulates else 1.0 / k
     micro_step = hooks.step if hooks.engine_accumulates else lambda optimizer, model: None
