@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline import realism
 
-CALIBRATION_IMAGES = 48
+CALIBRATION_IMAGES = 32
 
 
 def inception_skeleton() -> nn.Module:

@@ -50,7 +50,9 @@ def test_zero_on_identical_images_and_growing_with_noise(meter, targets):
         results.append(meter.result())
     same = results[0]
     assert abs(same["fid"]) < 1e-3 and same["lpips"] == 0.0
-    assert abs(same["kid_mean"]) < 0.01 * results[1]["kid_mean"] + 1e-2
+    # KID's unbiased estimate is not 0 on identical sets of a few images (the diagonal it
+    # leaves out): small against what noise gives, and below every noisy value
+    assert abs(same["kid_mean"]) < 0.01 * results[-1]["kid_mean"]
     for key in ("fid", "kid_mean", "lpips"):
         values = [r[key] for r in results]
         assert values == sorted(values) and len(set(values)) == 4, (key, values)
