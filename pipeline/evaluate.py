@@ -126,6 +126,10 @@ def sample_grid(generator: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ke
     outputs the metrics measure: translate_each)."""
     with untouched_state(generator, device):
         output = translate_each(generator, x, keys, autocast, seed)
+    return grid_image(x, output, y)
+
+
+def grid_image(x: torch.Tensor, output: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     columns = [to_uint8(t) for t in (x, output, y)]
     columns = [c.expand(-1, 3, -1, -1) if c.shape[1] == 1 else c[:, :3] for c in columns]
     rows = torch.cat(columns, dim=3)  # side by side
@@ -143,17 +147,15 @@ def save_png(path: str, pixels: np.ndarray) -> None:
 def sample_rows(generator: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, keys: list[str],
                 device: torch.device, autocast: Callable, seed: int,
                 realism: Realism | None = None) -> tuple[np.ndarray, list]:
-    """(grid, metrics per row), each row the output the metrics over the split measured:
-    the pairwise ones, and LPIPS where it is measured."""
-    grid = sample_grid(generator, x, y, keys, device, autocast, seed)
-    rows = [evaluate(generator, [(x[i:i + 1], y[i:i + 1], [key])], device, autocast, seed=seed)
-            for i, key in enumerate(keys)]
+    """(grid, metrics per row), each row the output the metrics over the split measured
+    (translated once): the pairwise ones, and LPIPS where it is measured."""
+    with untouched_state(generator, device):
+        output = translate_each(generator, x, keys, autocast, seed)
+    rows = [dict(zip(PAIRWISE, values.tolist())) for values in per_image_metrics(output, y).double()]
     if realism is not None and realism.lpips_net is not None:
-        with untouched_state(generator, device):
-            output = translate_each(generator, x, keys, autocast, seed)
         for row, score in zip(rows, realism.lpips_each(to_uint8(output), to_uint8(y))):
             row["lpips"] = score
-    return grid, rows
+    return grid_image(x, output, y), rows
 
 
 # name in metrics.json -> (column heading, format)
@@ -299,8 +301,7 @@ def write_report(args, meta: dict, metrics: dict, first: dict, generator, device
                "split": args.split, "world_size": accelerator.num_processes, **metrics,
                "metrics": {n: METRICS[n].help for n in names},
                "test_mode": {"dropout": args.dropout, "norm_stats": args.norm_stats, "seed": args.seed},
-               "samples": [{"key": k, **{n: v for n, v in m.items() if n != "images"}}
-                           for k, m in zip(first["key"], per_sample)]}
+               "samples": [{"key": k, **m} for k, m in zip(first["key"], per_sample)]}
     save_png(storage.join(args.out, "samples.png"), grid)
     storage.write_bytes(storage.join(args.out, "metrics.json"), json.dumps(summary, indent=1).encode())
     storage.write_bytes(storage.join(args.out, "index.html"), report_html(summary).encode())
