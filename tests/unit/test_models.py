@@ -1,4 +1,6 @@
 """The networks match the reference's structure: counts, shapes, init, checkpointing."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,6 +9,7 @@ from pipeline.config import ModelConfig
 from pipeline.models import (
     PatchDiscriminator,
     PixelDiscriminator,
+    ResnetBlock,
     UNetGenerator,
     build_discriminator,
     build_generator,
@@ -142,6 +145,26 @@ def test_activation_checkpointing_gives_the_same_outputs_gradients_and_statistic
     checkpointed = unet("unet_128", base_filters=8, checkpoint_blocks=3)
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 128, 128)
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)  # same dropout masks
+        for _ in range(2):
+            model(x).square().mean().backward()
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    for a, b in zip(plain.buffers(), checkpointed.buffers()):  # BN stats updated once per step
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("generator", ["resnet_6blocks", "local"])
+def test_residual_block_checkpointing_gives_the_same_outputs_gradients_and_statistics(generator):
+    norm, size = ("batch", 32) if generator == "resnet_6blocks" else ("instance", 64)
+    cfg = ModelConfig(generator=generator, g_filters=4, norm=norm, dropout=generator != "local")
+    torch.manual_seed(0)
+    plain = build_generator(cfg)
+    checkpointed = build_generator(dataclasses.replace(cfg, activation_checkpointing=True))
+    assert sum(isinstance(m, ResnetBlock) and m.checkpointed for m in checkpointed.modules()) >= 6
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, size, size)
     for model in (plain, checkpointed):
         torch.manual_seed(1)  # same dropout masks
         for _ in range(2):
