@@ -58,7 +58,8 @@ class ModelConfig:
     init: str = opt("normal", "weight initialisation", choices=models.INITS)
     init_gain: float = opt(0.02, "std of normal init / gain of xavier init")
     activation_checkpointing: bool = opt(
-        False, "recompute the U-Net's outer blocks in backward (saves memory on large crops)")
+        False, "recompute parts of G in backward instead of keeping their activations (the U-Net's "
+               "outer blocks, the ResNet generators' residual blocks): less memory, more time")
     init_from: str = opt("", "start G from a trained one (a run, checkpoint, marker or export): "
                              "the same generator, or a global run's G as a local one's global "
                              "part (pix2pixHD's staged training); a fresh run only (empty: off)")
@@ -75,6 +76,8 @@ class LossConfig:
     lambda_l1: float = opt(100.0, "weight of the L1 term in the generator loss")
     lambda_feat: float = opt(0.0, "weight of pix2pixHD's feature matching (10 there; 0: off); "
                                   "needs model.discriminator=multiscale")
+    lambda_vgg: float = opt(0.0, "weight of pix2pixHD's VGG19 perceptual loss (10 there; 0: off); "
+                                 "its ImageNet weights from eval.weights_dir (never downloaded)")
 
 
 @dataclass
@@ -130,10 +133,11 @@ class TrainConfig:
     eval_every: int = opt(500, "evaluate on the val split every N steps (0: only at the end)")
     ema_decay: float = opt(0.0, "exponential moving average of G's weights (e.g. 0.999; 0: off): "
                                 "evaluation, sample grids and the export use it, training goes "
-                                "on with the raw G (DDP only for now)")
+                                "on with the raw G (under ZeRO each rank averages its own "
+                                "partition)")
     freeze_global_steps: int = opt(0, "with model.generator=local: train only the enhancer for "
                                       "the first N steps, then the global part too (pix2pixHD's "
-                                      "niter_fix_global; DDP only for now)")
+                                      "niter_fix_global)")
     grad_accum: int = opt(1, "micro-batches of data.batch_size per update: K D micro-steps and "
                              "one D update, then K G micro-steps and one G update (global batch: "
                              "batch_size x K x processes; DeepSpeed: its own accumulation, fp32 sums)")
@@ -173,8 +177,8 @@ class EvalConfig:
     metrics: str = opt("auto", "validation metrics, a comma list of " + ", ".join(realism.METRICS)
                        + " (auto: l1, psnr, ssim plus every metric whose package and weights "
                        "are here; the trainer never downloads: see evaluate.py --help)")
-    weights_dir: str = opt("", f"folder of the metrics' weights, torch.hub's layout (empty: "
-                               f"${realism.WEIGHTS_ENV}, else torch's cache)")
+    weights_dir: str = opt("", f"folder of the metrics' weights (and loss.lambda_vgg's VGG19), "
+                               f"torch.hub's layout (empty: ${realism.WEIGHTS_ENV}, else torch's cache)")
 
 
 @dataclass
@@ -326,8 +330,12 @@ def _validate_hd(cfg: Config) -> None:
     if cfg.loss.lambda_feat and cfg.model.discriminator != "multiscale":
         raise ConfigError(f"loss.lambda_feat: feature matching compares a multiscale D's features; "
                           f"set model.discriminator=multiscale (now {cfg.model.discriminator})")
-    if cfg.loss.lambda_feat < 0:
-        raise ConfigError(f"loss.lambda_feat: must be >= 0, got {cfg.loss.lambda_feat}")
+    for key in ("lambda_feat", "lambda_vgg"):
+        if getattr(cfg.loss, key) < 0:
+            raise ConfigError(f"loss.{key}: must be >= 0, got {getattr(cfg.loss, key)}")
+    if cfg.loss.lambda_vgg and cfg.model.out_channels not in (1, 3):
+        raise ConfigError(f"loss.lambda_vgg: VGG19 sees RGB (or grey) images; model.out_channels is "
+                          f"{cfg.model.out_channels}: set loss.lambda_vgg=0")
     if cfg.train.freeze_global_steps and cfg.model.generator != "local":
         raise ConfigError(f"train.freeze_global_steps: only a local generator has a global part "
                           f"to freeze (model.generator is {cfg.model.generator})")

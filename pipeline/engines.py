@@ -6,7 +6,13 @@ kinds offer one interface to the trainer:
     guarded_hooks(on_nonfinite) hooks that never apply a NaN/inf gradient, where the
                                 engines can see whole gradients (DDP)
     schedulers, step_schedulers our LambdaLRs, stepped once per step by us (never prepared)
-    generator, modules()        the plain modules: evaluation, replica digests
+    generator, modules()        the plain modules: replica digests
+    eval_generator()            what evaluation, sample grids and the export see: G, or its
+                                EMA (train.ema_decay; a collective under ZeRO: all ranks)
+    update_ema()                after each applied G update
+    initialise_generator(...)   a fresh run's G from a trained one (model.init_from)
+    freeze(hooks, params, on)   hooks under which `params` stay put while on() (pix2pixHD's
+                                staged training); they stay in the optimiser throughout
     autocast                    the forward-pass precision context, for evaluation too
     save(staging, rank)         model, optimiser and scheduler state into a checkpoint folder
     load(checkpoint)            ... and back, on every rank
@@ -29,7 +35,7 @@ from accelerate.utils import DistributedType
 from pipeline import checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.errors import CheckpointMismatch
-from pipeline.gan import StepHooks, guard_updates
+from pipeline.gan import StepHooks, freeze_while, guard_updates
 from pipeline.models import build_discriminator, build_generator, initialise_from, update_ema
 
 
@@ -84,12 +90,15 @@ class Engines:
     def modules(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         return self.generator, self.discriminator
 
-    ema: torch.nn.Module | None = None  # G's moving average (train.ema_decay), DDP only
+    ema: torch.nn.Module | None = None  # G's moving average (train.ema_decay), a whole module
 
-    @property
     def eval_generator(self) -> torch.nn.Module:
         """What evaluation, sample grids and the export see: the EMA where there is one."""
         return self.generator if self.ema is None else self.ema
+
+    def freeze(self, hooks: StepHooks, params: list, active) -> StepHooks:
+        """Their gradients dropped before G's optimiser steps (gan.freeze_while)."""
+        return freeze_while(hooks, self.opt_G, params, active)
 
     def initialise_generator(self, source: torch.nn.Module, source_name: str) -> None:
         """G (and its EMA) from a trained generator (models.initialise_from)."""
@@ -159,12 +168,13 @@ class DDPEngines(Engines):
         return {"engines": "ddp", "channels_last": self.channels_last}
 
     def generator_state_fp32(self) -> dict[str, torch.Tensor]:
-        return dict(self.eval_generator.state_dict())
+        return dict(self.eval_generator().state_dict())
 
 
 # --------------------------------------------------------------------------- DeepSpeed
 
 DEEPSPEED_TAG = "engine"  # the one tag inside each of a checkpoint's G/ and D/ folders
+EMA_PARTITION = "ema_partition_rank{rank}.pt"  # G's EMA, each rank's share, in G/
 
 
 def deepspeed_config(base: dict, cfg: Config, bf16: bool) -> dict:
@@ -198,6 +208,7 @@ class DeepSpeedEngines(Engines):
     def __init__(self, cfg: Config, accelerator: Accelerator):
         import deepspeed
 
+        self.cfg = cfg
         if cfg.train.compile:
             raise ConfigError("train.compile: not supported under DeepSpeed yet; set it to false")
         # DeepSpeed flattens parameters into contiguous buffers: channels_last weights
@@ -218,6 +229,10 @@ class DeepSpeedEngines(Engines):
                                step=lambda optimizer, engine: engine.step(),
                                autocast=self.autocast, frozen_view=lambda engine: engine.module,
                                engine_accumulates=True)  # gradient_accumulation_steps
+        self.ema_decay = cfg.train.ema_decay
+        # G's EMA as this rank's share of it: a copy of its fp32 master partition
+        self.ema_partition = self._master_copy() if self.ema_decay > 0 else None
+        self._gathered_ema: tuple[int, torch.nn.Module] | None = None  # (G's step, the EMA)
 
     def guarded_hooks(self, on_nonfinite) -> StepHooks:
         """Unguarded: each rank holds only its partition of the gradients, and the engine
@@ -238,11 +253,14 @@ class DeepSpeedEngines(Engines):
 
     def save(self, staging: str, rank: int) -> None:
         """Every rank: each engine writes its model and its optimiser partition into its own
-        folder (both engines name their files alike); our schedulers ride along."""
+        folder (both engines name their files alike); our schedulers ride along, and the
+        EMA's partition beside G's."""
         for name, engine in (("G", self.G), ("D", self.D)):
             engine.save_checkpoint(os.path.join(staging, name), tag=DEEPSPEED_TAG,
                                    client_state={"scheduler": self.schedulers[name].state_dict()},
                                    save_latest=False)
+        if self.ema_partition is not None:
+            torch.save(self.ema_partition, os.path.join(staging, "G", EMA_PARTITION.format(rank=rank)))
 
     def load(self, path: str) -> None:
         """DeepSpeed checkpoints are pickles: resume only from checkpoints you trust."""
@@ -253,13 +271,88 @@ class DeepSpeedEngines(Engines):
                 raise CheckpointMismatch(f"{path}/{name}: no DeepSpeed checkpoint (saved without "
                                          "DeepSpeed? resume it without DeepSpeed)")
             self.schedulers[name].load_state_dict(client_state["scheduler"])
+        if self.ema_partition is not None:
+            self._load_ema(path)
+
+    def _load_ema(self, path: str) -> None:
+        """This rank's EMA partition; a checkpoint saved without one starts the EMA at G."""
+        file = os.path.join(path, "G", EMA_PARTITION.format(rank=self.G.global_rank))
+        if not os.path.isfile(file):
+            self.ema_partition = self._master_copy()
+            return
+        saved = torch.load(file, weights_only=True)
+        if [t.shape for t in saved] != [t.shape for t in self.ema_partition]:
+            raise CheckpointMismatch(f"{file}: the EMA was partitioned for another number of "
+                                     "processes; resume with the number it was saved with")
+        for averaged, value in zip(self.ema_partition, saved):
+            averaged.copy_(value)
+
+    # ---------------------------------------------------------------- G's fp32 masters
+
+    def _master_copy(self) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in master_partition(self.G)]
+
+    def update_ema(self) -> None:
+        """On this rank's partition only: no communication per step."""
+        if self.ema_partition is not None:
+            with torch.no_grad():
+                for averaged, current in zip(self.ema_partition, master_partition(self.G)):
+                    averaged.lerp_(current, 1.0 - self.ema_decay)
+
+    def eval_generator(self) -> torch.nn.Module:
+        """G, or an fp32 module holding the gathered EMA (gathered once per G step; a
+        collective under ZeRO: every rank calls)."""
+        if self.ema_partition is None:
+            return self.generator
+        step = self.G.global_steps
+        if self._gathered_ema is None or self._gathered_ema[0] != step:
+            ema = copy.deepcopy(self.generator).float().requires_grad_(False)
+            ema.load_state_dict(self.generator_state_fp32())
+            self._gathered_ema = (step, ema)
+        return self._gathered_ema[1]
 
     def generator_state_fp32(self) -> dict[str, torch.Tensor]:
-        """G's fp32 master weights, gathered from every rank's partition, and its buffers
-        (BatchNorm statistics: this rank's, as fp32)."""
+        """What the export holds, whole on every rank: G's fp32 master weights gathered
+        from every rank's partition, or the EMA's (swapped into the masters for the one
+        gather), and G's buffers (BatchNorm statistics: this rank's, as fp32)."""
+        if self.ema_partition is None:
+            return self._gathered_state()
+        masters = master_partition(self.G)
+        current = [t.detach().clone() for t in masters]
+        with torch.no_grad():
+            try:
+                for master, averaged in zip(masters, self.ema_partition):
+                    master.copy_(averaged)
+                return self._gathered_state()
+            finally:
+                for master, value in zip(masters, current):
+                    master.copy_(value)
+
+    def _gathered_state(self) -> dict[str, torch.Tensor]:
         masters = fp32_masters(self.G)
-        return {name: masters.get(name, tensor).detach().float() if tensor.is_floating_point()
-                else tensor for name, tensor in self.generator.state_dict().items()}
+        return {name: masters.get(name, tensor).detach().float().clone() if tensor.is_floating_point()
+                else tensor.clone() for name, tensor in self.generator.state_dict().items()}
+
+    def initialise_generator(self, source: torch.nn.Module, source_name: str) -> None:
+        """Into the fp32 masters too (the optimiser steps those), through an fp32 twin
+        of G: in bf16 the module only holds bf16 working copies."""
+        twin = copy.deepcopy(self.generator).float()
+        initialise_from(twin, self.cfg.model.generator, source, source_name)
+        state = twin.state_dict()
+        set_fp32_masters(self.G, {name: state[name] for name, _ in self.generator.named_parameters()})
+        with torch.no_grad():
+            self.generator.load_state_dict(state)
+        if self.ema_partition is not None:
+            self.ema_partition = self._master_copy()
+
+    def freeze(self, hooks: StepHooks, params: list, active) -> StepHooks:
+        """Their gradients zeroed as they are computed, before DeepSpeed reduces and
+        partitions them: Adam then leaves them exactly where they are (zero moments give a
+        zero update). Unlike the DDP path's, their Adam step count runs on meanwhile, so
+        their first updates after release are bias-corrected as late steps."""
+        for param in params:
+            param.register_hook(lambda grad: torch.zeros_like(grad) if active() else grad)
+        return hooks
 
 
 def fp32_masters(engine) -> dict[str, torch.Tensor]:
@@ -272,6 +365,32 @@ def fp32_masters(engine) -> dict[str, torch.Tensor]:
     if engine.bfloat16_enabled():
         return _stage0_masters(engine.optimizer, params)
     return params  # stage 0 in fp32: the parameters are their own masters
+
+
+def master_partition(engine) -> list[torch.Tensor]:
+    """This rank's fp32 master tensors, as the optimiser steps them: under ZeRO its flat
+    partitions, at stage 0 the fp32 copies (bf16) or the parameters themselves (fp32)."""
+    if engine.zero_optimization_stage() > 0:
+        return list(engine.optimizer.single_partition_of_fp32_groups)
+    if engine.bfloat16_enabled():
+        return [master for masters in engine.optimizer.fp32_groups for master in masters]
+    return list(engine.module.parameters())
+
+
+def set_fp32_masters(engine, values: dict[str, torch.Tensor]) -> None:
+    """Each named parameter's fp32 master <- values[name] (every rank passes the whole
+    tensors; each keeps its own partition of them)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    params = dict(engine.module.named_parameters())
+    with torch.no_grad():
+        if engine.zero_optimization_stage() > 0:
+            for name, value in values.items():
+                safe_set_full_fp32_param(params[name], value.to(params[name].device))
+            return
+        masters = _stage0_masters(engine.optimizer, params) if engine.bfloat16_enabled() else params
+        for name, value in values.items():
+            masters[name].copy_(value)
 
 
 def _stage0_masters(optimizer, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

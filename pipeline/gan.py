@@ -121,12 +121,8 @@ def train_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer,
     hooks.step(opt_G, G)
     set_requires_grad(D, True)
 
-    names = ["loss_D", "loss_G", "loss_G_gan", "loss_G_l1"]
-    values = [loss_D, loss_G.total, loss_G.gan, loss_G.l1]
-    if loss_G.feat is not None:
-        names.append("loss_G_feat")
-        values.append(loss_G.feat)
-    return dict(zip(names, torch.stack([v.detach() for v in values]).tolist()))  # one device sync
+    terms = {"loss_D": loss_D, **loss_G.terms()}
+    return dict(zip(terms, torch.stack([v.detach() for v in terms.values()]).tolist()))  # one device sync
 
 
 # --------------------------------------------------------------------------- accumulation
@@ -208,10 +204,8 @@ def train_step_accumulated(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimi
             hooks.backward(loss_G.total * scale, G)
         if i < k - 1:
             micro_step(opt_G, G)
-        for name, value in (("loss_G", loss_G.total), ("loss_G_gan", loss_G.gan), ("loss_G_l1", loss_G.l1),
-                            ("loss_G_feat", loss_G.feat)):
-            if value is not None:
-                add(name, value)
+        for name, value in loss_G.terms().items():
+            add(name, value)
     hooks.step(opt_G, G)
     set_requires_grad(D, True)
     names = list(totals)

@@ -13,7 +13,8 @@ One convention each, stated in metrics.json too:
 - LPIPS: torchmetrics' (AlexNet backbone, the v0.1 linear layers that ship with
   torchmetrics), between each output and its target on [-1, 1], averaged over the pairs.
 
-Weights live under one folder laid out as torch.hub does (INCEPTION_FILE, ALEXNET_FILE): --weights-dir /
+Weights live under one folder laid out as torch.hub does (INCEPTION_FILE, ALEXNET_FILE, and
+VGG19_FILE for the trainer's loss.lambda_vgg): --weights-dir /
 eval.weights_dir, else $P2P_WEIGHTS_DIR, else torch's own cache ($TORCH_HOME). evaluate.py
 downloads a missing file there where it may; the trainer never downloads.
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_ENV = "P2P_WEIGHTS_DIR"
 INCEPTION_FILE = "hub/checkpoints/weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's
 ALEXNET_FILE = "hub/checkpoints/alexnet-owt-7be5be79.pth"  # torchvision's AlexNet IMAGENET1K_V1
+VGG19_FILE = "hub/checkpoints/vgg19-dcbb9e9d.pth"  # torchvision's VGG19 IMAGENET1K_V1
 EXTRA = "pip install -e '.[metrics]'"
 KID_SUBSETS, KID_MAX_SUBSET = 100, 1000
 
@@ -195,6 +197,28 @@ def load_lpips(root: str, device: torch.device) -> torch.nn.Module:
     finally:
         torch.hub.set_dir(previous)
     return metric.to(device).eval()
+
+
+def load_vgg19_features(root: str) -> torch.nn.Module:
+    """torchvision's VGG19 convolutional part (`features`) with the ImageNet weights from
+    the weights folder, for loss.lambda_vgg; MetricsError saying how to get them."""
+    if importlib.util.find_spec("torchvision") is None:
+        raise MetricsError(f"loss.lambda_vgg needs torchvision: {EXTRA}")
+    from torchvision.models.vgg import cfgs, make_layers
+    path = os.path.join(root, VGG19_FILE)
+    if not os.path.isfile(path):
+        get = "import torchvision; torchvision.models.vgg19(weights='IMAGENET1K_V1')"
+        raise MetricsError(f"loss.lambda_vgg needs {os.path.basename(path)} in {os.path.dirname(path)}/: "
+                           f"python -c \"{get}\" puts it in torch's cache; or set eval.weights_dir (or "
+                           f"${WEIGHTS_ENV}) to the folder that holds hub/checkpoints/")
+    features = make_layers(cfgs["E"])  # VGG19's layers, without the 120M-parameter classifier
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
+                                  if k.startswith("features.")})
+    except RuntimeError as err:
+        raise MetricsError(f"{path}: not torchvision's VGG19 weights ({str(err).splitlines()[0]})") from None
+    return features
 
 
 # --------------------------------------------------------------------------- accumulation

@@ -38,8 +38,8 @@ from pipeline import (
 from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
 from pipeline.engines import Engines, make_engines
 from pipeline.errors import RunError
-from pipeline.gan import freeze_while, train_step, train_step_accumulated
-from pipeline.losses import Pix2PixObjective
+from pipeline.gan import train_step, train_step_accumulated
+from pipeline.losses import Pix2PixObjective, VGGLoss
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Evaluator:
     def metrics(self, step: int) -> dict | None:
         if not self.enabled:
             return None
-        generator = self.engines.eval_generator  # unwrapped, no DDP collectives: ranks differ in count
+        generator = self.engines.eval_generator()  # unwrapped, no DDP collectives: ranks differ in count
         result = evaluate.evaluate(generator, (self._to_device(b) for b in self._loader()),
                                    self.accelerator.device, self.engines.autocast,
                                    distributed.sum_across_ranks, seed=self.cfg.train.seed,
@@ -149,9 +149,10 @@ class Evaluator:
         return result
 
     def samples(self, step: int) -> None:
+        generator = self.engines.eval_generator()  # on every rank: a collective under ZeRO + EMA
         if self.sample_batch is None:
             return
-        grid = evaluate.sample_grid(self.engines.eval_generator, *self.sample_batch, self.accelerator.device,
+        grid = evaluate.sample_grid(generator, *self.sample_batch, self.accelerator.device,
                                     self.engines.autocast, seed=self.cfg.train.seed)
         png_path = os.path.join(self.cfg.train.run_dir, "samples", f"step_{step:08d}.png")
         evaluate.save_png(png_path, grid)
@@ -190,7 +191,7 @@ class Trainer:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.world  # samples per update
         self.engines = make_engines(cfg, accelerator)
-        self.objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1, cfg.loss.lambda_feat)
+        self.objective = make_objective(cfg, accelerator.device)
         self.loader = data.make_train_loader(
             cfg.data, rank=self.rank, world_size=self.world, seed=cfg.train.seed,
             in_channels=cfg.model.in_channels, out_channels=cfg.model.out_channels,
@@ -202,8 +203,8 @@ class Trainer:
         self.stopping = False  # every rank agreed to stop after this step
         self.hooks = self.engines.guarded_hooks(self.nonfinite_gradients)
         if cfg.train.freeze_global_steps:  # pix2pixHD's staged training: the enhancer first
-            self.hooks = freeze_while(self.hooks, self.engines.opt_G, self.engines.generator.frozen_part(),
-                                      lambda: self.step < cfg.train.freeze_global_steps)
+            self.hooks = self.engines.freeze(self.hooks, self.engines.generator.frozen_part(),
+                                             lambda: self.step < cfg.train.freeze_global_steps)
         self.best: float | None = None  # train.best_metric's best value so far (main process)
 
     def resume(self) -> None:
@@ -460,15 +461,19 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def make_objective(cfg: Config, device: torch.device) -> Pix2PixObjective:
+    """The loss config as the step takes it; the VGG19 of loss.lambda_vgg loaded here."""
+    perceptual = None
+    if cfg.loss.lambda_vgg > 0:
+        features = realism.load_vgg19_features(realism.weights_dir(cfg.eval.weights_dir))
+        perceptual = VGGLoss(features).to(device)
+    return Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1, cfg.loss.lambda_feat,
+                            cfg.loss.lambda_vgg, perceptual)
+
+
 def check_inputs(cfg: Config) -> None:
     """The shards named by data.train (and data.val) exist and hold their splits; what
     this launch cannot do is refused."""
-    if launched_with_deepspeed():
-        ddp_only = {"train.ema_decay": cfg.train.ema_decay, "model.init_from": cfg.model.init_from,
-                    "train.freeze_global_steps": cfg.train.freeze_global_steps}
-        for key, value in ddp_only.items():
-            if value:
-                raise ConfigError(f"{key}: not supported under DeepSpeed yet; use DDP, or leave it off")
     data.list_shards(cfg.data.train, cfg.data.train_split, key="data.train")
     source = cfg.model.init_from
     if source and not weights.has_generator(checkpoint.generator_folder(source)):
@@ -482,6 +487,8 @@ def check_inputs(cfg: Config) -> None:
     if cfg.data.val:
         data.list_shards(cfg.data.val, cfg.data.val_split, key="data.val")
         metric_names(cfg)
+    if cfg.loss.lambda_vgg:  # its weights here and whole, before any process starts on them
+        realism.load_vgg19_features(realism.weights_dir(cfg.eval.weights_dir))
 
 
 def metric_names(cfg: Config) -> list[str]:

@@ -32,6 +32,19 @@ def run_then_resume(launch, env, run_dir, shards, stop_at, total, *extra) -> lis
     return step_log(run_dir)
 
 
+def resume_from(launch, env, whole_dir, run_dir, shards, stop_at, total, *extra) -> list[dict]:
+    """Resume the checkpoint an uninterrupted run wrote at `stop_at` (train.ckpt_every) in a
+    fresh run folder and train to `total`: one launch fewer than run_then_resume, and it
+    resumes a checkpoint written mid-run, as preemption leaves one. Returns the step log
+    (steps stop_at + 1 .. total)."""
+    checkpoint_dir = Path(whole_dir) / "checkpoints" / checkpoint.step_name(stop_at)
+    second = run(launch(train_args(run_dir, shards, f"--train.max_steps={total}",
+                                   f"--train.resume={checkpoint_dir}", *extra)), env)
+    assert second.returncode == 0, explain(second)
+    assert "resumed from" in second.stdout and f"at step {stop_at}" in second.stdout
+    return step_log(run_dir)
+
+
 def wait_for_step(run_dir: Path, step: int, process, timeout: float = 120) -> None:
     """Returns once the running trainer has logged `step`; fails if it ended first."""
     deadline = time.monotonic() + timeout
@@ -61,3 +74,31 @@ def assert_newest_checkpoint_loads(run_dir: Path) -> int | None:
     torch.load(Path(path) / "optimizers.pt", weights_only=True)
     json.loads((Path(path) / "rank_00000.json").read_text())
     return json.loads((Path(path) / "trainer.json").read_text())["step"]
+
+
+STAGED = ("--model.norm=instance", "--model.dropout=false", "--data.num_workers=1", "--log.tracker=none")
+
+
+def staged_runs_args(tmp_path, shards) -> tuple[list[str], list[str]]:
+    """pix2pixHD's staged training as two runs' arguments: a global run (2 steps), then a
+    local run around its G (init_from) with the global part frozen for 2 of 3 steps."""
+    first = train_args(tmp_path / "global", shards, "--model.generator=global", "--model.g_filters=8",
+                       "--train.max_steps=2", *STAGED)
+    second = train_args(tmp_path / "local", shards, "--model.generator=local", "--model.g_filters=4",
+                        f"--model.init_from={tmp_path / 'global'}", "--train.freeze_global_steps=2",
+                        "--train.max_steps=3", "--train.ckpt_every=2", *STAGED)
+    return first, second
+
+
+def assert_global_part_held_then_trained(tmp_path) -> None:
+    """The local run's exports: its global part equals the global run's G after the frozen
+    steps, bit for bit, and differs after the next."""
+    source = load_file(str(tmp_path / "global" / "checkpoints" / "step_00000002" / "generator.safetensors"))
+    at = lambda step: load_file(str(tmp_path / "local" / "checkpoints" / checkpoint.step_name(step) /
+                                    "generator.safetensors"))
+    held, trained = at(2), at(3)
+    mapped = {k.replace("model.", "global_part.", 1): v for k, v in source.items()
+              if k.replace("model.", "global_part.", 1) in held}
+    assert len(mapped) > 10
+    assert all(held[k].equal(v) for k, v in mapped.items())  # held still while frozen
+    assert not all(trained[k].equal(v) for k, v in mapped.items())  # then trained

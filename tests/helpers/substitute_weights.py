@@ -4,9 +4,11 @@ standard file names, for tests and benchmarks on a machine that cannot download:
     python -m tests.helpers.substitute_weights DIR
 
 writes DIR/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth (torch-fidelity's
-FID Inception-v3) and DIR/hub/checkpoints/alexnet-owt-7be5be79.pth (torchvision's AlexNet,
-LPIPS' backbone; its linear layers ship with torchmetrics), the layout `--weights-dir DIR`
-reads. The numbers they give show the plumbing only: never rank models with them.
+FID Inception-v3), DIR/hub/checkpoints/alexnet-owt-7be5be79.pth (torchvision's AlexNet,
+LPIPS' backbone; its linear layers ship with torchmetrics) and
+DIR/hub/checkpoints/vgg19-dcbb9e9d.pth (torchvision's VGG19, its convolutional part only:
+loss.lambda_vgg's), the layout `--weights-dir DIR` reads. The numbers they give show the
+plumbing only: never rank models with them.
 
 torch-fidelity's Inception loads its weights in __init__ (downloading them when no path is
 given), so its state dict is built from the library's own blocks in the same order and
@@ -104,10 +106,17 @@ def write_alexnet(path: Path) -> None:
     torch.save(alexnet(weights=None).state_dict(), path)
 
 
+def write_vgg19(path: Path) -> None:
+    from torchvision.models.vgg import cfgs, make_layers
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["E"]).state_dict().items()}, path)
+
+
 def write(root: str | os.PathLike) -> Path:
-    """Both files under `root` (skipping those present); returns root."""
+    """The files under `root` (skipping those present); returns root."""
     root = Path(root)
-    for name, writer in ((realism.INCEPTION_FILE, write_inception), (realism.ALEXNET_FILE, write_alexnet)):
+    for name, writer in ((realism.INCEPTION_FILE, write_inception), (realism.ALEXNET_FILE, write_alexnet),
+                         (realism.VGG19_FILE, write_vgg19)):
         path = root / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

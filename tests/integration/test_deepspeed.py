@@ -12,16 +12,25 @@ from safetensors.torch import load_file
 
 from pipeline.distributed import free_port
 from tests.conftest import require_component
-from tests.helpers.runs import DECAY, LOSSES, losses_by_step, run_then_resume
+from tests.helpers.runs import (
+    DECAY,
+    LOSSES,
+    assert_global_part_held_then_trained,
+    losses_by_step,
+    resume_from,
+    staged_runs_args,
+)
 from tests.helpers.trainer_runs import (
     ROOT,
     accelerate,
+    cpu_env,
     deepspeed,
     deepspeed_env,
     explain,
     gloo_env,
     latest,
     run,
+    single,
     step_log,
     train_args,
 )
@@ -35,7 +44,7 @@ STEPS = 8
 # the per-tensor Adam (the fused kernel rounds a flat ZeRO partition differently in the
 # last bit than the same values tensor by tensor)
 RUN = (f"--train.max_steps={STEPS}", "--data.num_workers=1", "--train.channels_last=false",
-       "--optim.adam_impl=auto", *DECAY)
+       "--optim.adam_impl=auto", f"--train.ckpt_every={STEPS // 2}", *DECAY)
 LAUNCH_TIMEOUT = 420  # one 8-step launch; ~90 s on 2 busy cores
 
 
@@ -136,15 +145,15 @@ def test_g_step_without_freezing_d_fails_under_zero2(demo_shards, tmp_path):
     assert "[rank 0] exiting with code 1" in result.stderr
 
 
-@pytest.mark.timeout(3 * LAUNCH_TIMEOUT + 60)
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 60)
 def test_zero2_bf16_resume_reproduces_the_uninterrupted_losses(runs, demo_shards, tmp_path):
     whole_dir, whole = runs(2, "bf16")
     assert whole.returncode == 0, explain(whole)
-    run_dir = tmp_path / "resumed"
-    resumed = run_then_resume(lambda args: deepspeed(args, stage=2, precision="bf16"), deepspeed_env(),
-                              run_dir, demo_shards, 4, STEPS, *RUN[1:])
+    run_dir = tmp_path / "resumed"  # from the checkpoint the whole run wrote at step 4
+    resumed = resume_from(lambda args: deepspeed(args, stage=2, precision="bf16"), deepspeed_env(),
+                          whole_dir, run_dir, demo_shards, STEPS // 2, STEPS, *RUN[1:])
     expected, got = losses_by_step(step_log(whole_dir)), losses_by_step(resumed)
-    assert sorted(got) == list(range(1, STEPS + 1))  # no step lost or repeated
+    assert sorted(got) == list(range(STEPS // 2 + 1, STEPS + 1))  # no step lost or repeated
     for step in range(5, STEPS + 1):
         assert got[step] == expected[step], f"step {step} differs after resume"
     checkpoint = run_dir / "checkpoints" / latest(run_dir)
@@ -191,18 +200,53 @@ HD = ("--model.generator=resnet_6blocks", "--model.discriminator=multiscale", "-
       "--data.num_workers=1", *DECAY)
 
 
-@pytest.mark.timeout(3 * LAUNCH_TIMEOUT + 60)
-def test_zero2_bf16_accumulates_the_hd_objective_and_resumes_exactly(demo_shards, tmp_path):
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 60)
+def test_zero2_bf16_accumulates_the_hd_objective_with_an_ema_and_resumes_exactly(demo_shards, tmp_path):
     """DeepSpeed's own gradient accumulation (gradient_accumulation_steps, fp32 sums under
-    bf16) with the multiscale D and feature matching: ranks equal, exact resume."""
+    bf16) with the multiscale D, feature matching and G's EMA kept on each rank's master
+    partition: ranks equal, exact resume of the raw G's losses and of the EMA."""
     launch = lambda args: deepspeed(args, stage=2, precision="bf16")
-    whole = run(launch(train_args(tmp_path / "whole", demo_shards, "--train.max_steps=4", *HD)),
-                deepspeed_env(), timeout=LAUNCH_TIMEOUT)
+    hd = (*HD, "--train.ema_decay=0.9")
+    whole = run(launch(train_args(tmp_path / "whole", demo_shards, "--train.max_steps=4",
+                                  "--train.ckpt_every=2", *hd)), deepspeed_env(), timeout=LAUNCH_TIMEOUT)
     assert whole.returncode == 0, explain(whole)
     assert '"zero_stage": 2' in whole.stdout and "replicas agree: G and D digest" in whole.stdout
-    resumed = run_then_resume(launch, deepspeed_env(), tmp_path / "resumed", demo_shards, 2, 4, *HD)
+    resumed = resume_from(launch, deepspeed_env(), tmp_path / "whole", tmp_path / "resumed",
+                          demo_shards, 2, 4, *hd)
     expected, got = losses_by_step(step_log(tmp_path / "whole")), losses_by_step(resumed)
-    assert sorted(got) == [1, 2, 3, 4]
+    assert sorted(got) == [3, 4]
     for step in (3, 4):
         assert got[step] == expected[step], f"step {step} differs after resume"
     assert all(r["train/loss_G_feat"] > 0 for r in resumed)
+    final = lambda run_dir: run_dir / "checkpoints" / "step_00000004"
+    ema, resumed_ema = (load_file(final(d) / "generator.safetensors") for d in (tmp_path / "whole",
+                                                                                tmp_path / "resumed"))
+    assert all(ema[k].equal(resumed_ema[k]) for k in ema)  # the EMA resumed exactly
+    assert sorted(p.name for p in (final(tmp_path / "whole") / "G").glob("ema_partition_rank*.pt")) == [
+        "ema_partition_rank0.pt", "ema_partition_rank1.pt"]  # each rank's share, no whole copy
+    # the export is the EMA, not G: G's own fp32 masters, from the partitions DeepSpeed saved
+    raw = raw_generator_masters(final(tmp_path / "whole"))
+    assert raw.keys() <= ema.keys() and not all(ema[k].equal(raw[k]) for k in raw)
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 120)
+def test_zero2_bf16_local_run_starts_from_a_global_run_and_holds_its_global_part_still(
+        demo_shards, tmp_path):
+    """Staged training under DeepSpeed: init_from reaches the fp32 masters (not only the
+    bf16 working copies), and the frozen global part, in the optimiser's partitions from
+    the start, stays exactly put until freeze_global_steps, then trains."""
+    first, second = staged_runs_args(tmp_path, demo_shards)
+    first = run(single(first), cpu_env())
+    assert first.returncode == 0, explain(first)
+    second = run(deepspeed(second, stage=2, precision="bf16"), deepspeed_env(), timeout=LAUNCH_TIMEOUT)
+    assert second.returncode == 0, explain(second)
+    assert "G initialised from" in second.stdout and "replicas agree: G and D digest" in second.stdout
+    assert_global_part_held_then_trained(tmp_path)
+
+
+def raw_generator_masters(checkpoint_dir) -> dict[str, torch.Tensor]:
+    """G's fp32 weights from a ZeRO checkpoint's optimiser partitions, with DeepSpeed's own
+    consolidation tool (what a user runs to get weights out of a DeepSpeed checkpoint)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / "G"), tag="engine")

@@ -5,7 +5,14 @@ raw G's losses and the EMA the export holds."""
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers.runs import DECAY, losses_by_step, run_then_resume
+from tests.helpers.runs import (
+    DECAY,
+    STAGED,
+    assert_global_part_held_then_trained,
+    losses_by_step,
+    resume_from,
+    staged_runs_args,
+)
 from tests.helpers.trainer_runs import (
     accelerate,
     cpu_env,
@@ -27,15 +34,16 @@ HD = ("--model.generator=resnet_6blocks", "--model.discriminator=multiscale", "-
 
 @pytest.mark.timeout(600)
 def test_hd_objective_on_two_processes_stays_in_step_and_resumes_exactly(demo_shards, tmp_path):
-    whole = run(accelerate(train_args(tmp_path / "whole", demo_shards, "--train.max_steps=6", *HD)),
-                gloo_env(), timeout=400)
+    whole = run(accelerate(train_args(tmp_path / "whole", demo_shards, "--train.max_steps=6",
+                                      "--train.ckpt_every=3", *HD)), gloo_env(), timeout=400)
     assert whole.returncode == 0, explain(whole)
     assert "replicas agree: G and D digest" in whole.stdout and "on 2 rank(s)" in whole.stdout
     records = step_log(tmp_path / "whole")
     assert all(r["train/loss_G_feat"] > 0 for r in records)
-    resumed = run_then_resume(lambda args: accelerate(args), gloo_env(), tmp_path / "resumed",
-                              demo_shards, 3, 6, *HD)
+    resumed = resume_from(lambda args: accelerate(args), gloo_env(), tmp_path / "whole",
+                          tmp_path / "resumed", demo_shards, 3, 6, *HD)
     expected, got = losses_by_step(records), losses_by_step(resumed)
+    assert sorted(got) == [4, 5, 6]
     for step in range(4, 7):
         assert got[step] == expected[step], f"step {step} differs after resume"
     feat = {r["step"]: r["train/loss_G_feat"] for r in resumed}
@@ -54,27 +62,31 @@ def test_a_local_run_starts_from_a_global_run_and_trains_its_global_part_after_t
         demo_shards, tmp_path):
     """pix2pixHD's staged training as two runs: global, then local around it (init_from),
     the global part held still for freeze_global_steps and trained after."""
-    common = ("--model.norm=instance", "--model.dropout=false", "--data.num_workers=1",
-              "--log.tracker=none")
-    first = run(single(train_args(tmp_path / "global", demo_shards, "--model.generator=global",
-                                  "--model.g_filters=8", "--train.max_steps=2", *common)), cpu_env())
+    first, second = staged_runs_args(tmp_path, demo_shards)
+    first = run(single(first), cpu_env())
     assert first.returncode == 0, explain(first)
-    second = run(single(train_args(tmp_path / "local", demo_shards, "--model.generator=local",
-                                   "--model.g_filters=4", f"--model.init_from={tmp_path / 'global'}",
-                                   "--train.freeze_global_steps=2", "--train.max_steps=3",
-                                   "--train.ckpt_every=2", *common)), cpu_env())
+    second = run(single(second), cpu_env())
     assert second.returncode == 0, explain(second)
     assert "G initialised from" in second.stdout
-    source = load_file(str(tmp_path / "global" / "checkpoints" / "step_00000002" / "generator.safetensors"))
-    at = lambda step: load_file(str(tmp_path / "local" / "checkpoints" / f"step_{step:08d}" /
-                                    "generator.safetensors"))
-    mapped = {k.replace("model.", "global_part.", 1): v for k, v in source.items()
-              if k.replace("model.", "global_part.", 1) in at(2)}
-    assert len(mapped) > 10
-    assert all(at(2)[k].equal(v) for k, v in mapped.items())  # held still for 2 steps
-    assert not all(at(3)[k].equal(v) for k, v in mapped.items())  # then trained
+    assert_global_part_held_then_trained(tmp_path)
     wrong = run(single(train_args(tmp_path / "wrong", demo_shards, "--model.generator=resnet_6blocks",
-                                  f"--model.init_from={tmp_path / 'global'}", *common)), cpu_env())
+                                  f"--model.init_from={tmp_path / 'global'}", *STAGED)), cpu_env())
     lines = wrong.stderr.strip().splitlines()
     assert wrong.returncode == 2 and len(lines) == 1, explain(wrong)
     assert "model.init_from" in lines[0] and "cannot start from a global" in lines[0]
+
+
+@pytest.mark.timeout(300)
+def test_the_vgg_loss_trains_from_the_weights_folder_and_is_refused_in_one_line_without_it(
+        demo_shards, substitute_weights, tmp_path):
+    args = lambda name: train_args(tmp_path / name, demo_shards, "--model.generator=resnet_6blocks",
+                                   "--loss.lambda_vgg=10", "--train.max_steps=2", *STAGED)
+    trained = run(single(args("vgg")), cpu_env(P2P_WEIGHTS_DIR=substitute_weights))
+    assert trained.returncode == 0, explain(trained)
+    vgg = [r["train/loss_G_vgg"] for r in step_log(tmp_path / "vgg")]
+    assert len(vgg) == 2 and all(v > 0 for v in vgg)
+    refused = run(single(args("no_weights")), cpu_env())  # P2P_WEIGHTS_DIR: an empty place
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, explain(refused)
+    assert "loss.lambda_vgg needs vgg19-dcbb9e9d.pth" in lines[0]
+    assert not (tmp_path / "no_weights" / "checkpoints").exists()

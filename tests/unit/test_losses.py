@@ -82,3 +82,51 @@ def test_multiscale_losses_sum_the_scales_and_add_feature_matching():
     loss = objective.generator(scales, torch.zeros(2), torch.zeros(2), real)
     assert loss.gan.item() == 0.0 and loss.feat.item() == pytest.approx(4 / 1 * 0.5 * 1)
     assert loss.total.item() == pytest.approx(10 * loss.feat.item())
+
+
+def test_vgg_loss_taps_relu1_to_relu5_weighted_and_trains_only_g():
+    """On torchvision's VGG19 layers (random weights: the plumbing, not the numbers): the
+    term is pix2pixHD's weighted L1 over the five taps of ImageNet-normalised images,
+    written out here; no gradient reaches VGG or the target."""
+    tv = pytest.importorskip("torchvision")
+    from pipeline.losses import VGGLoss
+    torch.manual_seed(0)
+    features = tv.models.vgg.make_layers(tv.models.vgg.cfgs["E"])
+    loss = VGGLoss(features)
+    output = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    target = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    relus = [1, 6, 11, 20, 29]  # relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 in vgg19().features
+
+    def tapped(images):
+        x, out = (images.detach() + 1) / 2, []
+        x = (x - mean) / std
+        for i, layer in enumerate(features[:30]):
+            x = layer(x)
+            if i in relus:
+                out.append(x)
+        return out
+    expected = sum(w * (a - b).abs().mean() for w, a, b in
+                   zip([1 / 32, 1 / 16, 1 / 8, 1 / 4, 1], tapped(output), tapped(target)))
+    value = loss(output, target)
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    assert output.grad is not None and target.grad is None
+    assert all(p.grad is None and not p.requires_grad for p in loss.parameters())
+    assert loss(target, target).item() == 0.0
+    grey = torch.rand(1, 1, 32, 32) * 2 - 1
+    rgb = grey.expand(-1, 3, -1, -1)
+    torch.testing.assert_close(loss(grey, -grey), loss(rgb, -rgb))
+
+
+def test_the_vgg_term_adds_to_the_generator_loss_only_when_weighted():
+    perceptual = lambda output, target: (output - target).abs().sum()
+    objective = Pix2PixObjective("vanilla", lambda_l1=0.0, lambda_vgg=10.0, perceptual=perceptual)
+    logits, output, target = torch.zeros(1, 1, 2, 2), torch.ones(2), torch.zeros(2)
+    loss = objective.generator(logits, output, target)
+    assert loss.vgg.item() == 2.0 and loss.feat is None
+    assert loss.total.item() == pytest.approx(loss.gan.item() + 10 * 2.0)
+    assert set(loss.terms()) == {"loss_G", "loss_G_gan", "loss_G_l1", "loss_G_vgg"}
+    assert set(Pix2PixObjective().generator(logits, output, target).terms()) == {
+        "loss_G", "loss_G_gan", "loss_G_l1"}

@@ -151,3 +151,18 @@ def test_config_names_metrics_and_the_best_metric_checked():
         from_cli(["--train.best_metric=psnrr"])
     assert realism.better("psnr", 20.0, 19.0) and realism.better("fid", 10.0, 12.0)
     assert not realism.better("ssim", 0.4, 0.5) and realism.better("l1", 0.3, None)
+
+
+def test_vgg19_weights_load_from_the_weights_folder_or_say_how_to_get_them(substitute_weights, tmp_path):
+    from torchvision.models import VGG19_Weights
+    assert os.path.basename(realism.VGG19_FILE) == os.path.basename(VGG19_Weights.IMAGENET1K_V1.url)
+    features = realism.load_vgg19_features(substitute_weights)
+    saved = torch.load(os.path.join(substitute_weights, realism.VGG19_FILE), weights_only=True)
+    assert all(saved[f"features.{k}"].equal(v) for k, v in features.state_dict().items())
+    with pytest.raises(realism.MetricsError, match=r"vgg19-dcbb9e9d.pth in .*IMAGENET1K_V1.*weights_dir"):
+        realism.load_vgg19_features(str(tmp_path))
+    wrong = tmp_path / realism.VGG19_FILE
+    wrong.parent.mkdir(parents=True)
+    torch.save({"features.0.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(realism.MetricsError, match="not torchvision's VGG19 weights"):
+        realism.load_vgg19_features(str(tmp_path))
