@@ -3,12 +3,16 @@ without activation checkpointing, 2 processes, through the trainer's own engines
 
     python benchmarks/bench_memory.py                      # every variant, a table + JSON
     python benchmarks/bench_memory.py --models unet_256@512 --batch 4 --engines ddp zero2
+    python benchmarks/bench_memory.py --recipe configs/hd_512.yaml --models resnet_9blocks@512 \
+        --engines ddp zero2 --precision no     # the HD recipe; fp32 on CPUs without bf16
 
 Each variant is its own `accelerate launch` (peak memory never goes down in a process):
 the DDP ones with launch/accelerate/cpu_2proc.yaml, the ZeRO ones with
 launch/accelerate/deepspeed_zero{1,2}.yaml. A rank reports its peak resident memory
 (CPU: ru_maxrss; CUDA: max_memory_allocated) and the part above what it held before the
 models were built ("training"), i.e. weights, gradients, optimiser states, activations.
+--recipe starts from a config file (the HD recipes: multiscale D, feature matching, EMA)
+instead of the defaults; its objective is the trainer's own (train.make_objective).
 """
 from __future__ import annotations
 
@@ -42,24 +46,26 @@ def worker(args) -> None:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    from pipeline.config import Config
+    from pipeline.config import from_cli
     from pipeline.engines import make_engines
     from pipeline.gan import train_step
-    from pipeline.losses import Pix2PixObjective
+    from pipeline.train import make_objective
 
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
     group = {"backend": "gloo"} if deepspeed and not torch.cuda.is_available() else {}
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(**group)])
-    cfg = Config()
+    cfg, _ = from_cli(["--config", args.recipe] if args.recipe else [])
     cfg.model.generator, cfg.data.crop_size = args.generator, args.crop
     cfg.model.activation_checkpointing = args.checkpointing
     before = peak_mb()
     engines = make_engines(cfg, accelerator)
     x = torch.rand(args.batch, 3, args.crop, args.crop, device=accelerator.device) * 2 - 1
+    objective = make_objective(cfg, accelerator.device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        train_step(engines.G, engines.D, engines.opt_G, engines.opt_D, x, x.flip(-1),
-                   Pix2PixObjective(), engines.hooks)
+        train_step(engines.G, engines.D, engines.opt_G, engines.opt_D, x, x.flip(-1), objective,
+                   engines.hooks)
+        engines.update_ema()
     seconds = (time.perf_counter() - start) / args.steps
     peak = peak_mb()
     print(MARK, json.dumps({"rank": accelerator.process_index, "peak_mb": round(peak),
@@ -76,9 +82,9 @@ def variant(kind: str, generator: str, crop: int, checkpointing: bool, args) -> 
     if kind == "ddp" and not _cuda():
         env["ACCELERATE_USE_CPU"] = "1"  # the only real multi-process CPU DDP launch
     command = ["accelerate", "launch", "--config_file", str(ROOT / "launch" / "accelerate" / LAUNCH[kind]),
-               "--num_processes", "2", "--mixed_precision", "bf16", __file__, "--worker",
+               "--num_processes", "2", "--mixed_precision", args.precision, __file__, "--worker",
                "--generator", generator, "--crop", str(crop), "--steps", str(args.steps),
-               "--batch", str(args.batch)]
+               "--batch", str(args.batch), "--recipe", args.recipe]
     command += ["--checkpointing"] if checkpointing else []
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     # the two ranks share one stdout: their lines may interleave
@@ -113,6 +119,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=2, help="GAN steps per variant (>= 2: "
                         "the optimiser states exist from the first step on)")
     parser.add_argument("--batch", type=int, default=1, help="batch per process")
+    parser.add_argument("--recipe", default="", help="a config file to start from (default: the "
+                        "defaults, the pix2pix recipe), e.g. configs/hd_512.yaml")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "no"],
+                        help="no: fp32 (CPUs that only emulate bf16 take minutes a step)")
+    parser.add_argument("--act-ckpt", choices=["off", "on", "both"], default="both",
+                        help="activation checkpointing off, on, or both variants")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--generator", help=argparse.SUPPRESS)
     parser.add_argument("--crop", type=int, help=argparse.SUPPRESS)
@@ -123,12 +135,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for model in args.models:
         generator, crop = model.split("@")
-        for checkpointing in (False, True):
+        for checkpointing in {"off": (False,), "on": (True,), "both": (False, True)}[args.act_ckpt]:
             for kind in args.engines:
                 rows.append(variant(kind, generator, int(crop), checkpointing, args))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
-    return report("bench_memory", rows, {"training_memory_saved_vs_ddp": savings(rows),
-                                         "processes": 2, "precision": "bf16"})
+    return report("bench_memory", rows, {"training_memory_saved_vs_ddp": savings(rows), "processes": 2,
+                                         "precision": args.precision, "recipe": args.recipe or "defaults"})
 
 
 if __name__ == "__main__":

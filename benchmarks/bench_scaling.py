@@ -41,7 +41,7 @@ def measure_world(args) -> dict | None:
     engines = make_engines(cfg, accelerator)
     x, y = data.to_device(dict(zip(("input", "target"), synthetic_pairs(1, args.batch, args.size)[0])),
                           accelerator.device, cfg=cfg.data, channels_last=engines.channels_last)
-    step_on = trainer_step(cfg, engines)
+    step_on = trainer_step(cfg, engines, accelerator.device)
     step = lambda: step_on(x, y)
     for _ in range(args.warmup):
         step()

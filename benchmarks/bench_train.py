@@ -4,6 +4,7 @@ that speed never hides a broken step.
 
     python benchmarks/bench_train.py --batch 1 4 --steps 5
     python benchmarks/bench_train.py --batch 1 16 64 --variants fp32 bf16+cl bf16+cl+compile
+    python benchmarks/bench_train.py --recipe configs/hd_512.yaml --generator resnet_9blocks --size 512
 
 A variant is `default` (exactly what the trainer picks on this machine: bf16 where the
 hardware computes it, else fp32, and the config's defaults) or a precision (fp32: the
@@ -11,7 +12,8 @@ reference's arithmetic, TF32 off on CUDA; bf16: autocast) plus options: cl
 (channels_last), fused / foreach (the Adam kernel), compile (torch.compile). Each
 (variant, batch) runs in a fresh process, built by the trainer's own code (config ->
 Accelerator -> engines -> gan.train_step) on the same seeded synthetic pairs, so peak
-memory is its own and the losses are comparable.
+memory is its own and the losses are comparable. --recipe starts from a config file (the
+HD recipes: their D, losses, norm and EMA) instead of the defaults.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import time
 
 import torch
 from report import report  # benchmarks/ is on the path when run as a script
+
+from pipeline.models import GENERATORS
 
 OPTIONS = {"cl", "fused", "foreach", "compile"}
 DEFAULT_VARIANTS = ["fp32", "default", "bf16", "bf16+cl", "bf16+fused", "bf16+cl+fused",
@@ -58,11 +62,11 @@ def parse_variant(variant: str) -> tuple[str, set[str]]:
     return precision, set(options)
 
 
-def trainer_config(variant: str, generator: str, batch: int):
-    from pipeline.config import Config
+def trainer_config(variant: str, generator: str, batch: int, recipe: str = "", size: int = 256):
+    from pipeline.config import from_cli
     _, options = parse_variant(variant)
-    cfg = Config()
-    cfg.model.generator, cfg.data.batch_size = generator, batch
+    cfg, _ = from_cli(["--config", recipe] if recipe else [])
+    cfg.model.generator, cfg.data.batch_size, cfg.data.crop_size = generator, batch, size
     cfg.train.channels_last, cfg.train.compile = "cl" in options, "compile" in options
     cfg.optim.adam_impl = next((o for o in ("fused", "foreach") if o in options), "auto")
     return cfg
@@ -79,19 +83,20 @@ def synthetic_pairs(count: int, batch: int, size: int) -> list[tuple[torch.Tenso
     return pairs
 
 
-def trainer_step(cfg, engines):
+def trainer_step(cfg, engines, device: torch.device):
     """step(x, y) -> losses: gan.train_step with the trainer's objective and its guard
     against non-finite updates (part of every trainer step)."""
     from pipeline.gan import train_step
-    from pipeline.losses import Pix2PixObjective
+    from pipeline.train import make_objective
 
-    objective = Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1)
+    objective = make_objective(cfg, device)
     hooks = engines.guarded_hooks(lambda model: None)
     return lambda x, y: train_step(engines.G, engines.D, engines.opt_G, engines.opt_D, x, y,
                                    objective, hooks)
 
 
-def measure(variant: str, batch: int, generator: str, size: int, steps: int, warmup: int) -> dict:
+def measure(variant: str, batch: int, generator: str, size: int, steps: int, warmup: int,
+            recipe: str = "") -> dict:
     """One variant in this process: seconds per step, peak memory and L1 losses."""
     from accelerate import Accelerator
 
@@ -100,13 +105,13 @@ def measure(variant: str, batch: int, generator: str, size: int, steps: int, war
 
     precision, _ = parse_variant(variant)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = trainer_config(variant, generator, batch)
+    cfg = trainer_config(variant, generator, batch, recipe, size)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
     engines = make_engines(cfg, accelerator)
     pairs = [data.to_device({"input": x, "target": y}, accelerator.device, cfg=cfg.data,
                             channels_last=engines.channels_last)
              for x, y in synthetic_pairs(4, batch, size)]
-    step_on = trainer_step(cfg, engines)
+    step_on = trainer_step(cfg, engines, accelerator.device)
     step = lambda i: step_on(*pairs[i % len(pairs)])
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -126,21 +131,21 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def flops_per_sample(generator: str, size: int) -> float:
+def flops_per_sample(generator: str, size: int, recipe: str = "") -> float:
     """FLOPs of one step (G forward, D on fake and real, D backward, D on G's fake,
     G backward) per sample, by torch's FLOP counter on a batch-1 fp32 CPU step."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.engines import build_models
     from pipeline.gan import train_step
-    from pipeline.losses import Pix2PixObjective
+    from pipeline.train import make_objective
 
-    cfg = trainer_config("fp32", generator, 1)
+    cfg = trainer_config("fp32", generator, 1, recipe, size)
     G, D = build_models(cfg, channels_last=False)
     (x, y), = synthetic_pairs(1, 1, size)
     sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.0)  # its step adds no FLOPs worth counting
     with FlopCounterMode(display=False) as counter:
-        train_step(G, D, sgd(G), sgd(D), x, y, Pix2PixObjective())
+        train_step(G, D, sgd(G), sgd(D), x, y, make_objective(cfg, x.device))
     return float(counter.get_total_flops())
 
 
@@ -148,7 +153,7 @@ def run_child(variant: str, batch: int, args) -> dict:
     """measure() in a fresh process: its own peak memory, compile caches and OOMs."""
     command = [sys.executable, __file__, "--child", variant, "--batch", str(batch),
                "--generator", args.generator, "--size", str(args.size),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--recipe", args.recipe]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         reason = "out of memory" if "out of memory" in result.stderr.lower() \
@@ -190,7 +195,9 @@ def summary(rows: list[dict], flops: float, device_name: str) -> dict:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--generator", default="unet_256", choices=["unet_128", "unet_256", "unet_512"])
+    parser.add_argument("--generator", default="unet_256", choices=list(GENERATORS))
+    parser.add_argument("--recipe", default="", help="a config file to start from (default: the "
+                        "defaults, the pix2pix recipe), e.g. configs/hd_512.yaml")
     parser.add_argument("--size", type=int, default=256, help="crop size")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
@@ -203,12 +210,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.child, args.batch[0], args.generator, args.size, args.steps,
-                                 args.warmup)))
+                                 args.warmup, args.recipe)))
         return None
     for variant in args.variants:
         parse_variant(variant)
     device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    flops = flops_per_sample(args.generator, args.size)
+    flops = flops_per_sample(args.generator, args.size, args.recipe)
     rows = [run_child(variant, batch, args) for batch in args.batch for variant in args.variants]
     add_comparisons(rows, flops, device_name, args.peak_tflops)
     return report("bench_train", rows, summary(rows, flops, device_name))
