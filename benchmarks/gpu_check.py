@@ -26,6 +26,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from report import report  # noqa: E402
 
 
+def significant(value: float) -> float:
+    """4 significant digits: an emulated bf16 matmul (AVX2-only CPUs) runs at ~0.005 TFLOP/s,
+    which 2 decimals would report as 0."""
+    return float(f"{value:.4g}")
+
+
 def matmul_peak_tflops(dtype_name: str, size: int, device: str, repeats: int = 10) -> float:
     """The best dense matmul rate of `size` x `size` operands on the device."""
     import torch
@@ -115,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda and not args.cpu_dry_run:
         parser.error("no CUDA device: pass --cpu-dry-run to run the steps on the CPU")
     peak = matmul_peak_tflops("bfloat16", 8192 if cuda else 512, "cuda" if cuda else "cpu")
-    rows = [{"step": "bf16 matmul peak", "ok": True, "figures": {"tflops": round(peak, 2)}}]
+    rows = [{"step": "bf16 matmul peak", "ok": True, "figures": {"tflops": significant(peak)}}]
     env = {"ACCELERATE_USE_CPU": "1"} if args.cpu_dry_run else {}
     for name, command, timeout in plan(args.cpu_dry_run, out, peak if cuda else None):
         rows.append(run_step(name, command, timeout, env))
         if name == "demo run" and rows[-1]["ok"]:
             rows[-1]["figures"] = demo_figures(out / "demo_run")
     figures = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (dry run)",
-               "torch": torch.__version__, "bf16_matmul_tflops": round(peak, 2),
+               "torch": torch.__version__, "bf16_matmul_tflops": significant(peak),
                "failed": [row["step"] for row in rows if not row["ok"]]}
     table = [{"step": row["step"], "ok": row["ok"], "seconds": row.get("seconds"),
               "detail": row.get("error") or json.dumps(row.get("figures", {}))[:160]} for row in rows]
