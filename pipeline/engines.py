@@ -323,15 +323,16 @@ class DeepSpeedEngines(Engines):
             try:
                 for master, averaged in zip(masters, self.ema_partition):
                     master.copy_(averaged)
-                return self._gathered_state()
+                # copies: at stage 0 in fp32 the masters are the parameters, restored below
+                return {name: tensor.clone() for name, tensor in self._gathered_state().items()}
             finally:
                 for master, value in zip(masters, current):
                     master.copy_(value)
 
     def _gathered_state(self) -> dict[str, torch.Tensor]:
         masters = fp32_masters(self.G)
-        return {name: masters.get(name, tensor).detach().float().clone() if tensor.is_floating_point()
-                else tensor.clone() for name, tensor in self.generator.state_dict().items()}
+        return {name: masters.get(name, tensor).detach().float() if tensor.is_floating_point()
+                else tensor for name, tensor in self.generator.state_dict().items()}
 
     def initialise_generator(self, source: torch.nn.Module, source_name: str) -> None:
         """Into the fp32 masters too (the optimiser steps those), through an fp32 twin

@@ -199,18 +199,27 @@ def load_lpips(root: str, device: torch.device) -> torch.nn.Module:
     return metric.to(device).eval()
 
 
-def load_vgg19_features(root: str) -> torch.nn.Module:
-    """torchvision's VGG19 convolutional part (`features`) with the ImageNet weights from
-    the weights folder, for loss.lambda_vgg; MetricsError saying how to get them."""
+def missing_vgg19(root: str) -> str | None:
+    """Why loss.lambda_vgg cannot load its VGG19 from `root` (None: it can), without
+    reading the file."""
     if importlib.util.find_spec("torchvision") is None:
-        raise MetricsError(f"loss.lambda_vgg needs torchvision: {EXTRA}")
-    from torchvision.models.vgg import cfgs, make_layers
+        return f"loss.lambda_vgg needs torchvision: {EXTRA}"
     path = os.path.join(root, VGG19_FILE)
     if not os.path.isfile(path):
         get = "import torchvision; torchvision.models.vgg19(weights='IMAGENET1K_V1')"
-        raise MetricsError(f"loss.lambda_vgg needs {os.path.basename(path)} in {os.path.dirname(path)}/: "
-                           f"python -c \"{get}\" puts it in torch's cache; or set eval.weights_dir (or "
-                           f"${WEIGHTS_ENV}) to the folder that holds hub/checkpoints/")
+        return (f"loss.lambda_vgg needs {os.path.basename(path)} in {os.path.dirname(path)}/: "
+                f"python -c \"{get}\" puts it in torch's cache; or set eval.weights_dir (or "
+                f"${WEIGHTS_ENV}) to the folder that holds hub/checkpoints/")
+    return None
+
+
+def load_vgg19_features(root: str) -> torch.nn.Module:
+    """torchvision's VGG19 convolutional part (`features`) with the ImageNet weights from
+    the weights folder, for loss.lambda_vgg; MetricsError saying how to get them."""
+    if why := missing_vgg19(root):
+        raise MetricsError(why)
+    from torchvision.models.vgg import cfgs, make_layers
+    path = os.path.join(root, VGG19_FILE)
     features = make_layers(cfgs["E"])  # VGG19's layers, without the 120M-parameter classifier
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:

@@ -487,8 +487,8 @@ def check_inputs(cfg: Config) -> None:
     if cfg.data.val:
         data.list_shards(cfg.data.val, cfg.data.val_split, key="data.val")
         metric_names(cfg)
-    if cfg.loss.lambda_vgg:  # its weights here and whole, before any process starts on them
-        realism.load_vgg19_features(realism.weights_dir(cfg.eval.weights_dir))
+    if cfg.loss.lambda_vgg and (why := realism.missing_vgg19(realism.weights_dir(cfg.eval.weights_dir))):
+        raise realism.MetricsError(why)  # before any process starts; the trainer loads it once
 
 
 def metric_names(cfg: Config) -> list[str]:
