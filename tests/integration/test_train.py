@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from pipeline.config import ModelConfig
 from pipeline.distributed import free_port
 from pipeline.models import build_generator
-from tests.helpers.runs import DECAY, LOSSES, losses_by_step, run_then_resume, wait_for_step
+from tests.helpers.runs import DECAY, LOSSES, losses_by_step, resume_from, run_then_resume, wait_for_step
 from tests.helpers.trainer_runs import (
     ROOT,
     accelerate,
@@ -57,10 +57,12 @@ def test_one_process_leaves_checkpoint_logs_samples_and_an_export(demo_shards, t
 
 @pytest.fixture(scope="module")
 def two_process_run(demo_shards, tmp_path_factory):
-    """8 steps on 2 processes with a decaying lr: the uninterrupted reference run."""
+    """8 steps on 2 processes with a decaying lr: the uninterrupted reference run (its
+    step-4 checkpoint is what the resume test starts from)."""
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     result = run(accelerate(train_args(run_dir, demo_shards, "--train.max_steps=8",
-                                       "--data.num_workers=1", *DECAY)), gloo_env())
+                                       "--train.ckpt_every=4", "--data.num_workers=1", *DECAY)),
+                 gloo_env())
     return run_dir, result
 
 
@@ -143,8 +145,8 @@ def test_one_process_resume_reproduces_the_uninterrupted_losses(demo_shards, tmp
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_process_resume_reproduces_the_uninterrupted_losses(two_process_run, demo_shards, tmp_path):
-    resumed = run_then_resume(lambda args: accelerate(args), gloo_env(), tmp_path / "resumed",
-                              demo_shards, 4, 8, "--data.num_workers=1", *DECAY)
+    resumed = resume_from(lambda args: accelerate(args), gloo_env(), two_process_run[0],
+                          tmp_path / "resumed", demo_shards, 4, 8, "--data.num_workers=1", *DECAY)
     expected = losses_by_step(step_log(two_process_run[0]))
     got = losses_by_step(resumed)
     for step in range(5, 9):
