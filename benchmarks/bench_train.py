@@ -177,6 +177,26 @@ def add_comparisons(rows: list[dict], flops: float, device_name: str, peak_overr
         row["mfu"] = peak and row["tflops"] / peak
 
 
+def add_peak_fractions(rows: list[dict], args, device: str) -> None:
+    """fraction_of_peak: the step's convolution-bound time (bench_peak: each of its
+    convolutions alone, at its best layout, in the variant's precision) over the step time;
+    gemm_fraction: achieved TFLOP/s over this device's dense matmul peak, for information."""
+    from bench_peak import conv_bound_seconds, matmul_peak_tflops, step_convolutions
+
+    ok = [row for row in rows if "error" not in row]
+    precisions = {parse_variant(row["variant"])[0] for row in ok}
+    gemm = {p: matmul_peak_tflops(p, args.gemm_size, device) for p in sorted(precisions)}
+    bound = {}
+    for batch in sorted({row["batch"] for row in ok}):
+        calls = step_convolutions(args.generator, batch, args.size, args.recipe)
+        bound.update({(p, batch): conv_bound_seconds(calls, p, device)["conv_bound_s"] for p in precisions})
+    for row in ok:
+        precision = parse_variant(row["variant"])[0]
+        row["conv_bound_s"] = bound[precision, row["batch"]]
+        row["fraction_of_peak"] = row["conv_bound_s"] / row["s_per_step"]
+        row["gemm_fraction"] = row["tflops"] / gemm[precision]
+
+
 def summary(rows: list[dict], flops: float, device_name: str) -> dict:
     """The headline figures: the best variant at the largest batch against fp32 there,
     and against fp32 at batch 1 (the reference's setting)."""
@@ -189,7 +209,7 @@ def summary(rows: list[dict], flops: float, device_name: str) -> dict:
             "best_speedup_vs_fp32_same_batch": best["speedup"],
             "best_l1_vs_fp32": best["l1_vs_fp32"],
             "best_vs_fp32_batch1": fp32_b1 and best["samples_per_s"] / fp32_b1["samples_per_s"],
-            "best_mfu": best["mfu"]}
+            "best_mfu": best["mfu"], "best_fraction_of_peak": best.get("fraction_of_peak")}
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -206,6 +226,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU "
                         "(default: known for H100/H200/A100; none on CPUs)")
+    parser.add_argument("--no-peak", action="store_true", help="skip bench_peak's convolution-bound "
+                        "time and matmul peak (fraction_of_peak, gemm_fraction)")
+    parser.add_argument("--gemm-size", type=int, default=4096, help="matmul operand size for the peak")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one variant
     args = parser.parse_args(argv)
     if args.child:
@@ -218,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     flops = flops_per_sample(args.generator, args.size, args.recipe)
     rows = [run_child(variant, batch, args) for batch in args.batch for variant in args.variants]
     add_comparisons(rows, flops, device_name, args.peak_tflops)
+    if not args.no_peak:
+        add_peak_fractions(rows, args, "cuda" if torch.cuda.is_available() else "cpu")
     return report("bench_train", rows, summary(rows, flops, device_name))
 
 

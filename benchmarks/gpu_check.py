@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_peak import matmul_peak_tflops  # noqa: E402
 from report import report  # noqa: E402
 
 
@@ -30,23 +31,6 @@ def significant(value: float) -> float:
     """4 significant digits: an emulated bf16 matmul (AVX2-only CPUs) runs at ~0.005 TFLOP/s,
     which 2 decimals would report as 0."""
     return float(f"{value:.4g}")
-
-
-def matmul_peak_tflops(dtype_name: str, size: int, device: str, repeats: int = 10) -> float:
-    """The best dense matmul rate of `size` x `size` operands on the device."""
-    import torch
-    dtype = getattr(torch, dtype_name)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e12
 
 
 def run_step(name: str, command: list[str], timeout: int, env: dict | None = None) -> dict:
@@ -74,7 +58,7 @@ def plan(dry: bool, out: Path, peak: float | None) -> list[tuple[str, list[str],
     py = sys.executable
     if dry:
         sweep = ["--generator", "unet_128", "--size", "128", "--batch", "1", "--steps", "1",
-                 "--warmup", "1", "--variants", "fp32", "default"]
+                 "--warmup", "1", "--variants", "fp32", "default", "--gemm-size", "256"]
         data = ["--pairs", "16", "--size", "64", "--batch", "4", "--no-s3", "--step-steps", "0"]
         demo = ["--train", "16", "--val", "4", "--size", "64"]
         steps, tiny = 5, ["--model.generator=unet_128", "--model.g_filters=8", "--data.crop_size=128",
@@ -120,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and not args.cpu_dry_run
     if not cuda and not args.cpu_dry_run:
         parser.error("no CUDA device: pass --cpu-dry-run to run the steps on the CPU")
-    peak = matmul_peak_tflops("bfloat16", 8192 if cuda else 512, "cuda" if cuda else "cpu")
+    peak = matmul_peak_tflops("bf16", 8192 if cuda else 512, "cuda" if cuda else "cpu")
     rows = [{"step": "bf16 matmul peak", "ok": True, "figures": {"tflops": significant(peak)}}]
     env = {"ACCELERATE_USE_CPU": "1"} if args.cpu_dry_run else {}
     for name, command, timeout in plan(args.cpu_dry_run, out, peak if cuda else None):

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_train_compares_variants_in_a_table_then_one_json_line():
     run = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--generator", "unet_128",
                           "--size", "128", "--batch", "1", "--steps", "1", "--warmup", "1",
-                          "--variants", "fp32", "bf16+cl+fused"],
+                          "--variants", "fp32", "bf16+cl+fused", "--gemm-size", "256"],
                          cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
@@ -29,6 +29,24 @@ def test_bench_train_compares_variants_in_a_table_then_one_json_line():
     assert abs(fast["l1_vs_fp32"]) < 0.02 and fast["speedup"] > 0
     # unet_128 + PatchGAN at 128x128: about a quarter of the 86.9 GFLOP at 256x256
     assert 15 < record["figures"]["gflop_per_sample"] < 30
+    # against this machine's own limits, in its precision (bench_peak)
+    assert all(row["conv_bound_s"] > 0 and row["fraction_of_peak"] == pytest.approx(
+        row["conv_bound_s"] / row["s_per_step"]) and row["gemm_fraction"] > 0 for row in record["rows"])
+
+
+def test_bench_peak_times_every_convolution_of_the_step_and_the_matmul_peak():
+    run = subprocess.run([sys.executable, "benchmarks/bench_peak.py", "--generator", "unet_128",
+                          "--size", "128", "--batch", "1", "--precisions", "fp32", "--gemm-size", "256",
+                          "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    (row,) = record["rows"]
+    # unet_128: 14 G layers, PatchGAN: 5. Forward: G once, D on fake and real (D update) and
+    # on fake again (G update): 14 + 3 x 5. Backward: D twice, D for G's loss, then G: 2 x 5 + 5 + 14
+    assert row["conv_calls"] == 29 + 29 == row["best_nchw"] + row["best_nhwc"]
+    assert row["conv_bound_s"] == pytest.approx(row["forward_s"] + row["backward_s"])
+    assert row["forward_s"] > 0 and row["backward_s"] > 0
+    assert record["figures"]["fp32_matmul_tflops"] > 0
 
 
 def test_bench_train_refuses_an_unknown_variant_option():

@@ -1,0 +1,170 @@
+"""This machine's own limits for the pix2pix step, measured in the same run as the step:
+the dense matmul peak (fp32 and bf16), and every convolution the step runs, timed alone.
+
+    python benchmarks/bench_peak.py --batch 1 4
+    python benchmarks/bench_peak.py --batch 16 --precisions bf16 --generator resnet_9blocks
+
+The convolutions are recorded, not listed by hand: one fp32 step of the trainer's models
+(gan.train_step, G and D of the config) runs under a dispatch mode that logs every
+aten.convolution (forward, transposed included) and aten.convolution_backward (both halves,
+input and weight, as the step asks for them) with its shapes. Each distinct call is then
+replayed alone on random tensors of those shapes in the precision asked, in NCHW and in
+channels_last, best of a few repeats; the faster layout counts. The sum over the step's
+calls is the step's convolution-bound time: what the step would take if it did nothing but
+its convolutions, each at its best layout. bench_train.py divides it by the measured step
+time (`fraction_of_peak`). Written here because no profiler gives "this op alone at its best
+layout"; the matmul peak is the MFU denominator gpu_check.py reports.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from report import report  # benchmarks/ is on the path when run as a script
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pipeline.models import GENERATORS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CONV_OPS = {torch.ops.aten.convolution.default: "forward",
+            torch.ops.aten.convolution_backward.default: "backward"}
+
+
+@dataclass(frozen=True)
+class ConvCall:
+    """One convolution call of the step: the op, its tensors' shapes and its other arguments."""
+    kind: str  # forward | backward
+    args: tuple  # in order: a _Shape for a tensor argument, else the value (lists as tuples)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    dims: tuple
+
+
+def _spec(value):
+    if isinstance(value, torch.Tensor):
+        return _Shape(tuple(value.shape))
+    return tuple(value) if isinstance(value, list) else value
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter[ConvCall] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in CONV_OPS:
+            self.calls[ConvCall(CONV_OPS[func], tuple(_spec(a) for a in args))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_convolutions(generator: str, batch: int, size: int, recipe: str = "") -> Counter[ConvCall]:
+    """Every convolution call of one training step of the trainer's models, counted."""
+    from bench_train import synthetic_pairs, trainer_config
+
+    from pipeline.engines import build_models
+    from pipeline.gan import train_step
+    from pipeline.train import make_objective
+
+    cfg = trainer_config("fp32", generator, batch, recipe, size)
+    G, D = build_models(cfg, channels_last=False)
+    (x, y), = synthetic_pairs(1, batch, size)
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.0)
+    with _Recorder() as recorder:
+        train_step(G, D, sgd(G), sgd(D), x, y, make_objective(cfg, x.device))
+    return recorder.calls
+
+
+def _replay(call: ConvCall, dtype: torch.dtype, layout: torch.memory_format, device: str):
+    """A closure running the call once on random tensors of its shapes."""
+    def value(spec):
+        if not isinstance(spec, _Shape):
+            return list(spec) if isinstance(spec, tuple) else spec
+        t = torch.randn(spec.dims, device=device, dtype=dtype)
+        return t.contiguous(memory_format=layout) if t.dim() == 4 else t
+    args = [value(spec) for spec in call.args]
+    op = next(op for op, kind in CONV_OPS.items() if kind == call.kind)
+    return lambda: op(*args)
+
+
+def time_call(call: ConvCall, dtype: torch.dtype, device: str, repeats: int) -> tuple[float, str]:
+    """(best seconds, layout) of the call alone, over NCHW and channels_last."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    best = (float("inf"), "")
+    for name, layout in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+        run = _replay(call, dtype, layout, device)
+        run()  # first call: oneDNN/cuDNN primitive creation
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            best = min(best, (time.perf_counter() - start, name))
+    return best
+
+
+def conv_bound_seconds(calls: Counter[ConvCall], precision: str, device: str, repeats: int = 3) -> dict:
+    """The step's convolution-bound time in `precision`, and how much of it is forward,
+    backward, and in each layout."""
+    totals = Counter(dict.fromkeys(["conv_bound_s", "forward_s", "backward_s", "best_nchw", "best_nhwc"], 0))
+    for call, count in calls.items():
+        seconds, layout = time_call(call, DTYPES[precision], device, repeats)
+        totals["conv_bound_s"] += seconds * count
+        totals[f"{call.kind}_s"] += seconds * count
+        totals[f"best_{layout}"] += count
+    return dict(totals)
+
+
+def matmul_peak_tflops(precision: str, size: int, device: str, repeats: int = 5) -> float:
+    """The best dense matmul rate of `size` x `size` operands on the device."""
+    a, b = (torch.randn(size, size, device=device, dtype=DTYPES[precision]) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e12
+
+
+def peak_rows(generator: str, size: int, batches: list[int], precisions: list[str], device: str,
+              recipe: str = "", repeats: int = 3) -> list[dict]:
+    """One row per (precision, batch): the step's convolution-bound time and its parts."""
+    rows = []
+    for batch in batches:
+        calls = step_convolutions(generator, batch, size, recipe)
+        for precision in precisions:
+            row = {"precision": precision, "batch": batch, "conv_calls": sum(calls.values()),
+                   "distinct": len(calls)}
+            row.update(conv_bound_seconds(calls, precision, device, repeats))
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--generator", default="unet_256", choices=list(GENERATORS))
+    parser.add_argument("--recipe", default="", help="a config file to start from, e.g. configs/hd_512.yaml")
+    parser.add_argument("--size", type=int, default=256, help="crop size")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes")
+    parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--gemm-size", type=int, default=4096, help="matmul operand size for the peak")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per convolution (best counts)")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    figures = {f"{p}_matmul_tflops": matmul_peak_tflops(p, args.gemm_size, device) for p in args.precisions}
+    rows = peak_rows(args.generator, args.size, args.batch, args.precisions, device, args.recipe,
+                     args.repeats)
+    return report("bench_peak", rows, figures)
+
+
+if __name__ == "__main__":
+    main()
