@@ -64,18 +64,10 @@ class _Recorder(TorchDispatchMode):
 
 def step_convolutions(generator: str, batch: int, size: int, recipe: str = "") -> Counter[ConvCall]:
     """Every convolution call of one training step of the trainer's models, counted."""
-    from bench_train import synthetic_pairs, trainer_config
+    from bench_train import fp32_step
 
-    from pipeline.engines import build_models
-    from pipeline.gan import train_step
-    from pipeline.train import make_objective
-
-    cfg = trainer_config("fp32", generator, batch, recipe, size)
-    G, D = build_models(cfg, channels_last=False)
-    (x, y), = synthetic_pairs(1, batch, size)
-    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.0)
     with _Recorder() as recorder:
-        train_step(G, D, sgd(G), sgd(D), x, y, make_objective(cfg, x.device))
+        fp32_step(generator, batch, size, recipe)
     return recorder.calls
 
 

@@ -131,21 +131,28 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
+def fp32_step(generator: str, batch: int, size: int, recipe: str = "") -> None:
+    """One fp32 CPU step of the trainer's models and objective on seeded pairs, with a
+    zero-lr SGD (its update adds nothing worth counting): run it under a FLOP counter or
+    a dispatch mode to see what the step computes."""
+    from pipeline.engines import build_models
+    from pipeline.gan import train_step
+    from pipeline.train import make_objective
+
+    cfg = trainer_config("fp32", generator, batch, recipe, size)
+    G, D = build_models(cfg, channels_last=False)
+    (x, y), = synthetic_pairs(1, batch, size)
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.0)
+    train_step(G, D, sgd(G), sgd(D), x, y, make_objective(cfg, x.device))
+
+
 def flops_per_sample(generator: str, size: int, recipe: str = "") -> float:
     """FLOPs of one step (G forward, D on fake and real, D backward, D on G's fake,
     G backward) per sample, by torch's FLOP counter on a batch-1 fp32 CPU step."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.engines import build_models
-    from pipeline.gan import train_step
-    from pipeline.train import make_objective
-
-    cfg = trainer_config("fp32", generator, 1, recipe, size)
-    G, D = build_models(cfg, channels_last=False)
-    (x, y), = synthetic_pairs(1, 1, size)
-    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.0)  # its step adds no FLOPs worth counting
     with FlopCounterMode(display=False) as counter:
-        train_step(G, D, sgd(G), sgd(D), x, y, make_objective(cfg, x.device))
+        fp32_step(generator, 1, size, recipe)
     return float(counter.get_total_flops())
 
 
@@ -181,15 +188,13 @@ def add_peak_fractions(rows: list[dict], args, device: str) -> None:
     """fraction_of_peak: the step's convolution-bound time (bench_peak: each of its
     convolutions alone, at its best layout, in the variant's precision) over the step time;
     gemm_fraction: achieved TFLOP/s over this device's dense matmul peak, for information."""
-    from bench_peak import conv_bound_seconds, matmul_peak_tflops, step_convolutions
+    from bench_peak import matmul_peak_tflops, peak_rows
 
     ok = [row for row in rows if "error" not in row]
-    precisions = {parse_variant(row["variant"])[0] for row in ok}
-    gemm = {p: matmul_peak_tflops(p, args.gemm_size, device) for p in sorted(precisions)}
-    bound = {}
-    for batch in sorted({row["batch"] for row in ok}):
-        calls = step_convolutions(args.generator, batch, args.size, args.recipe)
-        bound.update({(p, batch): conv_bound_seconds(calls, p, device)["conv_bound_s"] for p in precisions})
+    precisions = sorted({parse_variant(row["variant"])[0] for row in ok})
+    gemm = {p: matmul_peak_tflops(p, args.gemm_size, device) for p in precisions}
+    bound = {(r["precision"], r["batch"]): r["conv_bound_s"] for r in peak_rows(
+        args.generator, args.size, sorted({row["batch"] for row in ok}), precisions, device, args.recipe)}
     for row in ok:
         precision = parse_variant(row["variant"])[0]
         row["conv_bound_s"] = bound[precision, row["batch"]]
