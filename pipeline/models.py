@@ -72,6 +72,26 @@ def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return checkpoint(run, x, use_reentrant=False)
 
 
+class _GradInInputLayout(torch.autograd.Function):
+    """The identity, whose gradient comes back in channels_last when its input was.
+
+    The gradient reaching a U-Net level's output is a channel slice of its parent's
+    torch.cat gradient: in channels_last such a slice is neither contiguous nor
+    channels_last, and BatchNorm's backward on those strides runs 3-10x slower (bf16 on an
+    AMX CPU: 1.4x on the whole unet_256 step at batch 4). A copy into channels_last costs
+    far less. Values are unchanged; NCHW gradients pass through untouched.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last) if ctx.channels_last else grad
+
+
 class UNetBlock(nn.Module):
     """One level of the U-Net: down, the inner levels, up, and the skip connection.
 
@@ -109,6 +129,8 @@ class UNetBlock(nn.Module):
             inner = checkpointed(self.model, x)
         else:
             inner = self.model(x)
+        if inner.requires_grad:  # training; inference and export never see it
+            inner = _GradInInputLayout.apply(inner)
         return torch.cat([x, inner], 1)
 
 

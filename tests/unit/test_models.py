@@ -155,6 +155,37 @@ def test_activation_checkpointing_gives_the_same_outputs_gradients_and_statistic
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_channels_last_unet_hands_batchnorm_channels_last_gradients():
+    """The skip connection's gradient is a channel slice of torch.cat's; BatchNorm's
+    backward on such strides is several times slower, so U-Net levels return it in
+    channels_last. The values are the NCHW model's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layouts = []
+
+    class BatchNormBackwardLayouts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.native_batch_norm_backward:
+                grad = args[0]
+                layouts.append("nchw" if grad.is_contiguous() else "channels_last"
+                               if grad.is_contiguous(memory_format=torch.channels_last) else "strided")
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    nchw = init_weights(unet("unet_128", base_filters=8, dropout=False))  # masks follow the layout
+    channels_last = unet("unet_128", base_filters=8, dropout=False).to(memory_format=torch.channels_last)
+    channels_last.load_state_dict(nchw.state_dict())
+    x = torch.randn(2, 3, 128, 128)
+    for model, batch in ((nchw, x), (channels_last, x.contiguous(memory_format=torch.channels_last))):
+        with BatchNormBackwardLayouts():
+            model(batch).square().mean().backward()
+    batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in nchw.modules())
+    assert layouts[batchnorms:] == ["channels_last"] * batchnorms
+    assert "nchw" in layouts[:batchnorms]  # NCHW gradients pass untouched (slices stay strided)
+    for a, b in zip(nchw.parameters(), channels_last.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("generator", ["resnet_6blocks", "local"])
 def test_residual_block_checkpointing_gives_the_same_outputs_gradients_and_statistics(generator):
     norm, size = ("batch", 32) if generator == "resnet_6blocks" else ("instance", 64)
