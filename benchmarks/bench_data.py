@@ -1,10 +1,13 @@
 """Input pipeline throughput per CPU core, against a naive per-file PIL loader.
 
     python benchmarks/bench_data.py --pairs 400 --size 256
+    python benchmarks/bench_data.py --pairs 100 --pair-size 1200x600 --pre-resize  # maps-sized
 
 Makes an aligned A|B JPEG folder (the reference pix2pix layout), packs it with
-data_tools/shard.py, then measures on one thread (torch.set_num_threads(1)), as pairs per
-CPU-second (process time: the honest per-core figure on a shared machine):
+data_tools/shard.py (and with --pre-resize once more with `shard.py --load-size`, each
+pair stored already resized to the load size), then measures on one thread
+(torch.set_num_threads(1)), as pairs per CPU-second (process time: the honest per-core
+figure on a shared machine):
   jpeg_*       the JPEG decoder alone on the same bytes: PIL against simplejpeg
   naive        PIL open + split + bicubic resize to load_size + crop + flip + to tensor,
                one file at a time (the reference's aligned dataset)
@@ -14,7 +17,10 @@ CPU-second (process time: the honest per-core figure on a shared machine):
                (the batched resize/crop/flip counted as CPU time too)
   *_s3         the same from a moto S3 server on loopback (its own process: not counted)
   read_only    tar streaming without decoding, local and S3: S3 CPU-s per GB read
-Then one train step (pipeline.gan, fp32, batch 1, all cores) for the keeps-up ratio.
+  *_preresized decode, worker and device from the pre-resized shards
+Then one train step (pipeline.gan, fp32, batch 1, all cores) for the keeps-up ratio, and
+the step's demand at the GPU target (unet_256 at the crop size, `--target-mfu` of a
+`--gpu-tflops` bf16 peak): pairs/s per GPU, and the loader cores per GPU that feed it.
 """
 from __future__ import annotations
 
@@ -40,14 +46,15 @@ from pipeline.config import DataConfig  # noqa: E402
 from pipeline.distributed import free_port  # noqa: E402
 
 
-def make_source(folder: Path, pairs: int, size: int, grain: float) -> None:
-    """A|B JPEGs (q 90) of smooth random scenes with grain (std `grain` levels): grain 8
-    gives ~42 KB per 512x256 pair, like photos; JPEG decode time grows with it."""
+def make_source(folder: Path, pairs: int, width: int, height: int, grain: float) -> None:
+    """width x height A|B JPEGs (q 90) of smooth random scenes with grain (std `grain`
+    levels): grain 8 gives ~42 KB per 512x256 pair, like photos; JPEG decode time grows
+    with it."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(pairs):
         coarse = rng.uniform(0, 255, (8, 16, 3)).astype(np.uint8)
-        scene = np.asarray(Image.fromarray(coarse).resize((2 * size, size), Image.BICUBIC))
+        scene = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
         noise = rng.normal(0, grain, scene.shape)
         Image.fromarray(np.clip(scene + noise, 0, 255).astype(np.uint8)).save(
             folder / f"{i:05d}.jpg", quality=90)
@@ -157,7 +164,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pairs", type=int, default=400)
-    parser.add_argument("--size", type=int, default=256, help="crop size (halves are this big)")
+    parser.add_argument("--size", type=int, default=256, help="crop size")
+    parser.add_argument("--pair-size", type=pair_size, default=None, metavar="WxH",
+                        help="synthetic A|B JPEG size, e.g. 1200x600 (default: halves of the "
+                             "crop size, 2*size x size)")
+    parser.add_argument("--load-size", type=int, default=None,
+                        help="resize before cropping (default: size x 286/256, the reference's)")
+    parser.add_argument("--pre-resize", action="store_true",
+                        help="also measure shards stored at the load size (shard.py --load-size)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--grain", type=float, default=8.0, help="image noise (std levels)")
     parser.add_argument("--source", help="an existing aligned A|B JPEG folder to measure instead "
@@ -166,7 +180,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu",
                         help="where the `device` path resizes, crops and flips (cpu, cuda)")
     parser.add_argument("--step-steps", type=int, default=2, help="train steps timed (0: skip)")
-    return parser.parse_args(argv)
+    parser.add_argument("--gpu-tflops", type=float, default=790.0,
+                        help="bf16 peak of the GPU to feed (H200 measured by a matmul: ~790)")
+    parser.add_argument("--target-mfu", type=float, default=0.4, help="the step's MFU target there")
+    args = parser.parse_args(argv)
+    args.pair_size = args.pair_size or (2 * args.size, args.size)
+    args.load_size = args.load_size or round(args.size * 286 / 256)
+    return args
+
+
+def pair_size(text: str) -> tuple[int, int]:
+    """`1200x600` -> (1200, 600): an A|B image, two halves side by side."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1200x600") from None
+    return width, height
+
+
+def pack(source: Path, shards: Path, load_size: int | None = None) -> None:
+    resize = ["--load-size", str(load_size)] if load_size else []
+    subprocess.run([sys.executable, "data_tools/shard.py", str(source), str(shards),
+                    "--min-shards", "4", "--workers", "1", "--quiet", *resize], cwd=ROOT, check=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -175,23 +210,22 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
     source = Path(args.source) if args.source else work / "source"
     if not args.source:
-        make_source(source, args.pairs, args.size, args.grain)
-    subprocess.run([sys.executable, "data_tools/shard.py", str(source),
-                    str(work / "shards"), "--min-shards", "4", "--workers", "1", "--quiet"],
-                   cwd=ROOT, check=True)
+        make_source(source, args.pairs, *args.pair_size, args.grain)
+    pack(source, work / "shards")
     if (source / "train").is_dir():
         source = source / "train"  # the split the shards' "train" holds
-    cfg = DataConfig(train=str(work / "shards"), load_size=round(args.size * 286 / 256),
+    cfg = DataConfig(train=str(work / "shards"), load_size=args.load_size,
                      crop_size=args.size, batch_size=args.batch, num_workers=0,
                      shuffle_buffer=64)
     shard_bytes = sum(s.stat().st_size for s in (work / "shards").glob("*.tar"))
     runs = {"jpeg_pil": lambda: run_jpeg(source, "pil"),
             "jpeg_simplejpeg": lambda: run_jpeg(source, "simplejpeg"),
             "naive": lambda: run_naive(source, cfg),
-            "decode": lambda: run_decode(cfg),
-            "worker": lambda: run_loader(cfg),
-            "device": lambda: run_loader(replace(cfg, augment_on="device"), args.device),
+            **loader_runs(cfg, args.device),
             "read_only": lambda: run_read_only(cfg)}
+    if args.pre_resize:
+        pack(Path(args.source) if args.source else source, work / "preresized", args.load_size)
+        runs.update(loader_runs(replace(cfg, train=str(work / "preresized")), args.device, "_preresized"))
     server = None
     if not args.no_s3:
         server, bucket = start_moto()
@@ -213,6 +247,13 @@ def main(argv: list[str] | None = None) -> dict:
     return report("bench_data", rows, figures)
 
 
+def loader_runs(cfg: DataConfig, device: str, suffix: str = "") -> dict:
+    """decode, worker and device paths over cfg's shards."""
+    return {f"decode{suffix}": lambda: run_decode(cfg),
+            f"worker{suffix}": lambda: run_loader(cfg),
+            f"device{suffix}": lambda: run_loader(replace(cfg, augment_on="device"), device)}
+
+
 def summarise(by: dict[str, dict], shard_bytes: int, args: argparse.Namespace) -> dict:
     """The figures the README quotes, from the rows by path."""
     figures = {"simplejpeg_vs_pil": by["jpeg_simplejpeg"]["pairs_per_cpu_s"] /
@@ -224,7 +265,9 @@ def summarise(by: dict[str, dict], shard_bytes: int, args: argparse.Namespace) -
                "full_vs_naive": max(by["worker"]["pairs_per_cpu_s"],
                                     by["device"]["pairs_per_cpu_s"]) / by["naive"]["pairs_per_cpu_s"],
                "shard_MB": shard_bytes / 2**20,
-               "images": args.source or f"synthetic, grain {args.grain}"}
+               "images": args.source or f"synthetic {args.pair_size[0]}x{args.pair_size[1]} A|B, "
+                                        f"grain {args.grain}",
+               "load_crop": f"{args.load_size}/{args.size}"}
     if "read_only_s3" in by:
         gb = shard_bytes / 2**30
         figures["local_read_cpu_s_per_GB"] = by["read_only"]["cpu_s"] / gb
@@ -235,7 +278,22 @@ def summarise(by: dict[str, dict], shard_bytes: int, args: argparse.Namespace) -
         figures["train_step_s_batch1_all_cores"] = step
         # one loader core's pairs/s over the pairs/s one (all-core) train step consumes
         figures["loader_core_vs_step"] = by["worker"]["pairs_per_cpu_s"] * step
+    figures.update(gpu_demand(by, args))
     return figures
+
+
+def gpu_demand(by: dict[str, dict], args: argparse.Namespace) -> dict:
+    """Pairs/s one GPU's step eats at the target MFU, and the loader cores that feed it
+    per path (their pairs per CPU-second against that demand)."""
+    import bench_train
+    from pipeline.models import UNET_DOWNS
+    if args.size % 2 ** UNET_DOWNS["unet_256"]:
+        return {}  # below unet_256's smallest crop (tiny dry runs)
+    flops = bench_train.flops_per_sample("unet_256", args.size)
+    demand = args.target_mfu * args.gpu_tflops * 1e12 / flops
+    paths = [p for p in ("worker", "device", "worker_preresized", "device_preresized") if p in by]
+    return {"gpu_demand_pairs_per_s": demand,
+            **{f"cores_per_gpu_{p}": demand / by[p]["pairs_per_cpu_s"] for p in paths}}
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def plan(dry: bool, out: Path, peak: float | None) -> list[tuple[str, list[str],
     if dry:
         sweep = ["--generator", "unet_128", "--size", "128", "--batch", "1", "--steps", "1",
                  "--warmup", "1", "--variants", "fp32", "default", "--gemm-size", "256"]
-        data = ["--pairs", "16", "--size", "64", "--batch", "4", "--no-s3", "--step-steps", "0"]
+        data = ["--pairs", "16", "--size", "64", "--batch", "4", "--no-s3", "--step-steps", "0", "--pre-resize"]
         demo = ["--train", "16", "--val", "4", "--size", "64"]
         steps, tiny = 5, ["--model.generator=unet_128", "--model.g_filters=8", "--data.crop_size=128",
                           "--data.load_size=136", "--train.eval_every=0", "--log.sample_every=0"]
@@ -67,7 +67,8 @@ def plan(dry: bool, out: Path, peak: float | None) -> list[tuple[str, list[str],
         sweep = ["--batch", "1", "16", "64", "--steps", "10", "--warmup", "3", "--variants", "fp32",
                  "default", "bf16+fused", "bf16+cl+fused", "bf16+cl+fused+compile"]
         sweep += ["--peak-tflops", str(peak)] if peak else []
-        data = ["--pairs", "400", "--size", "256", "--batch", "64", "--no-s3", "--device", "cuda"]
+        data = ["--pairs", "400", "--size", "256", "--batch", "64", "--no-s3", "--device", "cuda",
+                "--pre-resize"]
         demo, steps, tiny = [], 300, []
     shards, run_dir = out / "demo_shards", out / "demo_run"
     train = [py, "-m", "pipeline.launch", "--config_file", "accelerate_config.yaml", "--",
