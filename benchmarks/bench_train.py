@@ -7,7 +7,8 @@ that speed never hides a broken step.
     python benchmarks/bench_train.py --recipe configs/hd_512.yaml --generator resnet_9blocks --size 512
 
 A variant is `default` (exactly what the trainer picks on this machine: bf16 where the
-hardware computes it, else fp32, and the config's defaults) or a precision (fp32: the
+hardware computes it, else fp32, and the config's defaults: the layout per hardware and
+batch, the `layout` column says which) or a precision (fp32: the
 reference's arithmetic, TF32 off on CUDA; bf16: autocast) plus options: cl
 (channels_last), fused / foreach (the Adam kernel), compile (torch.compile). Each
 (variant, batch) runs in a fresh process, built by the trainer's own code (config ->
@@ -37,24 +38,20 @@ PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "f
                "A100": {"bf16": 312.0, "fp32": 19.5}}
 
 
-def default_variant() -> str:
-    """What the trainer runs on this machine with the default configs: the default
-    accelerate config's bf16 where the hardware computes it (else fp32), and the
-    TrainConfig/OptimConfig defaults for the layout, the Adam kernel and compile."""
+def default_precision() -> str:
+    """The precision the trainer runs on this machine with the default accelerate config:
+    bf16 where the hardware computes it, else fp32."""
     from pipeline import precision
     from pipeline.config import Config
-    cfg = Config()
-    used, _ = precision.choose("bf16", cfg.train.allow_emulated_bf16)
-    options = ["cl"] if cfg.train.channels_last else []
-    options += [cfg.optim.adam_impl] if cfg.optim.adam_impl != "auto" else []
-    options += ["compile"] if cfg.train.compile else []
-    return "+".join(["bf16" if used == "bf16" else "fp32", *options])
+    used, _ = precision.choose("bf16", Config().train.allow_emulated_bf16)
+    return "bf16" if used == "bf16" else "fp32"
 
 
 def parse_variant(variant: str) -> tuple[str, set[str]]:
-    """(precision, options); `default` is default_variant()."""
+    """(precision, options); `default` is (default_precision(), no options): the config's
+    defaults decide the layout, the Adam kernel and compile, as in the trainer."""
     if variant == "default":
-        variant = default_variant()
+        return default_precision(), set()
     precision, *options = variant.split("+")
     if precision not in ("fp32", "bf16") or not set(options) <= OPTIONS:
         raise SystemExit(f"bench_train.py: bad variant {variant!r}: a precision (fp32 or bf16), "
@@ -67,8 +64,9 @@ def trainer_config(variant: str, generator: str, batch: int, recipe: str = "", s
     _, options = parse_variant(variant)
     cfg, _ = from_cli(["--config", recipe] if recipe else [])
     cfg.model.generator, cfg.data.batch_size, cfg.data.crop_size = generator, batch, size
-    cfg.train.channels_last, cfg.train.compile = "cl" in options, "compile" in options
-    cfg.optim.adam_impl = next((o for o in ("fused", "foreach") if o in options), "auto")
+    if variant != "default":
+        cfg.train.channels_last, cfg.train.compile = "cl" in options, "compile" in options
+        cfg.optim.adam_impl = next((o for o in ("fused", "foreach") if o in options), "auto")
     return cfg
 
 
@@ -120,6 +118,7 @@ def measure(variant: str, batch: int, generator: str, size: int, steps: int, war
     l1 += [step(i)["loss_G_l1"] for i in range(warmup, warmup + steps)]  # each syncs on its losses
     seconds = (time.perf_counter() - start) / steps
     return {"variant": variant, "batch": batch, "s_per_step": seconds,
+            "layout": "channels_last" if engines.channels_last else "nchw",
             "samples_per_s": batch / seconds, "peak_mem_mib": peak_memory_mib(accelerator.device),
             "l1_first": l1[0], "l1_last": sum(l1[-steps:]) / steps}
 

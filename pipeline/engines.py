@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from pipeline import checkpoint
+from pipeline import checkpoint, precision
 from pipeline.config import Config, ConfigError
 from pipeline.errors import CheckpointMismatch
 from pipeline.gan import StepHooks, freeze_while, guard_updates
@@ -124,7 +124,8 @@ class DDPEngines(Engines):
             # import then warns "Setting accelerator to CPU..." into a run that never uses
             # it; naming the accelerator it would pick is the same choice without the line
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        self.channels_last = cfg.train.channels_last
+        self.channels_last = precision.channels_last(cfg.train.channels_last, accelerator.mixed_precision,
+                                                     accelerator.device.type, cfg.data.batch_size)
         G, D = build_models(cfg, self.channels_last)
         opt_G, opt_D, self.schedulers = build_optimizers(cfg, G, D)
         self.G, self.D, self.opt_G, self.opt_D = accelerator.prepare(G, D, opt_G, opt_D)

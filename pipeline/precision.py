@@ -5,12 +5,25 @@ only emulated (CPUs without AVX512-BF16 or AMX, GPUs before Ampere), and there i
 far slower than fp32: convolutions ~75x on an AVX2-only CPU (measured on this
 project's 2-core CI machine kind). Such a run falls back to fp32 and says so, unless
 train.allow_emulated_bf16 keeps bf16 (tests of bf16 itself, or to reproduce a run).
+The memory format follows the same hardware facts (channels_last()).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class CPU:
+    """What this CPU computes natively, as torch's own probes say."""
+    avx512_bf16: bool
+    amx: bool
+
+    @classmethod
+    def this(cls) -> CPU:
+        return cls(torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported())
 
 
 def launch_device_type() -> str:
@@ -27,7 +40,33 @@ def requested_precision() -> str:
 def native_bf16(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    cpu = CPU.this()
+    return cpu.avx512_bf16 or cpu.amx
+
+
+CHANNELS_LAST_MIN_BATCH = 2  # on AMX CPUs; below it NCHW measured as fast or faster
+
+
+def channels_last(setting: str | bool, used: str, device_type: str, batch_size: int,
+                  cpu: CPU | None = None) -> bool:
+    """The memory format of models and batches: train.channels_last when true or false;
+    `auto` decides by hardware, for bf16 runs only:
+      fp32            NCHW: the reference's arithmetic bit for bit (an fp32 convolution in
+                      channels_last differs by up to 4e-6 on CPU)
+      bf16, CUDA      channels_last: cuDNN's tensor-core convolutions are NHWC (NVIDIA's
+                      guidance; benchmarks/gpu_check.sh measures both)
+      bf16, AMX CPU   channels_last from a per-process batch of 2: oneDNN's AMX kernels are
+                      NHWC and reorder NCHW tensors around every convolution (unet_256:
+                      1.5x at batch 4, 1.1x at 2; at batch 1 NCHW is as fast or faster)
+      otherwise       NCHW (AVX-512 BF16 without AMX: not measured yet)"""
+    if setting != "auto":
+        return bool(setting)
+    if used != "bf16":
+        return False
+    if device_type == "cuda":
+        return True
+    cpu = cpu or CPU.this()
+    return device_type == "cpu" and cpu.amx and batch_size >= CHANNELS_LAST_MIN_BATCH
 
 
 def resolve(requested: str, device_type: str, native: bool, allow_emulated: bool,
