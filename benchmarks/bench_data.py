@@ -1,7 +1,7 @@
 """Input pipeline throughput per CPU core, against a naive per-file PIL loader.
 
     python benchmarks/bench_data.py --pairs 400 --size 256
-    python benchmarks/bench_data.py --pairs 100 --pair-size 1200x600 --pre-resize  # maps-sized
+    python benchmarks/bench_data.py --pairs 100 --pair-size 1200x600 --pre-resize png jpeg  # maps
 
 Makes an aligned A|B JPEG folder (the reference pix2pix layout), packs it with
 data_tools/shard.py (and with --pre-resize once more with `shard.py --load-size`, each
@@ -17,7 +17,7 @@ figure on a shared machine):
                (the batched resize/crop/flip counted as CPU time too)
   *_s3         the same from a moto S3 server on loopback (its own process: not counted)
   read_only    tar streaming without decoding, local and S3: S3 CPU-s per GB read
-  *_preresized decode, worker and device from the pre-resized shards
+  *_preresized_{png,jpeg}  decode, worker and device from the pre-resized shards
 Then one train step (pipeline.gan, fp32, batch 1, all cores) for the keeps-up ratio, and
 the step's demand at the GPU target (unet_256 at the crop size, `--target-mfu` of a
 `--gpu-tflops` bf16 peak): pairs/s per GPU, and the loader cores per GPU that feed it.
@@ -170,8 +170,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "crop size, 2*size x size)")
     parser.add_argument("--load-size", type=int, default=None,
                         help="resize before cropping (default: size x 286/256, the reference's)")
-    parser.add_argument("--pre-resize", action="store_true",
-                        help="also measure shards stored at the load size (shard.py --load-size)")
+    parser.add_argument("--pre-resize", nargs="*", choices=("png", "jpeg"), default=None,
+                        help="also measure shards stored at the load size (shard.py --load-size), "
+                             "re-encoded in these formats (none named: both)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--grain", type=float, default=8.0, help="image noise (std levels)")
     parser.add_argument("--source", help="an existing aligned A|B JPEG folder to measure instead "
@@ -186,6 +187,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.pair_size = args.pair_size or (2 * args.size, args.size)
     args.load_size = args.load_size or round(args.size * 286 / 256)
+    args.pre_resize = (args.pre_resize or ["png", "jpeg"]) if args.pre_resize is not None else []
     return args
 
 
@@ -198,8 +200,8 @@ def pair_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def pack(source: Path, shards: Path, load_size: int | None = None) -> None:
-    resize = ["--load-size", str(load_size)] if load_size else []
+def pack(source: Path, shards: Path, load_size: int | None = None, encode: str = "png") -> None:
+    resize = ["--load-size", str(load_size), "--encode", encode] if load_size else []
     subprocess.run([sys.executable, "data_tools/shard.py", str(source), str(shards),
                     "--min-shards", "4", "--workers", "1", "--quiet", *resize], cwd=ROOT, check=True)
 
@@ -223,9 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
             "naive": lambda: run_naive(source, cfg),
             **loader_runs(cfg, args.device),
             "read_only": lambda: run_read_only(cfg)}
-    if args.pre_resize:
-        pack(Path(args.source) if args.source else source, work / "preresized", args.load_size)
-        runs.update(loader_runs(replace(cfg, train=str(work / "preresized")), args.device, "_preresized"))
+    for encode in args.pre_resize:  # PNG: shard.py's lossless default; JPEG q95: decodes faster
+        shards = work / f"preresized_{encode}"
+        pack(Path(args.source) if args.source else source, shards, args.load_size, encode)
+        runs.update(loader_runs(replace(cfg, train=str(shards)), args.device, f"_preresized_{encode}"))
     server = None
     if not args.no_s3:
         server, bucket = start_moto()
@@ -286,12 +289,13 @@ def gpu_demand(by: dict[str, dict], args: argparse.Namespace) -> dict:
     """Pairs/s one GPU's step eats at the target MFU, and the loader cores that feed it
     per path (their pairs per CPU-second against that demand)."""
     import bench_train
+
     from pipeline.models import UNET_DOWNS
     if args.size % 2 ** UNET_DOWNS["unet_256"]:
         return {}  # below unet_256's smallest crop (tiny dry runs)
     flops = bench_train.flops_per_sample("unet_256", args.size)
     demand = args.target_mfu * args.gpu_tflops * 1e12 / flops
-    paths = [p for p in ("worker", "device", "worker_preresized", "device_preresized") if p in by]
+    paths = [p for p in by if p.startswith(("worker", "device")) and not p.endswith("_s3")]
     return {"gpu_demand_pairs_per_s": demand,
             **{f"cores_per_gpu_{p}": demand / by[p]["pairs_per_cpu_s"] for p in paths}}
 

@@ -12,7 +12,10 @@ replayed alone on random tensors of those shapes in the precision asked, in NCHW
 channels_last, best of a few repeats; the faster layout counts. The sum over the step's
 calls is the step's convolution-bound time: what the step would take if it did nothing but
 its convolutions, each at its best layout. bench_train.py divides it by the measured step
-time (`fraction_of_peak`). Written here because no profiler gives "this op alone at its best
+time (`fraction_of_peak`). Beside it, the step's parameter-bound work timed alone (one fused
+Adam update of G and D, and in bf16 autocast's weight and gradient casts): memory-bound and
+the same at any batch, it caps the attainable fraction at conv / (conv + parameter-bound).
+Written here because no profiler gives "this op alone at its best
 layout"; the matmul peak is the MFU denominator gpu_check.py reports.
 """
 from __future__ import annotations
@@ -111,31 +114,78 @@ def conv_bound_seconds(calls: Counter[ConvCall], precision: str, device: str, re
     return dict(totals)
 
 
-def matmul_peak_tflops(precision: str, size: int, device: str, repeats: int = 5) -> float:
-    """The best dense matmul rate of `size` x `size` operands on the device."""
-    a, b = (torch.randn(size, size, device=device, dtype=DTYPES[precision]) for _ in range(2))
+def best_seconds(run, device: str, repeats: int) -> float:
+    """The fastest of `repeats` timed calls after one untimed call."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    a @ b
+    run()
     best = float("inf")
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
-        a @ b
+        run()
         sync()
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e12
+    return best
+
+
+# casts autocast makes per step: each weight to bf16 once per autocast region that uses it
+# (G: its forward; D: the D step's two forwards, then the G step's), each gradient back once
+WEIGHT_CASTS = {"G": 1, "D": 2}
+
+
+def parameter_bound_seconds(generator: str, precision: str, device: str, recipe: str = "",
+                            repeats: int = 3) -> dict:
+    """The step's work that scales with the parameters, not the batch, timed alone: one
+    fused Adam update of G and one of D, and in bf16 the weight and gradient casts of
+    WEIGHT_CASTS. Memory-bound (57 M parameters for unet_256 + PatchGAN): no batch size
+    makes it smaller; the step's best fraction_of_peak is conv / (conv + this)."""
+    from bench_train import trainer_config
+
+    from pipeline.engines import build_models
+
+    G, D = build_models(trainer_config("fp32", generator, 1, recipe), channels_last=False)
+    totals = Counter(adam_s=0.0, cast_s=0.0)
+    for name, model in (("G", G), ("D", D)):
+        totals.update(_parameter_work(model, WEIGHT_CASTS[name] if precision == "bf16" else 0,
+                                      device, repeats))
+    return {"param_bound_s": totals["adam_s"] + totals["cast_s"], **totals}
+
+
+def _parameter_work(model: torch.nn.Module, casts: int, device: str, repeats: int) -> dict:
+    """One fused Adam update of the model's parameters; `casts` weight casts to bf16 and,
+    with any, one cast of the gradients back to fp32."""
+    params = [torch.nn.Parameter(p.detach().to(device)) for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    adam = torch.optim.Adam(params, lr=1e-4, fused=True)
+    work = {"adam_s": best_seconds(adam.step, device, repeats), "cast_s": 0.0}
+    if casts:
+        grads = [p.grad.to(torch.bfloat16) for p in params]
+        work["cast_s"] = casts * best_seconds(lambda: [p.to(torch.bfloat16) for p in params], device, repeats)
+        work["cast_s"] += best_seconds(lambda: [g.float() for g in grads], device, repeats)
+    return work
+
+
+def matmul_peak_tflops(precision: str, size: int, device: str, repeats: int = 5) -> float:
+    """The best dense matmul rate of `size` x `size` operands on the device."""
+    a, b = (torch.randn(size, size, device=device, dtype=DTYPES[precision]) for _ in range(2))
+    return 2 * size ** 3 / best_seconds(lambda: a @ b, device, repeats) / 1e12
 
 
 def peak_rows(generator: str, size: int, batches: list[int], precisions: list[str], device: str,
               recipe: str = "", repeats: int = 3) -> list[dict]:
-    """One row per (precision, batch): the step's convolution-bound time and its parts."""
+    """One row per (precision, batch): the step's convolution-bound time and its parts,
+    its parameter-bound time, and the fraction_of_peak they leave attainable."""
     rows = []
+    params = {p: parameter_bound_seconds(generator, p, device, recipe, repeats) for p in precisions}
     for batch in batches:
         calls = step_convolutions(generator, batch, size, recipe)
         for precision in precisions:
             row = {"precision": precision, "batch": batch, "conv_calls": sum(calls.values()),
                    "distinct": len(calls)}
             row.update(conv_bound_seconds(calls, precision, device, repeats))
+            row.update(params[precision])
+            row["attainable_fraction"] = row["conv_bound_s"] / (row["conv_bound_s"] + row["param_bound_s"])
             rows.append(row)
     return rows
 

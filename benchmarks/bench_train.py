@@ -186,18 +186,21 @@ def add_comparisons(rows: list[dict], flops: float, device_name: str, peak_overr
 def add_peak_fractions(rows: list[dict], args, device: str) -> None:
     """fraction_of_peak: the step's convolution-bound time (bench_peak: each of its
     convolutions alone, at its best layout, in the variant's precision) over the step time;
+    attainable_fraction: what the parameter-bound work (bench_peak) leaves of it at best;
     gemm_fraction: achieved TFLOP/s over this device's dense matmul peak, for information."""
     from bench_peak import matmul_peak_tflops, peak_rows
 
     ok = [row for row in rows if "error" not in row]
     precisions = sorted({parse_variant(row["variant"])[0] for row in ok})
     gemm = {p: matmul_peak_tflops(p, args.gemm_size, device) for p in precisions}
-    bound = {(r["precision"], r["batch"]): r["conv_bound_s"] for r in peak_rows(
+    bound = {(r["precision"], r["batch"]): r for r in peak_rows(
         args.generator, args.size, sorted({row["batch"] for row in ok}), precisions, device, args.recipe)}
     for row in ok:
         precision = parse_variant(row["variant"])[0]
-        row["conv_bound_s"] = bound[precision, row["batch"]]
+        limits = bound[precision, row["batch"]]
+        row["conv_bound_s"], row["param_bound_s"] = limits["conv_bound_s"], limits["param_bound_s"]
         row["fraction_of_peak"] = row["conv_bound_s"] / row["s_per_step"]
+        row["attainable_fraction"] = limits["attainable_fraction"]
         row["gemm_fraction"] = row["tflops"] / gemm[precision]
 
 

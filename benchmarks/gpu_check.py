@@ -59,7 +59,8 @@ def plan(dry: bool, out: Path, peak: float | None) -> list[tuple[str, list[str],
     if dry:
         sweep = ["--generator", "unet_128", "--size", "128", "--batch", "1", "--steps", "1",
                  "--warmup", "1", "--variants", "fp32", "default", "--gemm-size", "256"]
-        data = ["--pairs", "16", "--size", "64", "--batch", "4", "--no-s3", "--step-steps", "0", "--pre-resize"]
+        data = ["--pairs", "16", "--size", "64", "--batch", "4", "--no-s3", "--step-steps", "0",
+                "--pre-resize"]
         demo = ["--train", "16", "--val", "4", "--size", "64"]
         steps, tiny = 5, ["--model.generator=unet_128", "--model.g_filters=8", "--data.crop_size=128",
                           "--data.load_size=136", "--train.eval_every=0", "--log.sample_every=0"]

@@ -32,6 +32,9 @@ def test_bench_train_compares_variants_in_a_table_then_one_json_line():
     # against this machine's own limits, in its precision (bench_peak)
     assert all(row["conv_bound_s"] > 0 and row["fraction_of_peak"] == pytest.approx(
         row["conv_bound_s"] / row["s_per_step"]) and row["gemm_fraction"] > 0 for row in record["rows"])
+    # bf16 adds autocast's weight and gradient casts to the parameter-bound work
+    assert fast["param_bound_s"] > fp32["param_bound_s"] > 0
+    assert all(0 < row["attainable_fraction"] < 1 for row in record["rows"])
 
 
 def test_bench_peak_times_every_convolution_of_the_step_and_the_matmul_peak():
@@ -46,6 +49,10 @@ def test_bench_peak_times_every_convolution_of_the_step_and_the_matmul_peak():
     assert row["conv_calls"] == 29 + 29 == row["best_nchw"] + row["best_nhwc"]
     assert row["conv_bound_s"] == pytest.approx(row["forward_s"] + row["backward_s"])
     assert row["forward_s"] > 0 and row["backward_s"] > 0
+    # fp32: Adam alone (no autocast casts); it caps the attainable fraction below 1
+    assert row["param_bound_s"] == row["adam_s"] > 0 and row["cast_s"] == 0
+    assert row["attainable_fraction"] == pytest.approx(
+        row["conv_bound_s"] / (row["conv_bound_s"] + row["param_bound_s"])) and row["attainable_fraction"] < 1
     assert record["figures"]["fp32_matmul_tflops"] > 0
 
 
