@@ -10,7 +10,9 @@ A variant is `default` (exactly what the trainer picks on this machine: bf16 whe
 hardware computes it, else fp32, and the config's defaults: the layout per hardware and
 batch, the `layout` column says which) or a precision (fp32: the
 reference's arithmetic, TF32 off on CUDA; bf16: autocast) plus options: cl
-(channels_last), fused / foreach (the Adam kernel), compile (torch.compile). Each
+(channels_last), fused / foreach (the Adam kernel), compile (torch.compile), mmap (on CPU,
+glibc's default malloc instead of the trainer's train.keep_freed_memory: the reference's
+process; `fp32+mmap` is the reference's step as it runs there). Each
 (variant, batch) runs in a fresh process, built by the trainer's own code (config ->
 Accelerator -> engines -> gan.train_step) on the same seeded synthetic pairs, so peak
 memory is its own and the losses are comparable. --recipe starts from a config file (the
@@ -30,7 +32,7 @@ from report import report  # benchmarks/ is on the path when run as a script
 
 from pipeline.models import GENERATORS
 
-OPTIONS = {"cl", "fused", "foreach", "compile"}
+OPTIONS = {"cl", "fused", "foreach", "compile", "mmap"}
 DEFAULT_VARIANTS = ["fp32", "default", "bf16", "bf16+cl", "bf16+fused", "bf16+cl+fused",
                     "bf16+fused+compile"]
 # Dense peak TFLOP/s per precision, for the model FLOPs utilisation (SXM parts)
@@ -67,6 +69,7 @@ def trainer_config(variant: str, generator: str, batch: int, recipe: str = "", s
     if variant != "default":
         cfg.train.channels_last, cfg.train.compile = "cl" in options, "compile" in options
         cfg.optim.adam_impl = next((o for o in ("fused", "foreach") if o in options), "auto")
+        cfg.train.keep_freed_memory = "mmap" not in options
     return cfg
 
 
@@ -98,13 +101,15 @@ def measure(variant: str, batch: int, generator: str, size: int, steps: int, war
     """One variant in this process: seconds per step, peak memory and L1 losses."""
     from accelerate import Accelerator
 
-    from pipeline import data
+    from pipeline import data, host_memory
     from pipeline.engines import make_engines
 
     precision, _ = parse_variant(variant)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     cfg = trainer_config(variant, generator, batch, recipe, size)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    if accelerator.device.type == "cpu" and cfg.train.keep_freed_memory:  # as the trainer does
+        host_memory.keep_freed_memory()
     engines = make_engines(cfg, accelerator)
     pairs = [data.to_device({"input": x, "target": y}, accelerator.device, cfg=cfg.data,
                             channels_last=engines.channels_last)
