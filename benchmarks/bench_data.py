@@ -187,7 +187,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.pair_size = args.pair_size or (2 * args.size, args.size)
     args.load_size = args.load_size or round(args.size * 286 / 256)
-    args.pre_resize = (args.pre_resize or ["png", "jpeg"]) if args.pre_resize is not None else []
+    if args.pre_resize is not None:  # named twice: measured once
+        args.pre_resize = list(dict.fromkeys(args.pre_resize or ["png", "jpeg"]))
+    args.pre_resize = args.pre_resize or []
     return args
 
 

@@ -46,6 +46,7 @@ def worker(args) -> None:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    from pipeline import host_memory
     from pipeline.config import from_cli
     from pipeline.engines import make_engines
     from pipeline.gan import train_step
@@ -57,6 +58,7 @@ def worker(args) -> None:
     cfg, _ = from_cli(["--config", args.recipe] if args.recipe else [])
     cfg.model.generator, cfg.data.crop_size = args.generator, args.crop
     cfg.model.activation_checkpointing = args.checkpointing
+    host_memory.apply(cfg, accelerator.device.type)  # the trainer's process
     before = peak_mb()
     engines = make_engines(cfg, accelerator)
     x = torch.rand(args.batch, 3, args.crop, args.crop, device=accelerator.device) * 2 - 1

@@ -32,12 +32,13 @@ def measure_world(args) -> dict | None:
     from accelerate import Accelerator
     from bench_train import synthetic_pairs, trainer_config, trainer_step
 
-    from pipeline import data
+    from pipeline import data, host_memory
     from pipeline.engines import make_engines
 
     precision, _ = parse_variant(args.variant)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
     cfg = trainer_config(args.variant, args.generator, args.batch)
+    host_memory.apply(cfg, accelerator.device.type)  # the trainer's process
     engines = make_engines(cfg, accelerator)
     x, y = data.to_device(dict(zip(("input", "target"), synthetic_pairs(1, args.batch, args.size)[0])),
                           accelerator.device, cfg=cfg.data, channels_last=engines.channels_last)

@@ -108,8 +108,7 @@ def measure(variant: str, batch: int, generator: str, size: int, steps: int, war
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     cfg = trainer_config(variant, generator, batch, recipe, size)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
-    if accelerator.device.type == "cpu" and cfg.train.keep_freed_memory:  # as the trainer does
-        host_memory.keep_freed_memory()
+    host_memory.apply(cfg, accelerator.device.type)
     engines = make_engines(cfg, accelerator)
     pairs = [data.to_device({"input": x, "target": y}, accelerator.device, cfg=cfg.data,
                             channels_last=engines.channels_last)

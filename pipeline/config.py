@@ -224,7 +224,7 @@ def _coerce(key: str, value: Any, expected: Any, choices: tuple | None = None) -
         return value
     if typing.get_origin(expected) is Literal:
         choices = typing.get_args(expected)
-        if value not in choices:
+        if not any(value == c and type(value) is type(c) for c in choices):  # 1 is not true
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(_choice_text, choices))}")
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):

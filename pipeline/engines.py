@@ -214,6 +214,9 @@ class DeepSpeedEngines(Engines):
             raise ConfigError("train.compile: not supported under DeepSpeed yet; set it to false")
         # DeepSpeed flattens parameters into contiguous buffers: channels_last weights
         # fail its initialisation, so train.channels_last is a DDP-only speed-up
+        if cfg.train.channels_last is True:
+            raise ConfigError("train.channels_last: not supported under DeepSpeed (it needs "
+                              "contiguous weights); set it to auto or false")
         self.channels_last = False
         G, D = build_models(cfg, self.channels_last)
         opt_G, opt_D, self.schedulers = build_optimizers(cfg, G, D)
@@ -242,7 +245,7 @@ class DeepSpeedEngines(Engines):
 
     def describe(self) -> dict:
         return {"engines": "deepspeed", "zero_stage": self.G.zero_optimization_stage(),
-                "optimizer": type(self.opt_G).__name__}
+                "optimizer": type(self.opt_G).__name__, "channels_last": False}
 
     @property
     def generator(self) -> torch.nn.Module:

@@ -22,6 +22,12 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
 TRIM_THRESHOLD = 2**31 - 1  # an int: the largest mallopt takes
 
 
+def apply(cfg, device_type: str) -> bool:
+    """What every CPU process of the trainer does at start-up (train.keep_freed_memory);
+    the benchmarks call it too, so that they measure the trainer's process."""
+    return device_type == "cpu" and cfg.train.keep_freed_memory and keep_freed_memory()
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed blocks of any size; False where there is none."""
     try:

@@ -60,7 +60,7 @@ def channels_last(setting: str | bool, used: str, device_type: str, batch_size: 
                       1.5x at batch 4, 1.1x at 2; at batch 1 NCHW is as fast or faster)
       otherwise       NCHW (AVX-512 BF16 without AMX: not measured yet)"""
     if setting != "auto":
-        return bool(setting)
+        return setting is True
     if used != "bf16":
         return False
     if device_type == "cuda":

@@ -90,8 +90,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError(f"mixed precision {accelerator.mixed_precision!r} is not supported: use "
                           "'no' or 'bf16' (fp16 would share one grad scaler between G and D)")
     validate_runtime(cfg, accelerator.device.type, accelerator.num_processes)
-    if accelerator.device.type == "cpu" and cfg.train.keep_freed_memory:
-        host_memory.keep_freed_memory()
+    host_memory.apply(cfg, accelerator.device.type)
     return accelerator
 
 

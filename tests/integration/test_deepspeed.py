@@ -102,6 +102,17 @@ def test_zero_keeps_g_and_d_equal_across_ranks(runs, stage, precision):
     assert torch.isfinite(torch.tensor([[r[k] for k in LOSSES] for r in records])).all()
 
 
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
+def test_channels_last_asked_for_under_deepspeed_is_refused_in_one_line(demo_shards, tmp_path):
+    # the auto default picks NCHW under DeepSpeed (the runs above); an explicit true is a
+    # user error, not a silent NCHW run
+    result = run(deepspeed(train_args(tmp_path / "run", demo_shards, *RUN, "--train.channels_last=true"),
+                           stage=2), deepspeed_env(), timeout=LAUNCH_TIMEOUT)
+    assert result.returncode != 0, explain(result)  # accelerate's launcher exits 1 for any failure
+    assert "error: train.channels_last: not supported under DeepSpeed" in result.stderr
+    assert "[rank 0] exiting with code 2" in result.stderr  # a user error, in one line
+
+
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 60)
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_zero_fp32_losses_and_export_equal_ddp_bit_for_bit(runs, stage):
