@@ -57,7 +57,7 @@ def channels_last(setting: str | bool, used: str, device_type: str, batch_size: 
                       guidance; benchmarks/gpu_check.sh measures both)
       bf16, AMX CPU   channels_last from a per-process batch of 2: oneDNN's AMX kernels are
                       NHWC and reorder NCHW tensors around every convolution (unet_256:
-                      1.5x at batch 4, 1.1x at 2; at batch 1 NCHW is as fast or faster)
+                      1.26-1.4x at batch 4, 1.1x at 2; at batch 1 NCHW is as fast)
       otherwise       NCHW (AVX-512 BF16 without AMX: not measured yet)"""
     if setting != "auto":
         return setting is True
