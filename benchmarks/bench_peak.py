@@ -87,19 +87,10 @@ def _replay(call: ConvCall, dtype: torch.dtype, layout: torch.memory_format, dev
 
 
 def time_call(call: ConvCall, dtype: torch.dtype, device: str, repeats: int) -> tuple[float, str]:
-    """(best seconds, layout) of the call alone, over NCHW and channels_last."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    best = (float("inf"), "")
-    for name, layout in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
-        run = _replay(call, dtype, layout, device)
-        run()  # first call: oneDNN/cuDNN primitive creation
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            run()
-            sync()
-            best = min(best, (time.perf_counter() - start, name))
-    return best
+    """(best seconds, layout) of the call alone, over NCHW and channels_last (the untimed
+    first call of best_seconds creates the oneDNN/cuDNN primitive)."""
+    return min((best_seconds(_replay(call, dtype, layout, device), device, repeats), name)
+               for name, layout in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)))
 
 
 def conv_bound_seconds(calls: Counter[ConvCall], precision: str, device: str, repeats: int = 3) -> dict:
