@@ -153,8 +153,8 @@ class TrainConfig:
                 "with non-finite gradients, logs the step and trains on (not under DeepSpeed)")
     channels_last: Literal["auto", True, False] = opt(
         "auto", "channels_last memory format for models and batches; auto: for bf16 on GPUs "
-                "and on AMX CPUs from batch 2, where it measures faster; fp32 stays NCHW "
-                "(DDP only: DeepSpeed needs contiguous weights)")
+                "and on bf16 CPUs (AMX, AVX-512 BF16) from batch 2, where it measures faster; "
+                "fp32 stays NCHW (DDP only: DeepSpeed needs contiguous weights)")
     compile: bool = opt(False, "torch.compile the models")
     keep_freed_memory: bool = opt(
         True, "CPU runs: glibc's malloc keeps freed large blocks instead of unmapping them "

@@ -44,7 +44,7 @@ def native_bf16(device_type: str) -> bool:
     return cpu.avx512_bf16 or cpu.amx
 
 
-CHANNELS_LAST_MIN_BATCH = 2  # on AMX CPUs; below it NCHW measured as fast or faster
+CHANNELS_LAST_MIN_BATCH = 2  # on bf16 CPUs; below it NCHW measured as fast or faster
 
 
 def channels_last(setting: str | bool, used: str, device_type: str, batch_size: int,
@@ -55,10 +55,12 @@ def channels_last(setting: str | bool, used: str, device_type: str, batch_size: 
                       channels_last differs by up to 4e-6 on CPU)
       bf16, CUDA      channels_last: cuDNN's tensor-core convolutions are NHWC (NVIDIA's
                       guidance; benchmarks/gpu_check.sh measures both)
-      bf16, AMX CPU   channels_last from a per-process batch of 2: oneDNN's AMX kernels are
-                      NHWC and reorder NCHW tensors around every convolution (unet_256:
-                      1.26-1.4x at batch 4, 1.1x at 2; at batch 1 NCHW is as fast)
-      otherwise       NCHW (AVX-512 BF16 without AMX: not measured yet)"""
+      bf16 CPU        channels_last from a per-process batch of 2 on CPUs with native bf16
+                      (AMX or AVX-512 BF16): oneDNN's bf16 kernels are NHWC and reorder NCHW
+                      tensors around every convolution (unet_256, AMX: 1.26-1.4x at batch 4,
+                      1.1x at 2; AVX-512 BF16: 1.13x at 4, 1.03x at 2); at batch 1 NCHW is
+                      as fast or faster (AVX-512 BF16: 0.87x in channels_last)
+      otherwise       NCHW (bf16 emulated on AVX2-only CPUs: not worth measuring)"""
     if setting != "auto":
         return setting is True
     if used != "bf16":
@@ -66,7 +68,7 @@ def channels_last(setting: str | bool, used: str, device_type: str, batch_size: 
     if device_type == "cuda":
         return True
     cpu = cpu or CPU.this()
-    return device_type == "cpu" and cpu.amx and batch_size >= CHANNELS_LAST_MIN_BATCH
+    return device_type == "cpu" and (cpu.amx or cpu.avx512_bf16) and batch_size >= CHANNELS_LAST_MIN_BATCH
 
 
 def resolve(requested: str, device_type: str, native: bool, allow_emulated: bool,

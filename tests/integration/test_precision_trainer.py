@@ -10,7 +10,7 @@ from tests.helpers.trainer_runs import cpu_env, explain, run, single, train_args
 def test_the_trainer_runs_bf16_only_where_this_cpu_computes_it(demo_shards, tmp_path):
     """Both branches cannot run on one machine: this one takes the branch its CPU
     calls for (the notice, the precision and the layout in the run's environment record
-    agree; at batch 2 an AMX CPU trains bf16 in channels_last)."""
+    agree; at batch 2 a bf16 CPU (AMX, AVX-512 BF16) trains bf16 in channels_last)."""
     args = train_args(tmp_path / "run", demo_shards, "--train.max_steps=2", "--data.batch_size=2",
                       "--train.allow_emulated_bf16=false")  # the last value of a key wins
     result = run(single(args), cpu_env(ACCELERATE_MIXED_PRECISION="bf16"))
