@@ -83,9 +83,10 @@ class Ranks:
 class TrainingState:
     """What a resume restores besides the modules' and optimisers' own state."""
     step: int
-    data_state: dict | None  # this rank's stream position; None if it cannot be reused
+    data_states: list[dict]  # every saved rank's stream position, in rank order
     world_size: int
     precision: str | None = None  # the saved run's mixed precision (None: not recorded)
+    config: dict | None = None  # the saved run's config
 
 
 # --------------------------------------------------------------------------- RNG
@@ -329,22 +330,26 @@ def resolve(run_dir: str, resume: str) -> str | None:
 def load(path: str, *, rank: int, world_size: int, load_models: Callable[[str], None],
          model: dict | None = None) -> TrainingState:
     """Restore a checkpoint: the models' training state through `load_models(path)`
-    (engines.load), then this rank's RNG and data position if the world size is the same.
+    (engines.load), then this rank's RNG if the world size is the same; every rank's data
+    position comes back (a resume on another world size merges them).
     `model` (this run's model config) is checked first against the checkpoint's: another
     architecture fails in one line naming the keys, under DDP and DeepSpeed alike."""
-    trainer = json.loads(storage.read_bytes(os.path.join(path, "trainer.json")))
+    trainer = read_trainer(path)
     if model is not None:
         check_architecture(trainer["config"]["model"], model, path)
     load_models(path)
-    same_world = trainer["world_size"] == world_size
-    rank_file = os.path.join(path, f"rank_{rank:05d}.json")
-    data_state = None
-    if same_world:
-        per_rank = json.loads(storage.read_bytes(rank_file))
-        set_rng_state(per_rank["rng"], load_tensors(os.path.join(path, f"rank_{rank:05d}_rng.pt")))
-        data_state = per_rank["data"]
-    return TrainingState(step=trainer["step"], data_state=data_state,
-                         world_size=trainer["world_size"], precision=trainer.get("mixed_precision"))
+    rank_file = lambda r: os.path.join(path, f"rank_{r:05d}.json")
+    per_rank = [json.loads(storage.read_bytes(rank_file(r))) for r in range(trainer["world_size"])]
+    if trainer["world_size"] == world_size:
+        set_rng_state(per_rank[rank]["rng"], load_tensors(os.path.join(path, f"rank_{rank:05d}_rng.pt")))
+    return TrainingState(step=trainer["step"], data_states=[r["data"] for r in per_rank],
+                         world_size=trainer["world_size"], precision=trainer.get("mixed_precision"),
+                         config=trainer["config"])
+
+
+def read_trainer(path: str) -> dict:
+    """A checkpoint's trainer.json: step, world size, config, precision."""
+    return json.loads(storage.read_bytes(os.path.join(path, "trainer.json")))
 
 
 # model keys that change the weights' names or shapes (norm: batch and syncbatch share them)

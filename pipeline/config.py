@@ -97,7 +97,15 @@ class DataConfig:
     mode: Literal["exact", "resampled"] = opt(
         "exact", "exact: each sample at most once per epoch; resampled: shards drawn with "
                  "replacement, epochs sized from the manifest")
-    shuffle_buffer: int = opt(256, "samples held in the shuffle buffer per worker")
+    shuffle_buffer: int = opt(64, "samples per shuffle block of each stream (a worker holds "
+                                  "streams / (processes x workers) blocks)")
+    streams: int = opt(0, "virtual streams the epoch is cut into; the sample order depends on "
+                          "(seed, epoch, streams) only, so a run resumes mid-epoch on any "
+                          "processes x workers dividing it (0: the checkpoint's on resume, else "
+                          "lcm(processes x workers, 12) with >= 1000 samples each, else one "
+                          "stream per process x worker)")
+    record_keys: bool = opt(False, "write every step's sample keys to RUN/keys/rank{R}.jsonl "
+                                   "(for checking the data order across resumes)")
     augment_on: Literal["worker", "device"] = opt(
         "worker", "where resize/crop/flip run: in the loader workers or batched on the device")
     max_image_pixels: int = opt(
@@ -141,6 +149,9 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches of data.batch_size per update: K D micro-steps and "
                              "one D update, then K G micro-steps and one G update (global batch: "
                              "batch_size x K x processes; DeepSpeed: its own accumulation, fp32 sums)")
+    allow_batch_change: bool = opt(False, "resume even when the global batch cannot be kept (a resume on "
+                                          "another world size keeps it through grad_accum or batch_size "
+                                          "where it can, and refuses otherwise)")
     best_metric: str = opt("", "mark the checkpoint with the best value of this validation metric "
                                "as checkpoints/best (saved when it improves, never rotated away; "
                                "empty: off)", choices=("", *realism.METRICS))
@@ -298,11 +309,12 @@ def validate(cfg: Config) -> Config:
                 "train.ckpt_every": cfg.train.ckpt_every, "train.keep_last": cfg.train.keep_last,
                 "log.every": cfg.log.every, "log.samples": cfg.log.samples,
                 "train.collective_timeout": cfg.train.collective_timeout, "optim.lr": cfg.optim.lr,
-                "model.num_d": cfg.model.num_d, "train.grad_accum": cfg.train.grad_accum}
+                "model.num_d": cfg.model.num_d, "train.grad_accum": cfg.train.grad_accum,
+                "data.shuffle_buffer": cfg.data.shuffle_buffer}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
-    non_negative = {"data.num_workers": cfg.data.num_workers,
+    non_negative = {"data.num_workers": cfg.data.num_workers, "data.streams": cfg.data.streams,
                     "optim.constant_steps": cfg.optim.constant_steps,
                     "optim.decay_steps": cfg.optim.decay_steps,
                     "optim.grad_clip": cfg.optim.grad_clip,

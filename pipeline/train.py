@@ -26,6 +26,7 @@ from pipeline import (
     cli,
     data,
     distributed,
+    elastic,
     evaluate,
     faults,
     host_memory,
@@ -208,6 +209,8 @@ class Trainer:
             self.hooks = self.engines.freeze(self.hooks, self.engines.generator.frozen_part(),
                                              lambda: self.step < cfg.train.freeze_global_steps)
         self.best: float | None = None  # train.best_metric's best value so far (main process)
+        self.keys = elastic.KeyRecord(cfg.train.run_dir, self.rank) if cfg.data.record_keys else None
+        self.step_batches: list[tuple[int, list[str]]] = []  # this step's (epoch, keys), for self.keys
 
     def resume(self) -> None:
         path = checkpoint.resolve(self.cfg.train.run_dir, self.cfg.train.resume)
@@ -225,13 +228,16 @@ class Trainer:
             log.warning(f"{path} was trained in {names.get(state.precision, state.precision)}, this "
                         f"run continues in {names.get(self.acc.mixed_precision)}: the losses will "
                         "not continue exactly as they would have")
-        if state.data_state is not None:
-            self.loader.load_state_dict(state.data_state)
+        self.loader.load_state_dict(state.data_states)
+        if self.keys:
+            self.keys.cut(self.step)
+        if state.world_size == self.world:
             log0(self.acc, f"resumed from {path} at step {self.step}")
         else:
             log0(self.acc, f"resumed from {path} at step {self.step}; it was saved with "
-                           f"{state.world_size} processes, this run has {self.world}: the data "
-                           "stream restarts its epoch with the new split and RNGs are reseeded")
+                           f"{state.world_size} processes, this run has {self.world}: the data stream "
+                           f"continues epoch {self.loader.epoch} at global sample {self.loader.consumed} "
+                           "and RNGs are reseeded")
             torch.manual_seed(self.cfg.train.seed * 100003 + self.rank * 7919 + self.step)
 
     def initialise(self) -> None:
@@ -298,9 +304,11 @@ class Trainer:
 
     def next_batches(self, batch_iter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """train.grad_accum batches, on the device: (inputs, targets)."""
-        xs, ys = [], []
+        xs, ys, self.step_batches = [], [], []
         for _ in range(self.cfg.train.grad_accum):
-            x, y = data.to_device(next(batch_iter), self.acc.device, cfg=self.cfg.data,
+            batch = next(batch_iter)
+            self.step_batches.append((batch["epoch"], batch["key"]))
+            x, y = data.to_device(batch, self.acc.device, cfg=self.cfg.data,
                                   channels_last=self.engines.channels_last)
             if faults.triggered("train.nonfinite_batch"):  # tests: NaN through the real step
                 x = torch.full_like(x, float("nan"))
@@ -391,6 +399,8 @@ class Trainer:
         while self.step < cfg.train.max_steps:
             losses, waited, elapsed = self.train_one_step(batch_iter)
             self.step += 1
+            if self.keys:
+                self.keys.write(self.step, self.step_batches)
             wait_total, time_total = wait_total + waited, time_total + elapsed
             if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps or self.skipped:
                 self.log(losses, waited, elapsed)
@@ -447,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         storage.check_writable(cfg.train.mirror)
     accelerator = make_accelerator(cfg)
     distributed.check_shared_run_dir(cfg.train.run_dir, accelerator.process_index, accelerator.device)
+    elastic.keep_global_batch(cfg, accelerator.num_processes,
+                              checkpoint.resolve(cfg.train.run_dir, cfg.train.resume))
     trainer = Trainer(cfg, accelerator, stop)
     trainer.resume()
     if accelerator.is_main_process:

@@ -6,7 +6,7 @@ The package follows the data's stages, one module each:
     shards        which shards to read (manifest, brace pattern) and reading them
     decode        bytes -> uint8 images: one policy, one max-pixels default
     augmentation  resize, the same crop and flip for both halves, seeded per sample
-    train_stream  the resumable, rank- and worker-split training stream
+    train_stream  the training stream: world-size-independent streams, resumable anywhere
     eval_stream   the val split, every sample once across ranks
 The names below are the package's interface; the trainer imports `pipeline.data`. They
 load on first use (PEP 562), so a tool that needs only the format (shard.py, whose packing
@@ -22,10 +22,10 @@ _EXPORTS = {
     "eval_stream": ("make_eval_loader",),
     "format": ("IMAGE_EXTS", "MANIFEST_MISMATCH", "Entry", "Manifest", "Skip"),
     "shards": ("Shard", "count_samples", "expand_braces", "list_shards", "packed_load_size",
-               "read_entries"),
-    "train_stream": ("STATE_VERSION", "EpochPlan", "TrainLoader", "WorkerLoader", "WorkerPosition",
-                     "epoch_shards", "make_train_loader", "split_by_node", "split_by_worker",
-                     "to_device", "worker_batches"),
+               "read_entries", "read_range"),
+    "train_stream": ("STATE_VERSION", "EpochPlan", "Segment", "StreamPosition", "StreamReader",
+                     "TrainLoader", "WorkerLoader", "auto_streams", "epoch_shards",
+                     "make_train_loader", "stream_segments", "to_device", "worker_parts"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_HOME)

@@ -112,6 +112,37 @@ def read_entries(urls, start_shard: int = 0, start_offset: int = 0,
                              url.samples if whole else None)
 
 
+def read_range(index: int, shard: Shard, first: int, end: int, offset: int = 0,
+               at: int = 0) -> Iterator[tuple[int, Entry | Skip]]:
+    """(sample number in the shard, record) for samples [first, end) of `shard` (its
+    `index` in the list being read), reading from the tar header at byte `offset`, which
+    holds sample `at` (0, 0: the shard's start). Samples before `first` are passed over
+    undecoded (tar headers, member data read past), so a stream may start mid-shard.
+
+    Several ranges of one epoch may share a shard: a failure is reported (a Skip) only by
+    the range it happened in, so it counts once. Likewise MANIFEST_MISMATCH: a shard that
+    ends cleanly before its manifest's count is noted by the range it ends in; one that
+    holds more, by the range that ends at the manifest's count."""
+    owns = lambda i: first <= i < end or i >= end == shard.samples
+    i = at
+    for record in _read_tar(index, shard.url, offset):
+        if isinstance(record, Skip):
+            if owns(i):
+                yield i, record
+            return
+        if i >= end:
+            if end == shard.samples:
+                log.warning("shard %s holds more samples than its manifest's %d", shard.url, end)
+                yield i, Skip(index, record.offset, MANIFEST_MISMATCH)
+            return
+        if i >= first:
+            yield i, record
+        i += 1
+    if i < end and owns(i):
+        log.warning("shard %s holds %d samples, its manifest says %d", shard.url, i, shard.samples)
+        yield i, Skip(index, 0, MANIFEST_MISMATCH)
+
+
 def _read_tar(index: int, url: str, offset: int, expected: int | None = None) -> Iterator[Entry | Skip]:
     found, samples = 0, None
     try:

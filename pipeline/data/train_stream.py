@@ -1,31 +1,40 @@
-"""The training stream: shards -> this rank's share -> workers -> equal batches per rank.
+"""The training stream: shards -> V streams -> readers -> equal batches per rank.
 
-Stages (each a plain function testable alone): epoch_shards (shuffle with (seed, epoch),
-the same order on every rank) -> split_by_node (shards[rank::world]) -> split_by_worker
--> shards.read_entries -> shuffle blocks -> decode.try_decode -> augment -> full batches,
-built inside the worker.
+One epoch's order depends on (seed, epoch, streams) only, never on how many processes
+and workers read it, so a run resumes mid-epoch on another world size (MosaicML
+streaming's canonical streams, here with sample-exact ranges):
 
-Design decisions (the why):
-
-* Shuffle blocks instead of a running shuffle buffer: a block is `shuffle_buffer`
-  entries read from a known tar position and permuted by an RNG seeded from that
-  position, so a worker's position is (shard, byte offset of the block, entries taken)
-  and resuming seeks there, re-reads at most one block and skips the taken entries
-  without decoding them. Mixing across shards comes from the shard shuffle.
-* All randomness is derived from seeds: shard order from (seed, epoch); block order from
-  (seed, epoch, rank, worker, position); augmentation from (seed, epoch, sample key).
-* Batches are made inside the worker (DataLoader batch_size=None). The DataLoader hands
-  out workers' batches round-robin (skipping finished workers), which is deterministic;
-  each batch carries its worker's WorkerPosition, so the loader's state is the last
-  position of every worker plus who is next. On resume the worker ids are rotated so the
-  round-robin starts at the right worker.
+* epoch_shards shuffles the shards with (seed, epoch); their samples, in that order, are
+  cut into `streams` (V) contiguous ranges whose lengths differ by at most one
+  (stream_segments). A range may start and end inside a shard: a reader skips the
+  members before it undecoded (shards.read_range), at most one shard per stream and epoch.
+  In resampled mode a stream is instead an endless seeded draw of whole shards.
+* Global sample j of the epoch is stream j % V's (j // V)-th good sample. Stream s is
+  read by rank s % world and, there, by loader worker (s // world) % workers, so
+  processes x workers must divide V. Step i of a rank takes its j in [i*B, (i+1)*B)
+  (B = batch x world), sorted: any window of B consecutive j holds exactly `batch` of each
+  rank's, so every rank builds full batches on any world size, from any start.
+* A bad sample (corrupt image, missing half, cut shard) is refilled by its stream's next
+  good sample: the one refill that does not depend on the world size. A stream that runs
+  dry ends the epoch on every rank together (have_batch_all_ranks); with no bad data the
+  epoch leaves out N mod B samples, with bad data up to about V more per bad sample of a
+  stream (the other streams' samples past the dry one).
+* Shuffle blocks, not a running buffer: a block is the next `shuffle_buffer` samples of
+  a stream (across its segments) read from a known tar position and permuted by an RNG seeded from (seed,
+  epoch, stream, segment, position), so a stream's position is (segment, byte offset and
+  sample number of the block, samples taken) and resuming re-reads at most one block per
+  stream. A worker holds its streams' blocks: V / (processes x workers) of them.
+* Augmentation is seeded by (seed, epoch, sample key).
+* Each worker yields, per step, its part of this rank's batch (possibly empty) with its
+  streams' positions; the rank merges one part of every worker by j. The loader's state
+  is the epoch, the global samples consumed and the positions of this rank's streams;
+  a rank resuming on another world size takes its streams from every old rank's file.
 * Bad data (truncated tar, unreadable shard, corrupt image, missing half, too large,
   unsafe member name) is skipped and counted by reason where it is consumed: counts are
   exact across resumes, and nothing raises. A shard holding another sample count than
   its manifest says is counted too (manifest_mismatch) and logged.
-* Equal steps: see TrainLoader.
-* torchdata's StatefulDataLoader is not needed: the per-worker positions ride along with
-  the batches, and its fast-forward would decode what it skips.
+* torchdata's StatefulDataLoader is not needed: the positions ride along with the
+  batches, and its fast-forward would decode what it skips.
 * Do not pass these loaders through accelerator.prepare(): it re-splits or drops data.
 """
 from __future__ import annotations
@@ -33,10 +42,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -44,16 +55,20 @@ import torch
 from pipeline.data.augmentation import augment, augment_params, chw, derive_seed, resize_u8, to_unit_range
 from pipeline.data.decode import try_decode
 from pipeline.data.format import MANIFEST_MISMATCH, Skip
-from pipeline.data.shards import Shard, list_shards, read_entries
+from pipeline.data.shards import Shard, list_shards, read_range
 from pipeline.distributed import STOP_SIGNALS
 from pipeline.errors import CheckpointMismatch, DataError
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# data.streams=0 on a fresh start: lcm(readers, AUTO_STREAMS), so that halving the world or a
+# 3-way split still divides it, when every stream gets MIN_STREAM_SAMPLES; else one stream a
+# reader (a small dataset: each bad sample can cost an epoch about V samples at its end)
+AUTO_STREAMS, MIN_STREAM_SAMPLES = 12, 1000
 
 
-# --------------------------------------------------------------------- shards per worker
+# ----------------------------------------------------------------------------- streams
 
 def epoch_shards(shards: list, seed: int, epoch: int) -> list:
     """The shard order of one epoch: the same on every rank."""
@@ -61,27 +76,51 @@ def epoch_shards(shards: list, seed: int, epoch: int) -> list:
     return [shards[i] for i in order]
 
 
-def split_by_node(shards: list, rank: int, world_size: int) -> list:
-    return shards[rank::world_size]
+@dataclass(frozen=True)
+class Segment:
+    """Samples [first, end) of the shard at `shard` (its index in the shard list)."""
+    shard: int
+    first: int
+    end: int
 
 
-def split_by_worker(shards: list, worker: int, num_workers: int) -> list:
-    return shards[worker::num_workers]
+def stream_segments(counts: list[int], order: list[int], streams: int) -> list[list[Segment]]:
+    """The shards in `order` (indices into `counts`), concatenated and cut into `streams`
+    contiguous ranges: stream s holds ceil((N - s) / streams) samples, exactly as many as
+    there are global sample numbers j < N with j % streams == s."""
+    total = sum(counts[i] for i in order)
+    lengths = [total // streams + (s < total % streams) for s in range(streams)]
+    shards, out = iter(order), []
+    shard, taken = next(shards, None), 0  # the shard being cut, samples of it handed out
+    for length in lengths:
+        segments = []
+        while length:
+            take = min(length, counts[shard] - taken)
+            segments.append(Segment(shard, taken, taken + take))
+            taken, length = taken + take, length - take
+            if taken == counts[shard]:
+                shard, taken = next(shards, None), 0
+        out.append(segments)
+    return out
 
 
-def resampled_shards(shards: list, seed: int, epoch: int, rank: int, worker: int) -> Iterator:
-    """Endless shard draws with replacement, distinct per rank and worker."""
-    rng = np.random.default_rng(derive_seed(seed, epoch, rank, worker, "resampled"))
+def resampled_segments(shards: list[Shard], seed: int, epoch: int, stream: int) -> Iterator[Segment]:
+    """Endless whole-shard draws with replacement, distinct per stream."""
+    rng = np.random.default_rng(derive_seed(seed, epoch, stream, "resampled"))
     while True:
-        yield shards[rng.integers(len(shards))]
+        i = int(rng.integers(len(shards)))
+        yield Segment(i, 0, shards[i].samples)
 
 
+def auto_streams(readers: int, samples: int) -> int:
+    """data.streams=0 on a fresh start (see AUTO_STREAMS)."""
+    streams = math.lcm(readers, AUTO_STREAMS)
+    return streams if samples >= streams * MIN_STREAM_SAMPLES else readers
 
-# ------------------------------------------------------------------------ worker stream
 
 @dataclass
 class EpochPlan:
-    """Everything a worker needs to produce its batches of one epoch (picklable)."""
+    """Everything a worker needs to produce its parts of one epoch (picklable)."""
     cfg: object  # DataConfig
     shards: list
     seed: int
@@ -89,35 +128,58 @@ class EpochPlan:
     rank: int
     world_size: int
     num_workers: int  # logical workers: max(1, cfg.num_workers)
+    streams: int
     in_channels: int
     out_channels: int
 
-    def worker_shards(self, worker: int):
-        if self.cfg.mode == "resampled":
-            return resampled_shards(self.shards, self.seed, self.epoch, self.rank, worker)
-        mine = split_by_node(epoch_shards(self.shards, self.seed, self.epoch),
-                             self.rank, self.world_size)
-        return split_by_worker(mine, worker, self.num_workers)
+    @property
+    def window(self) -> int:
+        """Global samples per step: batch x world."""
+        return self.cfg.batch_size * self.world_size
 
-    def steps(self) -> int:
-        """Full batches per rank this epoch, the same on every rank: the minimum over
-        ranks of the full batches their workers can make (exact), or the dataset over
-        the global batch, at least 1 (resampled)."""
-        batch = self.cfg.batch_size
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def limit(self) -> int:
+        """Global samples this epoch hands out at most: the dataset (exact), or a whole
+        number of steps of it, at least one (resampled)."""
         if self.cfg.mode == "resampled":
-            return max(1, sum(s.samples for s in self.shards) // (batch * self.world_size))
-        order = epoch_shards(self.shards, self.seed, self.epoch)
-        return min(sum(sum(s.samples for s in split_by_worker(
-            split_by_node(order, rank, self.world_size), w, self.num_workers)) // batch
-            for w in range(self.num_workers)) for rank in range(self.world_size))
+            return max(1, self.samples // self.window) * self.window
+        return self.samples
+
+    @cached_property
+    def _exact_segments(self) -> list[list[Segment]]:
+        order = epoch_shards(list(range(len(self.shards))), self.seed, self.epoch)
+        return stream_segments([s.samples for s in self.shards], order, self.streams)
+
+    def segments(self, stream: int) -> Iterator[Segment]:
+        if self.cfg.mode == "resampled":
+            return resampled_segments(self.shards, self.seed, self.epoch, stream)
+        return iter(self._exact_segments[stream])
+
+    def streams_of(self, rank: int, worker: int) -> list[int]:
+        return [s for s in range(self.streams)
+                if s % self.world_size == rank and (s // self.world_size) % self.num_workers == worker]
+
+    def worker_of(self, j: int) -> int:
+        return (j % self.streams // self.world_size) % self.num_workers
+
+    def rank_samples(self, consumed: int) -> range:
+        """This rank's global sample numbers in the step starting at `consumed`."""
+        return range(consumed + (self.rank - consumed) % self.world_size, consumed + self.window,
+                     self.world_size)
 
 
 @dataclass
-class WorkerPosition:
-    """Where one worker is in its epoch (plain JSON in a checkpoint's rank file)."""
-    shard: int = 0  # index in the worker's shard list (or shard draw)
+class StreamPosition:
+    """Where one stream is in its epoch (plain JSON in a checkpoint's rank file)."""
+    segment: int = 0  # index in the stream's segment list (or draw)
     offset: int = 0  # byte offset of the current shuffle block in that shard
-    taken: int = 0  # entries of the block consumed
+    index: int = 0  # the block's first sample number in the shard
+    taken: int = 0  # records of the block consumed
+    good: int = 0  # good samples handed out this epoch
     skipped: dict[str, int] = field(default_factory=dict)  # this epoch, by reason
     mismatched: list[int] = field(default_factory=list)  # shards not holding the listed count
 
@@ -125,63 +187,102 @@ class WorkerPosition:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, state: dict) -> WorkerPosition:
-        return cls(state["shard"], state["offset"], state["taken"], dict(state["skipped"]),
-                   list(state.get("mismatched", ())))
+    def from_json(cls, state: dict) -> StreamPosition:
+        return cls(**{**state, "skipped": dict(state["skipped"]), "mismatched": list(state["mismatched"])})
+
+    def copy(self) -> StreamPosition:
+        return replace(self, skipped=dict(self.skipped), mismatched=list(self.mismatched))
 
 
-def worker_batches(plan: EpochPlan, worker: int, position: WorkerPosition,
-                   device_augment: bool) -> Iterator[dict]:
-    """One worker's batches for one epoch, from `position`. Each batch carries
-    "_position", this worker's WorkerPosition after it; the stream ends with a batch-less
-    {"_position"} so that skips after the last batch are counted too."""
-    cfg = plan.cfg
-    mismatched = set(position.mismatched)
-    entries = _noting_mismatches(read_entries(plan.worker_shards(worker), position.shard,
-                                              position.offset, check_counts=True), mismatched)
-    skipped, samples = Counter(position.skipped), []
-    shard, offset, taken = position.shard, position.offset, position.taken
-    last_good_shard = shard
-    here = lambda: WorkerPosition(shard, offset, taken, dict(skipped), sorted(mismatched))
-    while block := list(itertools.islice(entries, cfg.shuffle_buffer)):
-        if (shard, offset) != (block[0].shard, block[0].offset):
-            shard, offset, taken = block[0].shard, block[0].offset, 0
-        if shard - last_good_shard > 2 * len(plan.shards):  # only resampled draws get here
-            log.error("worker %d: no usable sample in %d shard draws; ending its stream",
-                      worker, shard - last_good_shard)
-            break
-        order = np.random.default_rng(derive_seed(
-            plan.seed, plan.epoch, plan.rank, worker, shard, offset, "block")).permutation(len(block))
-        while taken < len(block):
-            record = block[order[taken]]
-            taken += 1
-            if isinstance(record, Skip):
-                pair, reason = None, record.reason
-            else:
-                pair, reason = try_decode(record.key, record.parts, cfg, plan.in_channels,
-                                          plan.out_channels)
-            if reason is not None:
-                skipped[reason] += 1
-                continue
-            samples.append((record.key, pair))
-            last_good_shard = shard
-            if len(samples) == cfg.batch_size:
-                yield {**collate(samples, plan, device_augment), "_position": here()}
-                samples = []
-    yield {"_position": here()}
+class StreamReader:
+    """One stream's good samples in order, from a position; `position` is always the
+    position after what was handed out (and skipped)."""
+
+    def __init__(self, plan: EpochPlan, stream: int, position: StreamPosition):
+        self.plan, self.stream, self.position = plan, stream, position.copy()
+        self._samples = self._read()
+
+    def next(self) -> tuple[str, tuple] | None:
+        """(key, (input HWC, target HWC)) of the next good sample; None once dry."""
+        return next(self._samples, None)
+
+    def _records(self) -> Iterator[tuple[int, int, object]]:
+        """(segment number, sample number in its shard, Entry or Skip) from the position on."""
+        plan, p = self.plan, self.position
+        for number, segment in itertools.islice(enumerate(plan.segments(self.stream)), p.segment, None):
+            offset, at = (p.offset, p.index) if number == p.segment else (0, 0)
+            for index, record in read_range(segment.shard, plan.shards[segment.shard], segment.first,
+                                            segment.end, offset, at):
+                yield number, index, record
+
+    def _read(self) -> Iterator[tuple[str, tuple]]:
+        plan, p, cfg = self.plan, self.position, self.plan.cfg
+        mismatched, last_good = set(p.mismatched), p.segment
+        records = _noting_mismatches(self._records(), mismatched)
+        while block := list(itertools.islice(records, cfg.shuffle_buffer)):  # may span segments
+            p.mismatched = sorted(mismatched)
+            number, index, first = block[0]
+            if (p.segment, p.offset, p.index) != (number, first.offset, index):
+                p.segment, p.offset, p.index, p.taken = number, first.offset, index, 0
+            if p.segment - last_good > 2 * len(plan.shards):  # only resampled draws get here
+                log.error("stream %d: no usable sample in %d shard draws; ending it", self.stream,
+                          p.segment - last_good)
+                return
+            order = np.random.default_rng(derive_seed(
+                plan.seed, plan.epoch, self.stream, number, index, "block")).permutation(len(block))
+            while p.taken < len(block):
+                record = block[order[p.taken]][2]
+                p.taken += 1
+                if isinstance(record, Skip):
+                    pair, reason = None, record.reason
+                else:
+                    pair, reason = try_decode(record.key, record.parts, cfg, plan.in_channels,
+                                              plan.out_channels)
+                if reason is not None:
+                    p.skipped[reason] = p.skipped.get(reason, 0) + 1
+                    continue
+                p.good += 1
+                last_good = p.segment
+                yield record.key, pair
+        p.mismatched = sorted(mismatched)
 
 
-def _noting_mismatches(entries: Iterator, mismatched: set) -> Iterator:
-    """The entries without MANIFEST_MISMATCH notes, whose shard indices go to `mismatched`.
-    A note exists only when its shard is read from the first byte, so it must stay out of
-    the shuffle blocks (a resumed block is re-read from inside a shard); a set, as a resume
-    can read a shard from its start again."""
-    for entry in entries:
-        if isinstance(entry, Skip) and entry.reason == MANIFEST_MISMATCH:
-            mismatched.add(entry.shard)
+def _noting_mismatches(records: Iterator, mismatched: set) -> Iterator:
+    """The records without MANIFEST_MISMATCH notes, whose shard indices go to `mismatched`:
+    a note must stay out of the shuffle blocks (a resumed block is re-read from inside a
+    shard, where the note may not come again); a set, as a resume can note it again."""
+    for number, index, record in records:
+        if isinstance(record, Skip) and record.reason == MANIFEST_MISMATCH:
+            mismatched.add(record.shard)
         else:
-            yield entry
+            yield number, index, record
 
+
+def worker_parts(plan: EpochPlan, worker: int, consumed: int, positions: dict[int, StreamPosition],
+                 device_augment: bool) -> Iterator[dict]:
+    """One worker's part of each of this rank's batches, from global sample `consumed` to
+    the epoch's end: {"input", "target", "key", "_j" (+ "aug")} or {"_j": []} when the
+    step holds none of its streams' samples, each with "_positions" (its streams' after
+    it). A stream running dry ends it with {"_end": True, "_positions"}."""
+    readers = {s: StreamReader(plan, s, positions[s]) for s in plan.streams_of(plan.rank, worker)}
+    snapshot = lambda: {s: r.position.copy() for s, r in readers.items()}
+    while consumed + plan.window <= plan.limit:
+        picked = []
+        for j in plan.rank_samples(consumed):
+            if plan.worker_of(j) != worker:
+                continue
+            reader = readers[j % plan.streams]
+            if reader.position.good != j // plan.streams:
+                raise RuntimeError(f"stream {j % plan.streams} is at good sample {reader.position.good}, "
+                                   f"global sample {j} needs {j // plan.streams}")
+            sample = reader.next()
+            if sample is None:
+                yield {"_end": True, "_positions": snapshot()}
+                return
+            picked.append((j, *sample))
+        part = collate([s[1:] for s in picked], plan, device_augment) if picked else {}
+        yield {**part, "_j": [s[0] for s in picked], "_positions": snapshot()}
+        consumed += plan.window
 
 
 def collate(samples: list, plan: EpochPlan, device_augment: bool) -> dict:
@@ -208,22 +309,35 @@ def collate(samples: list, plan: EpochPlan, device_augment: bool) -> dict:
 
 
 class _EpochStream(torch.utils.data.IterableDataset):
-    """One epoch of one rank: each DataLoader worker runs worker_batches for its logical
-    worker id, (physical id + rotation) % workers, so a resumed loader's round-robin
-    starts at the worker that was next."""
+    """One epoch of one rank: DataLoader worker w runs worker_parts for worker w."""
 
-    def __init__(self, plan: EpochPlan, positions: list, rotation: int, device_augment: bool):
-        self.plan, self.positions, self.rotation = plan, positions, rotation
+    def __init__(self, plan: EpochPlan, consumed: int, positions: dict, device_augment: bool):
+        self.plan, self.consumed, self.positions = plan, consumed, positions
         self.device_augment = device_augment
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker = ((info.id if info else 0) + self.rotation) % self.plan.num_workers
-        for batch in worker_batches(self.plan, worker, self.positions[worker],
-                                    self.device_augment):
-            batch["_worker"] = worker
-            yield batch
+        worker = info.id if info else 0
+        for part in worker_parts(self.plan, worker, self.consumed, self.positions, self.device_augment):
+            part["_worker"] = worker
+            yield part
 
+
+def merge_parts(parts: list[dict], cfg) -> dict:
+    """The workers' parts of one step -> this rank's batch, in global sample order."""
+    parts = [p for p in parts if p["_j"]]
+    numbers = [j for p in parts for j in p["_j"]]
+    order = sorted(range(len(numbers)), key=numbers.__getitem__)
+    batch = {"key": [[k for p in parts for k in p["key"]][i] for i in order]}
+    index = torch.tensor(order)
+    for name in ("input", "target", "aug"):
+        if name not in parts[0]:
+            continue
+        tensors = [p[name] for p in parts]
+        if name != "aug" and len({t.shape[1:] for t in tensors}) > 1:  # device augmentation, mixed sizes
+            tensors = [resize_u8(t, cfg.load_size) for t in tensors]
+        batch[name] = torch.cat(tensors)[index]
+    return batch
 
 
 # -------------------------------------------------------------------------- workers
@@ -264,33 +378,29 @@ class WorkerLoader(torch.utils.data.DataLoader):
 class TrainLoader:
     """Endless batches across epochs: `batch = next(loader)`.
 
-    Batches are {"input", "target": Tensor, "key": list[str]} (+ "aug" when
-    augment_on == "device": pass them through to_device). `epoch` is the epoch of the
-    next batch; `steps_per_epoch` is this epoch's planned step count, the same on every
-    rank (exact mode: it can differ between epochs by a few steps when shard sizes
-    differ, as the shard-to-rank split changes).
+    Batches are {"input", "target": Tensor, "key": list[str], "epoch": int} (+ "aug"
+    when augment_on == "device": pass them through to_device). `epoch` is the epoch of
+    the next batch, `consumed` the global samples of it handed out before the next step
+    (every rank's, the same on every rank), `steps_per_epoch` the steps an epoch has on
+    this layout when no bad data ends it early: its samples (exact) // (batch x world).
 
-    Equal steps on every rank, always: every rank stops an epoch after steps_per_epoch
-    batches (computed identically on every rank from the manifest counts), and before
-    each batch `have_batch_all_ranks(have_one)` (an all-reduce MIN across ranks supplied
-    by the trainer, called once per step) ends the epoch on every rank together as soon
-    as one rank runs out early (bad data). With world_size > 1 it is required.
+    Equal steps on every rank, always: each rank takes `batch` of every B = batch x world
+    consecutive global samples, and before each batch `have_batch_all_ranks(have_one)`
+    (an all-reduce MIN across ranks supplied by the trainer, called once per step) ends
+    the epoch on every rank together as soon as one rank's stream runs dry (bad data).
+    With world_size > 1 it is required.
 
-    `state_dict()` is this rank's position (plain JSON): {"version", "epoch",
-    "step_in_epoch", "next_worker", "workers": [{"shard", "offset", "taken", "skipped",
-    "mismatched"} per worker: index in the worker's shard list (or draw), byte offset of
-    the current shuffle block, entries of the block consumed, skip counts this epoch,
-    indices of shards whose sample count is not the manifest's],
-    "skipped_before" (earlier epochs), and the layout: "seed", "world_size", "rank",
-    "num_workers", "mode", "batch_size", "shuffle_buffer"}. Every rank has its own; the
-    trainer saves all of them. `load_state_dict` continues the stream exactly where it
-    was: the same batches, the same augmentation, consumed data skipped without decoding
-    (one shuffle block at most is read again). A state saved with another layout (world
-    size, workers, mode, seed, ...) restarts its epoch with the new split, logged as a
-    warning. `skipped` counts what bad data dropped, by reason (shards and samples), and
-    as "manifest_mismatch" the shards found holding another sample count than the
-    manifest says (logged as warnings; steps stay equal, planned from the manifest: a rank
-    that runs out ends the epoch on all, and samples beyond the plan may go unseen).
+    `state_dict()` is this rank's part (plain JSON): {"version", "epoch", "consumed",
+    "streams", "positions": {stream: {"segment", "offset", "index", "taken", "good",
+    "skipped", "mismatched"}} for this rank's streams, "skipped_before" (earlier epochs),
+    and "seed", "mode", "shuffle_buffer", "rank", "world_size", "num_workers",
+    "batch_size"}. `load_state_dict(states)` takes every rank's (a resume on another
+    world size or worker count takes its streams from whichever held them) and continues
+    the epoch at the next global sample: the same samples, the same augmentation,
+    consumed data skipped undecoded (one shuffle block per stream at most read again).
+    `skipped` counts what bad data dropped, by reason (shards and samples), and as
+    "manifest_mismatch" the shards found holding another sample count than the manifest
+    says (logged as warnings; the epoch is planned from the manifest).
     """
 
     def __init__(self, cfg, shards: list[Shard], *, rank: int, world_size: int,
@@ -301,8 +411,7 @@ class TrainLoader:
         if world_size > 1 and have_batch_all_ranks is None:
             raise ValueError("world_size > 1 needs have_batch_all_ranks (an all-reduce MIN) "
                              "so that ranks end an epoch together when one runs out")
-        # the manifest's counts plan every epoch: a shard listed as empty would only leave
-        # some rank's share of some epoch without a full batch, so it is not read at all
+        # the manifest's counts plan every epoch: a shard listed as empty is not read at all
         shards = [shard for shard in shards if shard.samples > 0]
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
         self.seed, self.in_channels, self.out_channels = seed, in_channels, out_channels
@@ -310,35 +419,51 @@ class TrainLoader:
         self.have_batch_all_ranks = have_batch_all_ranks or (lambda have_one: have_one)
         if not shards:
             raise DataError("no training shards (every shard the manifest lists is empty)")
-        if cfg.mode == "exact" and len(shards) < world_size * self.num_workers:
-            raise DataError(f"{len(shards)} shards < {world_size} ranks x "
-                             f"{self.num_workers} workers: some workers would get no data in "
-                             "exact mode; write more shards, use fewer workers, or "
-                             "data.mode=resampled")
+        self.streams = self._check_streams(cfg.streams or auto_streams(
+            world_size * self.num_workers, sum(s.samples for s in shards)))
         self.epoch, self._skipped_before = 0, Counter()
         self._reset_epoch()
 
+    def _check_streams(self, streams: int, saved: bool = False) -> int:
+        readers = self.world_size * self.num_workers
+        if streams % readers:
+            fits = [n for n in range(1, self.num_workers + 1) if streams % (self.world_size * n) == 0]
+            where = "the checkpoint's data stream has" if saved else "data.streams ="
+            raise DataError(f"{where} {streams} streams, not a multiple of {self.world_size} processes x "
+                            f"{self.num_workers} workers = {readers}: "
+                            + (f"use --data.num_workers={max(fits)}" if fits and saved else
+                               "use a world size and data.num_workers whose product divides it"
+                               if saved else f"pass a multiple of {readers}, or 0 (auto)"))
+        return streams
+
     def _plan(self) -> EpochPlan:
-        return EpochPlan(self.cfg, self.shards, self.seed, self.epoch, self.rank,
-                         self.world_size, self.num_workers, self.in_channels, self.out_channels)
+        return EpochPlan(self.cfg, self.shards, self.seed, self.epoch, self.rank, self.world_size,
+                         self.num_workers, self.streams, self.in_channels, self.out_channels)
 
     def _reset_epoch(self) -> None:
-        self._iterator, self.step_in_epoch, self._next_worker = None, 0, 0
-        self._positions = [WorkerPosition() for _ in range(self.num_workers)]
-        self.steps_per_epoch = self._plan().steps()
+        self._iterator, self.consumed = None, 0
+        self._positions = {s: StreamPosition() for w in range(self.num_workers)
+                           for s in self._plan().streams_of(self.rank, w)}
+        plan = self._plan()
+        self.window = plan.window
+        self.steps_per_epoch = plan.limit // plan.window
         if self.steps_per_epoch == 0:
             raise DataError(f"epoch {self.epoch} has no full batch of {self.cfg.batch_size} "
-                            f"on some rank of {self.world_size}: too few samples")
-        log.info("data: epoch %d plans %d steps on each of %d rank(s)", self.epoch,
-                 self.steps_per_epoch, self.world_size)
+                            f"per rank on {self.world_size} rank(s): {plan.samples} samples")
+        log.info("data: epoch %d plans %d steps on each of %d rank(s) from %d streams", self.epoch,
+                 self.steps_per_epoch, self.world_size, self.streams)
 
     def _end_epoch(self) -> None:
         self._skipped_before = Counter(self.skipped)
         self.epoch += 1
         self._reset_epoch()
 
+    @property
+    def step_in_epoch(self) -> int:
+        return self.consumed // self.window
+
     def _start_iterator(self):
-        dataset = _EpochStream(self._plan(), self._positions, self._next_worker,
+        dataset = _EpochStream(self._plan(), self.consumed, self._positions,
                                self.cfg.augment_on == "device")
         return iter(WorkerLoader(dataset, self.cfg.num_workers, derive_seed(self.seed, self.epoch)))
 
@@ -347,73 +472,88 @@ class TrainLoader:
 
     def __next__(self) -> dict:
         while True:
-            if self.step_in_epoch >= self.steps_per_epoch:
+            if self.consumed + self.window > self._plan().limit:
                 self._end_epoch()
             if self._iterator is None:
                 self._iterator = self._start_iterator()
             batch = self._fetch()
             if self.have_batch_all_ranks(batch is not None):
                 break
-            if self.step_in_epoch == 0:
-                raise DataError(f"epoch {self.epoch}: some rank has no usable batch "
-                                   f"(skipped so far: {dict(self.skipped)})")
-            log.info("epoch %d ended after %d of %d steps: a rank ran out of good samples",
-                     self.epoch, self.step_in_epoch, self.steps_per_epoch)
+            if self.consumed == 0:
+                fewer = " or fewer data.streams" if self.streams > self.world_size * self.num_workers else ""
+                raise DataError(f"epoch {self.epoch}: some rank has no usable batch: one of its "
+                                f"{self.streams} stream(s) found no good sample (skipped so far: "
+                                f"{dict(self.skipped)}); fix the data{fewer}")
+            log.info("epoch %d ended after %d of %d global samples: a stream ran out of good samples",
+                     self.epoch, self.consumed, self._plan().limit)
             self._end_epoch()
-        self.step_in_epoch += 1
-        return batch
+        self.consumed += self.window
+        return {**batch, "epoch": self.epoch}
 
     def _fetch(self) -> dict | None:
-        """The next batch of this epoch (None at its end), recording worker positions."""
-        for item in self._iterator:
-            worker = item.pop("_worker")
-            self._positions[worker] = item.pop("_position")
-            self._next_worker = (worker + 1) % self.num_workers
-            if item:  # else a worker's end-of-stream position, not a batch
-                return item
-        return None
+        """This rank's next batch (None when a stream ran dry), recording positions: one
+        part of every worker, which the DataLoader hands out in worker order."""
+        parts = []
+        for _ in range(self.num_workers):
+            part = next(self._iterator, None)
+            if part is None:
+                return None
+            self._positions.update(part.pop("_positions"))
+            if part.pop("_end", False):
+                return None
+            parts.append(part)
+        return merge_parts(parts, self.cfg)
 
     @property
     def skipped(self) -> dict[str, int]:
         total = Counter(self._skipped_before)
-        for position in self._positions:
+        for position in self._positions.values():
             total.update(position.skipped)
             total.update({MANIFEST_MISMATCH: len(position.mismatched)})
         return {reason: n for reason, n in total.items() if n}
 
     def _layout(self) -> dict:
-        return {"seed": self.seed, "world_size": self.world_size, "rank": self.rank,
-                "num_workers": self.num_workers, "mode": self.cfg.mode,
-                "batch_size": self.cfg.batch_size, "shuffle_buffer": self.cfg.shuffle_buffer}
+        return {"seed": self.seed, "mode": self.cfg.mode, "shuffle_buffer": self.cfg.shuffle_buffer}
 
     def state_dict(self) -> dict:
-        """This rank's position as plain JSON types (see load_state_dict), a copy."""
+        """This rank's part as plain JSON types (see load_state_dict), a copy."""
         return json.loads(json.dumps({
-                "version": STATE_VERSION, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "next_worker": self._next_worker, "workers": [p.to_json() for p in self._positions],
-                "skipped_before": dict(self._skipped_before), **self._layout()}))
+            "version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed,
+            "streams": self.streams, "positions": {s: p.to_json() for s, p in self._positions.items()},
+            "skipped_before": dict(self._skipped_before), **self._layout(), "rank": self.rank,
+            "world_size": self.world_size, "num_workers": self.num_workers,
+            "batch_size": self.cfg.batch_size}))
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from `state`. Same layout (seed, world size, rank, workers, mode,
-        batch size, shuffle buffer): exactly where it was. Another layout: the saved
-        epoch starts again from its beginning with this loader's split (samples of that
-        epoch already seen are seen again), and a warning says so."""
-        if state.get("version") != STATE_VERSION:
-            raise CheckpointMismatch(f"data state version {state.get('version')} != {STATE_VERSION}: "
-                                     "a checkpoint of another version of this code")
-        self._iterator = None
-        self.epoch = state["epoch"]
+    def load_state_dict(self, states: dict | list[dict]) -> None:
+        """Continue from every rank's state (one dict: a one-rank run's). The saved stream
+        count is taken (data.streams must be 0 or the same); another seed, mode or
+        shuffle buffer restarts the saved epoch from its beginning, with a warning."""
+        states = [states] if isinstance(states, dict) else states
+        for state in states:
+            if state.get("version") != STATE_VERSION:
+                raise CheckpointMismatch(f"data state version {state.get('version')} != {STATE_VERSION}: "
+                                         "a checkpoint of another version of this code")
+        saved = states[0]
+        if self.cfg.streams and self.cfg.streams != saved["streams"]:
+            raise CheckpointMismatch(f"data.streams={self.cfg.streams}, but the checkpoint's data stream "
+                                     f"has {saved['streams']}: drop --data.streams (0 takes the saved one)")
+        self.streams = self._check_streams(saved["streams"], saved=True)
+        self._iterator, self.epoch = None, saved["epoch"]
         self._reset_epoch()
-        self._skipped_before = Counter(state["skipped_before"])
-        layout = {k: state[k] for k in self._layout()}
-        if layout != self._layout():
-            changed = {k: f"{v} -> {self._layout()[k]}" for k, v in layout.items()
-                       if v != self._layout()[k]}
-            log.warning("data position saved with another layout (%s): restarting epoch %d "
-                        "from its beginning with the new split", changed, self.epoch)
+        self._skipped_before = sum((Counter(s["skipped_before"]) for s in states
+                                    if s["rank"] % self.world_size == self.rank), Counter())
+        changed = {k: f"{saved[k]} -> {v}" for k, v in self._layout().items() if saved[k] != v}
+        if changed:
+            log.warning("data position saved with another %s: restarting epoch %d from its beginning",
+                        changed, self.epoch)
             return
-        self.step_in_epoch, self._next_worker = state["step_in_epoch"], state["next_worker"]
-        self._positions = [WorkerPosition.from_json(w) for w in state["workers"]]
+        held = {int(s): p for state in states for s, p in state["positions"].items()}
+        missing = sorted(set(self._positions) - set(held))
+        if missing:
+            raise CheckpointMismatch(f"the checkpoint's rank files hold no position for stream(s) "
+                                     f"{missing[:5]}: a rank file is missing")
+        self._positions = {s: StreamPosition.from_json(held[s]) for s in self._positions}
+        self.consumed = saved["consumed"]
 
 
 def make_train_loader(cfg, *, rank: int, world_size: int, seed: int,

@@ -44,9 +44,9 @@ def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def write_dataset(folder: Path, counts: list[int], split: str = "train",
-                  prefix: str = "") -> list[str]:
+                  prefix: str = "", corrupt: tuple[str, ...] = ()) -> list[str]:
     """Shards `split-00000N.tar` of PNG pairs (target = 255 - input) + manifest.json;
-    returns every key."""
+    returns every key. The input images of the `corrupt` keys are cut short."""
     folder.mkdir(parents=True, exist_ok=True)
     keys, entries = [], []
     for number, count in enumerate(counts):
@@ -55,7 +55,7 @@ def write_dataset(folder: Path, counts: list[int], split: str = "train",
             for i in range(count):
                 key = f"{prefix}s{number:02d}n{i:03d}"
                 pixels = sample_pixels(key)
-                add_member(tar, f"{key}.input.png", image_bytes(pixels))
+                add_member(tar, f"{key}.input.png", image_bytes(pixels)[:60 if key in corrupt else None])
                 add_member(tar, f"{key}.target.png", image_bytes(255 - pixels))
                 add_member(tar, f"{key}.json", b'{"layout": "separate"}')
                 keys.append(key)

@@ -5,6 +5,7 @@ import io
 import json
 import struct
 import tarfile
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -60,20 +61,34 @@ def test_damaged_tars_are_counted_not_silently_short(tmp_path):
         assert all(key is not None for key, _ in entries[:-1]), case
 
 
-def test_shard_order_and_splits_partition():
-    shards = list(range(9))
-    assert data.epoch_shards(shards, 1, 0) == data.epoch_shards(shards, 1, 0)
-    assert data.epoch_shards(shards, 1, 0) != data.epoch_shards(shards, 1, 1)
-    parts = [data.split_by_worker(data.split_by_node(shards, r, 2), w, 2)
-             for r in range(2) for w in range(2)]
-    assert sorted(sum(parts, [])) == shards
+def test_streams_cut_the_epoch_into_equal_ranges_read_alike_by_any_layout():
+    counts, order, streams = [7, 3, 9, 5], [2, 0, 3, 1], 8
+    segments = data.stream_segments(counts, order, streams)
+    covered = [(g.shard, i) for stream in segments for g in stream for i in range(g.first, g.end)]
+    assert covered == [(shard, i) for shard in order for i in range(counts[shard])]  # contiguous, once
+    total = sum(counts)
+    assert [sum(g.end - g.first for g in stream) for stream in segments] == \
+        [len(range(s, total, streams)) for s in range(streams)]  # exactly the j = s mod V
+    assert data.epoch_shards(list(range(9)), 1, 0) != data.epoch_shards(list(range(9)), 1, 1)
+    cfg = DataConfig(batch_size=2)
+    for world, workers in [(1, 1), (2, 2), (4, 2), (8, 1), (1, 8)]:
+        plans = [data.EpochPlan(cfg, [], 0, 0, rank, world, workers, streams, 3, 3) for rank in range(world)]
+        assert sorted(s for p in plans for w in range(workers) for s in p.streams_of(p.rank, w)) == \
+            list(range(streams))
+        for start in (0, 2, 5, 13):  # any start: a resume on another world size starts anywhere
+            parts = [list(p.rank_samples(start)) for p in plans]
+            assert sorted(sum(parts, [])) == list(range(start, start + 2 * world))
+            assert all(len(part) == 2 for part in parts)  # full batches on every rank
 
 
-def test_exact_mode_refuses_too_few_shards(tmp_path):
+def test_streams_must_split_evenly_over_processes_and_workers(tmp_path):
     write_dataset(tmp_path, [4, 4, 4])
-    with pytest.raises(DataError, match="3 shards < 2 ranks x 2 workers"):
-        data.make_train_loader(config(tmp_path, num_workers=2), rank=0, world_size=2, seed=0,
-                               in_channels=3, out_channels=3, have_batch_all_ranks=bool)
+    make = lambda **kw: data.make_train_loader(config(tmp_path, **kw), rank=0, world_size=2, seed=0,
+                                               in_channels=3, out_channels=3, have_batch_all_ranks=bool)
+    with pytest.raises(DataError, match="6 streams, not a multiple of 2 processes x 2 workers = 4"):
+        make(num_workers=2, streams=6)
+    assert make(num_workers=2).streams == 4  # a small dataset: one stream per reader
+    assert make(num_workers=2, streams=8).streams == 8  # more streams than shards: ranges
 
 
 # ------------------------------------------------------------------------------- decode
@@ -246,7 +261,7 @@ def test_resume_deep_in_a_shard_decodes_nothing_skipped(tmp_path, monkeypatch):
     for _ in range(25):
         next(first)
     state = first.state_dict()
-    assert state["workers"][0]["offset"] > 0  # a block start deep inside the shard
+    assert state["positions"]["0"]["offset"] > 0  # a block start deep inside the shard
     expected = next(first)["key"]
     decoded, reads = [], []
     real_decode, real_open = data_decode.decode_image, storage.open_read
@@ -285,14 +300,60 @@ def test_loaders_leave_the_global_torch_rng_alone(tmp_path, workers):
     assert torch.equal(torch.get_rng_state(), before)  # the trainer's dropout RNG
 
 
-def test_changed_world_size_restarts_the_epoch(tmp_path, caplog):
-    write_dataset(tmp_path, [4, 4, 4, 4])
-    cfg = config(tmp_path)
-    two = data.make_train_loader(cfg, rank=0, world_size=2, seed=0, in_channels=3,
-                                 out_channels=3, have_batch_all_ranks=bool)
-    for _ in range(5):
-        next(two)
-    one = data.make_train_loader(cfg, rank=0, world_size=1, seed=0, in_channels=3, out_channels=3)
-    one.load_state_dict(two.state_dict())
-    assert "restarting epoch 1" in caplog.text
-    assert (one.epoch, one.step_in_epoch, one.steps_per_epoch) == (1, 0, 8)
+def lockstep(world: int):
+    """have_batch_all_ranks for `world` loaders run in threads: an all-reduce MIN."""
+    barrier, flags = threading.Barrier(world), [True] * world
+    def for_rank(rank):
+        def have_batch_all_ranks(have_one):
+            flags[rank] = have_one
+            barrier.wait()
+            everyone = all(flags)
+            barrier.wait()
+            return everyone
+        return have_batch_all_ranks
+    return for_rank
+
+
+def global_batches(loaders, steps: int) -> list[dict]:
+    """`steps` global batches of loaders (one per rank) run together: {key: input}."""
+    out = [[] for _ in loaders]
+    def run(rank):
+        for _ in range(steps):
+            batch = next(loaders[rank])
+            out[rank].append(dict(zip(batch["key"], batch["input"])))
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(loaders))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [{k: v for rank in out for k, v in rank[i].items()} for i in range(steps)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bad", [False, True])
+@pytest.mark.parametrize("first,then", [((2, 2), (1, 4)), ((1, 4), (2, 2)), ((4, 1), (2, 2))])
+def test_resume_on_another_world_size_continues_the_global_order(tmp_path, bad, first, then):
+    """(world, per-rank batch) -> another with the same global batch: the global batches
+    are the uninterrupted run's, each sample at most once an epoch, bad samples included."""
+    # one corrupt sample: its stream refills it with its next, then runs dry one sample early
+    keys = write_dataset(tmp_path, [7, 6, 5, 6], corrupt=("s02n002",) if bad else ())
+    cfg = lambda batch: config(tmp_path, batch_size=batch, streams=4, shuffle_buffer=3)
+    def make(world, batch):
+        ranks = lockstep(world)
+        return [data.make_train_loader(cfg(batch), rank=r, world_size=world, seed=3, in_channels=3,
+                                       out_channels=3, have_batch_all_ranks=ranks(r)) for r in range(world)]
+    straight = global_batches(make(1, 4), 8)  # into epoch 1
+    epoch0 = [k for b in straight[:6 - bad] for k in b]
+    assert len(epoch0) == len(set(epoch0)) == 24 - 4 * bad  # once; a dry stream costs a step here
+    assert set(epoch0) <= set(keys)
+    for stop in (1, 3):
+        before = make(*first)
+        done = global_batches(before, stop)
+        after = make(*then)
+        for loader in after:
+            loader.load_state_dict([loader_state for loader_state in (b.state_dict() for b in before)])
+        resumed = done + global_batches(after, 8 - stop)
+        assert [sorted(b) for b in resumed] == [sorted(b) for b in straight]
+        assert all(torch.equal(b[k], s[k]) for b, s in zip(resumed, straight) for k in s)
+
+
