@@ -13,6 +13,7 @@ import socket
 import sys
 import uuid
 from collections import Counter
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -166,9 +167,39 @@ def lost_peer(err: BaseException) -> str | None:
     if not is_distributed() or not (isinstance(err, dist.DistError) or
                                     isinstance(err, RuntimeError) and PEER_LOST.search(text)):
         return None
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    then = (f"the elastic agent restarts the group from the newest checkpoint (restart "
+            f"{restart_count() + 1} of {restarts})" if restart_count() < restarts else
+            "the job stops here: restart it with --train.resume=auto once every node is up")
     return (f"rank {dist.get_rank()} lost contact with another rank (dead, frozen past "
-            f"train.collective_timeout, or unreachable): {text}; the job stops here: restart "
-            "it with --train.resume=auto once every node is up")
+            f"train.collective_timeout, or unreachable): {text}; {then}")
+
+
+def init_restarted_group(timeout: timedelta, backend: str | None = None) -> None:
+    """In a worker group torchrun's elastic agent restarted, join the process group
+    through a store prefix of this start's own (accelerate then finds it made).
+
+    The agent keeps one store across restarts (static rendezvous always, c10d unless
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: pytorch#135712); the group's keys of the last
+    start are still in it, so without a prefix a new rank can read a dead rank's address
+    and wait on it (seen here: a hang in gloo's connectFullMesh in about one restart in
+    three). The restart count names the start: one agent (static, a single node) keeps it
+    consistent; c10d agents do not (a re-rendezvous restarts workers without counting),
+    hence c10d runs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, a fresh store each round."""
+    if (restart_count() == 0 or dist.is_initialized() or "MASTER_ADDR" not in os.environ
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
+        return
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    if backend is None:
+        on_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "") not in ("1", "true")
+        backend = "cuda:nccl,cpu:gloo" if on_cuda else "gloo"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"p2p/start_{restart_count()}", store),
+                            rank=rank, world_size=world_size, timeout=timeout)
+
+
+def restart_count() -> int:
+    """How often torchrun's elastic agent restarted this worker group (0: the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def finish(code: int) -> None:
@@ -179,7 +210,7 @@ def finish(code: int) -> None:
         sys.stderr.write(f"[rank {os.environ.get('RANK', '?')}] exiting with code {code}\n")  # one write
     if os.environ.get("P2P_EXIT_FILE"):  # p2p-train exits with the ranks' own codes
         with open(os.environ["P2P_EXIT_FILE"], "a") as f:
-            f.write(f"{os.environ.get('RANK', '0')} {code}\n")
+            f.write(f"{os.environ.get('RANK', '0')} {code} {restart_count()}\n")
     if is_distributed():  # accelerator.end_training() may have torn it down already
         if code == 0:
             barrier()

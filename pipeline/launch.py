@@ -205,12 +205,9 @@ def _skip_table(lines: Iterator[bytes], last: bytes) -> Iterator[bytes]:
 
 def exit_code(codes_file: str, launcher_code: int, interrupts: int) -> int:
     """The trainer's code: the first rank's non-zero code, else 0 if every rank that
-    reported did so with 0 and the launcher agrees; the launcher's otherwise."""
-    try:
-        with open(codes_file) as f:
-            codes = sorted((int(r), int(c)) for r, c in (line.split() for line in f if line.strip()))
-    except (OSError, ValueError):
-        codes = []
+    reported did so with 0 and the launcher agrees; the launcher's otherwise. Only the
+    last start counts: ranks of a group the elastic agent restarted report again."""
+    codes = reported_codes(codes_file)
     failed = [code for _, code in codes if code != 0]
     if failed:
         return failed[0]
@@ -221,6 +218,25 @@ def exit_code(codes_file: str, launcher_code: int, interrupts: int) -> int:
     return launcher_code
 
 
+def reported_codes(codes_file: str) -> list[tuple[int, int]]:
+    """(rank, code) of the ranks' last start, from lines `RANK CODE RESTART`."""
+    try:
+        with open(codes_file) as f:
+            rows = [tuple(int(v) for v in line.split()) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+    last = max((row[2] for row in rows), default=0)
+    return sorted((row[0], row[1]) for row in rows if row[2] == last)
+
+
+def restarts_used(codes_file: str) -> int:
+    try:
+        with open(codes_file) as f:
+            return max((int(line.split()[2]) for line in f if line.strip()), default=0)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(f"usage:{USAGE}\n\ntrainer options (python -m pipeline.train --help):", flush=True)
@@ -228,12 +244,18 @@ def _main(argv: list[str]) -> int:
     launch_args, trainer_args = split_argv(argv)
     with tempfile.TemporaryDirectory(prefix="p2p-train-") as scratch:
         codes_file = os.path.join(scratch, "exit-codes")
-        run = Run(launcher_command(launch_args, trainer_args),
-                  dict(os.environ, P2P_EXIT_FILE=codes_file))
+        # a c10d rendezvous (multi-node restarts) then gives each round a fresh store
+        # (see distributed.init_restarted_group); static rendezvous ignores it
+        env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ, "P2P_EXIT_FILE": codes_file}
+        run = Run(launcher_command(launch_args, trainer_args), env)
         for sig in STOPS:
             signal.signal(sig, run.on_signal)
-        code = run.wait()
-        return exit_code(codes_file, code, run.interrupts)
+        code = exit_code(codes_file, run.wait(), run.interrupts)
+        if code and (restarts := restarts_used(codes_file)):
+            print(f"p2p-train: the run failed again after {restarts} restart(s) by the elastic agent "
+                  "(--max_restarts): the newest checkpoint stays; --train.resume=auto continues "
+                  "from it", file=sys.stderr, flush=True)
+        return code
 
 
 main = cli.entry_point("p2p-train", _main)

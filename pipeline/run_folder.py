@@ -14,6 +14,7 @@ import logging
 import os
 import time
 
+from pipeline import distributed
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ RUN_MARKERS = ("checkpoints/latest", "config.yaml", "metrics.jsonl", "train_log.
 
 
 def restarted_by_agent() -> bool:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    return distributed.restart_count() > 0
 
 
 def held_run(run_dir: str) -> list[str]:
@@ -36,7 +37,7 @@ def prepare(run_dir: str, resume: str, overwrite: bool, rank: int) -> str:
     a run, moves it aside first with `overwrite` (rank 0; the others find it gone), and
     turns an elastic restart into resume=auto."""
     if restarted_by_agent() and not resume:
-        log.info(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']} by the elastic agent: "
+        log.info(f"restart {distributed.restart_count()} by the elastic agent: "
                  "resuming from the latest checkpoint")
         return "auto"
     found = held_run(run_dir)

@@ -74,6 +74,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         group["backend"] = "gloo"
     mixed_precision, notice = precision.choose(precision.requested_precision(),
                                                cfg.train.allow_emulated_bf16)
+    distributed.init_restarted_group(group["timeout"], group.get("backend"))
     accelerator = Accelerator(log_with=tracking.log_with(cfg), project_dir=cfg.train.run_dir,
                               mixed_precision=mixed_precision,
                               kwargs_handlers=[InitProcessGroupKwargs(**group)])
@@ -404,6 +405,7 @@ class Trainer:
             wait_total, time_total = wait_total + waited, time_total + elapsed
             if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps or self.skipped:
                 self.log(losses, waited, elapsed)
+            faults.kill_point("train.step")  # tests: a worker dies mid-run (an OOM kill, a bad GPU)
             bar.update(1)
             bar.set_postfix(D=f"{losses['loss_D']:.3f}", G=f"{losses['loss_G']:.2f}",
                             L1=f"{losses['loss_G_l1']:.3f}",

@@ -3,14 +3,31 @@ and of 1 on 2 continues the epoch at the next global batch (data.record_keys sho
 step's keys), and a worker killed under `--max_restarts` is restarted by the agent and
 resumes by itself."""
 import json
+import socket
+import subprocess
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from pipeline import checkpoint
+from pipeline.distributed import free_port
 from tests.helpers.images import write_dataset
-from tests.helpers.trainer_runs import accelerate, cpu_env, explain, gloo_env, run, single, train_args
+from tests.helpers.runs import losses_by_step
+from tests.helpers.trainer_runs import (
+    ROOT,
+    TRAIN,
+    accelerate,
+    cpu_env,
+    explain,
+    gloo_env,
+    run,
+    single,
+    step_log,
+    train_args,
+)
 
 pytestmark = pytest.mark.slow  # trainer launches: 10-30 s each on 2 cores
 
@@ -52,11 +69,17 @@ def train(processes, run_dir, shards, *extra):
     return result
 
 
+@pytest.fixture(scope="module")
+def whole(shards, tmp_path_factory) -> Path:
+    """The uninterrupted run: 2 processes, 8 steps of a global batch of 4."""
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    train(2, run_dir, shards[0], "--train.max_steps=8")
+    return run_dir
+
+
 @pytest.mark.timeout(400)
-def test_resume_on_another_world_size_continues_the_epoch(shards, tmp_path):
+def test_resume_on_another_world_size_continues_the_epoch(shards, whole, tmp_path):
     folder, good = shards
-    whole = tmp_path / "whole"  # 2 processes, 8 steps of a global batch of 4
-    train(2, whole, folder, "--train.max_steps=8")
     expected = global_batches(whole)
     assert sorted(expected) == list(range(1, 9))
     epoch0 = [k for step in range(1, 7) for k in expected[step][1]]
@@ -87,17 +110,104 @@ def test_resume_on_another_world_size_continues_the_epoch(shards, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_a_global_batch_that_cannot_be_kept_is_refused(shards, tmp_path):
+def test_a_global_batch_that_cannot_be_kept_is_refused(shards, whole, tmp_path):
     folder, _ = shards
-    run_dir = tmp_path / "run"
-    train(1, run_dir, folder, "--train.max_steps=3")
-    refused = run(single(train_args(run_dir, folder, *STREAMS, "--train.max_steps=4",
-                                    "--train.resume=auto", "--data.batch_size=3")), cpu_env())
+    step3 = f"--train.resume={whole / 'checkpoints' / checkpoint.step_name(3)}"
+    args = lambda *extra: single(train_args(tmp_path / "run", folder, *STREAMS, "--train.max_steps=4",
+                                            step3, "--data.batch_size=3", *extra))
+    refused = run(args(), cpu_env())
     assert refused.returncode == 2, explain(refused)
     message = refused.stderr.strip().splitlines()[-1]
-    assert "the global batch would change from 2 (2 x 1 x 1 processes) to 3" in message
+    assert "the global batch would change from 4 (2 x 1 x 2 processes) to 3 (3 x 1 x 1)" in message
     assert "--train.allow_batch_change=true" in message
-    allowed = run(single(train_args(run_dir, folder, *STREAMS, "--train.max_steps=4",
-                                    "--train.resume=auto", "--data.batch_size=3",
-                                    "--train.allow_batch_change=true")), cpu_env())
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was written
+    allowed = run(args("--train.allow_batch_change=true"), cpu_env())
     assert allowed.returncode == 0, explain(allowed)
+    assert "step 4: checkpoint" in allowed.stdout + allowed.stderr
+
+
+def p2p_train(run_dir, folder, restarts: int, fault: str, *extra):
+    """p2p-train of 2 CPU processes under torchrun's elastic agent, a worker SIGKILLed at
+    the fault point (P2P_FAULT, pipeline/faults.py) in every start."""
+    launcher = ["--config_file", str(ROOT / "launch" / "accelerate" / "cpu_2proc.yaml"),
+                "--main_process_port", str(free_port()), "--mixed_precision", "no",
+                "--max_restarts", str(restarts), "--monitor_interval", "0.5"]
+    command = [sys.executable, "-m", "pipeline.launch", *launcher, "--",
+               *train_args(run_dir, folder, *STREAMS, *extra)]
+    return run(command, gloo_env(P2P_FAULT=fault), timeout=300)
+
+
+def last_records(run_dir) -> list[dict]:
+    """The step log, each step's last record (a restarted group logs some steps again)."""
+    return list({r["step"]: r for r in step_log(run_dir)}.values())
+
+
+@pytest.mark.timeout(400)
+def test_a_killed_worker_is_restarted_and_the_run_resumes_by_itself(shards, whole, tmp_path):
+    run_dir = tmp_path / "run"
+    # rank 1 dies at its 5th step; the restarted group resumes from step 4 (ckpt_every=2),
+    # so the new rank 1 never reaches a 5th step
+    result = p2p_train(run_dir, shards[0], 1, "train.step:5@1", "--train.max_steps=8",
+                       "--train.ckpt_every=2")
+    assert result.returncode == 0, explain(result)
+    said = result.stdout + result.stderr
+    assert "restart 1 by the elastic agent: resuming from the latest checkpoint" in said
+    assert "the elastic agent restarts the group from the newest checkpoint (restart 1 of 1)" in said
+    assert "resumed from" in said and "at step 4" in said
+    got, expected = losses_by_step(last_records(run_dir)), losses_by_step(step_log(whole))
+    assert sorted(got) == list(range(1, 9))
+    for step in range(5, 9):
+        assert got[step] == expected[step], f"step {step} differs after the restart"
+    assert global_batches(run_dir) == global_batches(whole)  # steps 5.. recorded once, as before
+
+
+@pytest.mark.timeout(300)
+def test_a_restart_loop_ends_after_max_restarts_in_one_line(shards, tmp_path):
+    result = p2p_train(tmp_path / "run", shards[0], 1, "train.step:1@1", "--train.max_steps=4")
+    assert result.returncode == 1, explain(result)
+    assert result.stderr.strip().splitlines()[-1] == (
+        "p2p-train: the run failed again after 1 restart(s) by the elastic agent (--max_restarts): "
+        "the newest checkpoint stays; --train.resume=auto continues from it")
+    assert "ChildFailedError" not in result.stderr
+
+
+# what a multi-node elastic run needs (accelerate's default rendezvous is static, and a
+# c10d agent restarted by another node's failure counts no restart: --train.resume=auto)
+ELASTIC = ["--rdzv_backend", "c10d", "--max_restarts", "1", "--monitor_interval", "0.5"]
+FRESH_STORES = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # p2p-train sets it itself
+
+
+def wait_for_port(port: int, process, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+@pytest.mark.timeout(400)
+def test_two_nodes_restart_together_through_a_c10d_rendezvous(shards, whole, tmp_path):
+    """2 loopback "nodes" of 1 process: node 1's worker dies; both agents restart their
+    workers, which meet again at the c10d rendezvous and resume from the checkpoint."""
+    run_dir, port = tmp_path / "run", free_port()
+    args = train_args(run_dir, shards[0], *STREAMS, "--train.max_steps=8", "--train.ckpt_every=2",
+                      "--train.resume=auto")
+    def node(rank):
+        command = accelerate(args, processes=2, machines=2, machine_rank=rank, port=port)
+        at = command.index(TRAIN)
+        return subprocess.Popen(command[:at] + ELASTIC + command[at:], cwd=ROOT, text=True,
+                                env=gloo_env(P2P_FAULT="train.step:5@1", **FRESH_STORES),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    nodes = [node(0)]
+    wait_for_port(port, nodes[0])  # node 0's agent hosts the rendezvous: 127.0.0.1 is both's
+    nodes.append(node(1))
+    outputs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs
+    assert "resumed from" in outputs[0][0] + outputs[0][1] and "at step 4" in outputs[0][0] + outputs[0][1]
+    got, expected = losses_by_step(last_records(run_dir)), losses_by_step(step_log(whole))
+    for step in range(5, 9):
+        assert got[step] == expected[step], f"step {step} differs after the restart"
