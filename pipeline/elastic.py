@@ -20,12 +20,18 @@ from pipeline.config import Config, ConfigError
 log = logging.getLogger(__name__)
 
 
-def keep_global_batch(cfg: Config, world_size: int, path: str | None) -> None:
+def keep_global_batch(cfg: Config, world_size: int, path: str | None, deepspeed: bool = False) -> None:
     """Set cfg's batch so that a resume from checkpoint `path` (None: a fresh run) keeps
-    its global batch; ConfigError when it cannot and train.allow_batch_change is off."""
+    its global batch; ConfigError when it cannot and train.allow_batch_change is off, and
+    for a DeepSpeed checkpoint on another world size (ZeRO saves its optimiser state
+    partitioned by rank)."""
     if path is None:
         return
     trainer = checkpoint.read_trainer(path)
+    if deepspeed and trainer["world_size"] != world_size:
+        raise ConfigError(f"train.resume: {path} is a DeepSpeed checkpoint of {trainer['world_size']} "
+                          f"processes; ZeRO's optimiser partitions resume only on as many (this "
+                          f"launch has {world_size})")
     saved_b, saved_k = trainer["config"]["data"]["batch_size"], trainer["config"]["train"]["grad_accum"]
     saved = saved_b * saved_k * trainer["world_size"]
     b, k = cfg.data.batch_size, cfg.train.grad_accum

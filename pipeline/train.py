@@ -460,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(cfg)
     distributed.check_shared_run_dir(cfg.train.run_dir, accelerator.process_index, accelerator.device)
     elastic.keep_global_batch(cfg, accelerator.num_processes,
-                              checkpoint.resolve(cfg.train.run_dir, cfg.train.resume))
+                              checkpoint.resolve(cfg.train.run_dir, cfg.train.resume),
+                              deepspeed=launched_with_deepspeed())
     trainer = Trainer(cfg, accelerator, stop)
     trainer.resume()
     if accelerator.is_main_process:

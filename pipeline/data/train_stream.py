@@ -529,6 +529,12 @@ class TrainLoader:
         count is taken (data.streams must be 0 or the same); another seed, mode or
         shuffle buffer restarts the saved epoch from its beginning, with a warning."""
         states = [states] if isinstance(states, dict) else states
+        if all(state.get("version") == 1 for state in states):  # before the streams
+            self._iterator, self.epoch = None, states[0]["epoch"]
+            self._reset_epoch()
+            log.warning("data position saved by an earlier version (per-rank shard splits): "
+                        "restarting epoch %d from its beginning with %d streams", self.epoch, self.streams)
+            return
         for state in states:
             if state.get("version") != STATE_VERSION:
                 raise CheckpointMismatch(f"data state version {state.get('version')} != {STATE_VERSION}: "

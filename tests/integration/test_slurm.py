@@ -1,6 +1,7 @@
 """launch/slurm/ on a real Slurm cluster (two nodes on 127.0.0.1, see tests/helpers/slurm_cluster.py):
 2-node training as one world, preemption warning -> checkpoint -> requeue -> resume with
 no step lost or repeated, and the sharding job array against a single run."""
+import json
 import re
 import signal
 import time
@@ -72,16 +73,28 @@ def wait_for_steps(cluster, job_id, run_dir: Path, steps: int, timeout: float) -
     raise TimeoutError(f"job {job_id}: no step {steps} within {timeout} s")
 
 
+def requeued_on_one_node(cluster, job_id) -> None:
+    """While the requeued job waits to run again, as `scontrol update` lets a user (or a
+    job submitted with `-N 1-2` gets when one node is left): one node instead of two."""
+    deadline = time.monotonic() + 60
+    while cluster.job(job_id)["JobState"] != "PENDING":
+        assert time.monotonic() < deadline, f"job {job_id} was not requeued"
+        time.sleep(0.2)
+    cluster.run("scontrol", "update", f"JobId={job_id}", "NumNodes=1")
+
+
 @pytest.mark.timeout(420)
-def test_time_limit_warning_checkpoints_requeues_and_resumes_without_losing_a_step(
+def test_time_limit_warning_checkpoints_requeues_and_resumes_on_one_node_mid_epoch(
         slurm_cluster, demo_shards, tmp_path):
     """What `#SBATCH --signal=USR1@180` does before the time limit, done now: `scancel
     --signal=USR1 JOB` signals every process of the job's steps but not the batch shell,
     the same delivery as the warning. The job must checkpoint within the trainer's 30 s,
-    requeue itself, resume from the checkpoint and finish."""
-    run_dir, total = tmp_path / "run", 30
+    requeue itself and, given one node of its two, resume from the checkpoint mid-epoch
+    and finish: no step lost or repeated, every epoch's samples each seen once."""
+    run_dir, total = tmp_path / "run", 30  # 24 samples, global batch 4: 6 steps an epoch
     job_id = slurm_cluster.sbatch("--nodes=2", TRAIN_SBATCH,
-                                  *trainer_args(demo_shards, f"--train.max_steps={total}"),
+                                  *trainer_args(demo_shards, f"--train.max_steps={total}",
+                                                "--data.record_keys=true"),
                                   env=job_env(slurm_cluster, run_dir), cwd=tmp_path)
     wait_for_steps(slurm_cluster, job_id, run_dir, 3, timeout=240)
     slurm_cluster.run("scancel", "--signal=USR1", job_id)
@@ -93,23 +106,33 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_without_losing_a_st
     assert marker.exists() and checkpointed < 30, f"no checkpoint {checkpointed:.0f} s after USR1"
     stopped_at = int(latest(run_dir).removeprefix("step_"))
     assert stopped_at < total, "the job finished before the signal: nothing was tested"
+    requeued_on_one_node(slurm_cluster, job_id)
 
     job = slurm_cluster.wait_until_done(job_id, timeout=300)
     log = output(tmp_path, job_id)
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", \
         explain(slurm_cluster, tmp_path, job_id)
-    assert job["Restarts"] == "1", explain(slurm_cluster, tmp_path, job_id)
+    assert job["Restarts"] == "1" and job["NumNodes"] == "1", explain(slurm_cluster, tmp_path, job_id)
     # every node's task got the warning, rank 0 stopped on it, the batch shell requeued
     assert "0: [slurm] node 0: SIGUSR1" in log and "1: [slurm] node 1: SIGUSR1" in log
     assert f"step {stopped_at}: stop requested (SIGUSR1)" in log
-    assert f"requeueing job {job_id}" in log and "(restart 1)" in log
+    assert f"requeueing job {job_id}" in log and "(restart 1): 1 node(s)" in log
     assert f"resumed from {run_dir}/checkpoints/step_{stopped_at:08d} at step {stopped_at}" in log
+    assert "it was saved with 2 processes, this run has 1: the data stream continues epoch" in log
+    assert "global batch 4 kept as data.batch_size=2 x train.grad_accum=2 x 1" in log
     assert log.count("[rank 0] exiting with code 0") == 2
-    assert log.count("[rank 1] exiting with code 0") == 2
+    assert log.count("[rank 1] exiting with code 0") == 1
     steps = [r["step"] for r in step_log(run_dir)]
     assert steps == list(range(1, total + 1)), "a step was lost or repeated"
     assert latest(run_dir) == f"step_{total:08d}"
     assert "training ended with exit code 0" in log
+    epochs = {}
+    for path in (run_dir / "keys").glob("rank*.jsonl"):
+        for record in map(json.loads, path.read_text().splitlines()):
+            epochs.setdefault(record["epoch"], []).extend(record["keys"])
+    assert sorted(epochs) == list(range(5))
+    for keys in epochs.values():  # the epoch cut by the requeue too
+        assert len(keys) == len(set(keys)) == 24
 
 
 def rank_process(run_dir: Path, rank: int) -> psutil.Process:
