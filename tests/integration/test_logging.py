@@ -15,7 +15,8 @@ def test_two_processes_log_with_their_rank_and_the_data_streams_info(demo_shards
     assert result.returncode == 0, explain(result)
     out = result.stdout.splitlines()
     for rank in (0, 1):  # every rank's own data stream says what its epoch plans
-        assert any(re.fullmatch(rf"\[rank {rank}\] data: epoch 0 plans \d+ steps on each of 2 rank\(s\)",
+        assert any(re.fullmatch(rf"\[rank {rank}\] data: epoch 0 plans \d+ steps on each of 2 rank\(s\) "
+                                r"from \d+ streams",
                                 line) for line in out), explain(result)
     assert any(line.startswith("[rank 0] replicas agree") for line in out), explain(result)
     # the trainer's own lines are never unprefixed in a multi-process run
