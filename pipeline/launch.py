@@ -207,7 +207,7 @@ def exit_code(codes_file: str, launcher_code: int, interrupts: int) -> int:
     """The trainer's code: the first rank's non-zero code, else 0 if every rank that
     reported did so with 0 and the launcher agrees; the launcher's otherwise. Only the
     last start counts: ranks of a group the elastic agent restarted report again."""
-    codes = reported_codes(codes_file)
+    codes, _ = read_codes(codes_file)
     failed = [code for _, code in codes if code != 0]
     if failed:
         return failed[0]
@@ -218,23 +218,16 @@ def exit_code(codes_file: str, launcher_code: int, interrupts: int) -> int:
     return launcher_code
 
 
-def reported_codes(codes_file: str) -> list[tuple[int, int]]:
-    """(rank, code) of the ranks' last start, from lines `RANK CODE RESTART`."""
+def read_codes(codes_file: str) -> tuple[list[tuple[int, int]], int]:
+    """((rank, code) of the ranks' last start, how many restarts came before it), from
+    lines `RANK CODE RESTART` (a line without RESTART: the first start)."""
     try:
         with open(codes_file) as f:
-            rows = [tuple(int(v) for v in line.split()) for line in f if line.strip()]
+            rows = [[int(v) for v in line.split()] + [0] for line in f if line.strip()]
     except (OSError, ValueError):
-        return []
+        return [], 0
     last = max((row[2] for row in rows), default=0)
-    return sorted((row[0], row[1]) for row in rows if row[2] == last)
-
-
-def restarts_used(codes_file: str) -> int:
-    try:
-        with open(codes_file) as f:
-            return max((int(line.split()[2]) for line in f if line.strip()), default=0)
-    except (OSError, ValueError, IndexError):
-        return 0
+    return sorted((row[0], row[1]) for row in rows if row[2] == last), last
 
 
 def _main(argv: list[str]) -> int:
@@ -251,7 +244,7 @@ def _main(argv: list[str]) -> int:
         for sig in STOPS:
             signal.signal(sig, run.on_signal)
         code = exit_code(codes_file, run.wait(), run.interrupts)
-        if code and (restarts := restarts_used(codes_file)):
+        if code and (restarts := read_codes(codes_file)[1]):
             print(f"p2p-train: the run failed again after {restarts} restart(s) by the elastic agent "
                   "(--max_restarts): the newest checkpoint stays; --train.resume=auto continues "
                   "from it", file=sys.stderr, flush=True)

@@ -445,7 +445,7 @@ class TrainLoader:
         self._positions = {s: StreamPosition() for w in range(self.num_workers)
                            for s in self._plan().streams_of(self.rank, w)}
         plan = self._plan()
-        self.window = plan.window
+        self.window, self.limit = plan.window, plan.limit
         self.steps_per_epoch = plan.limit // plan.window
         if self.steps_per_epoch == 0:
             raise DataError(f"epoch {self.epoch} has no full batch of {self.cfg.batch_size} "
@@ -472,7 +472,7 @@ class TrainLoader:
 
     def __next__(self) -> dict:
         while True:
-            if self.consumed + self.window > self._plan().limit:
+            if self.consumed + self.window > self.limit:
                 self._end_epoch()
             if self._iterator is None:
                 self._iterator = self._start_iterator()
@@ -485,7 +485,7 @@ class TrainLoader:
                                 f"{self.streams} stream(s) found no good sample (skipped so far: "
                                 f"{dict(self.skipped)}); fix the data{fewer}")
             log.info("epoch %d ended after %d of %d global samples: a stream ran out of good samples",
-                     self.epoch, self.consumed, self._plan().limit)
+                     self.epoch, self.consumed, self.limit)
             self._end_epoch()
         self.consumed += self.window
         return {**batch, "epoch": self.epoch}
