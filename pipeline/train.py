@@ -199,7 +199,8 @@ class Trainer:
         self.loader = data.make_train_loader(
             cfg.data, rank=self.rank, world_size=self.world, seed=cfg.train.seed,
             in_channels=cfg.model.in_channels, out_channels=cfg.model.out_channels,
-            have_batch_all_ranks=lambda flag: distributed.all_ranks(flag, accelerator.device))
+            have_batch_all_ranks=lambda flag: distributed.all_ranks(flag, accelerator.device),
+            gather_all_ranks=distributed.gather_objects, accumulate=cfg.train.grad_accum)
         self.evaluator = Evaluator(cfg, accelerator, self.engines)
         self.step = self.resumed_step = 0
         self.stop = stop  # installed first thing: a signal during set-up is kept too

@@ -25,7 +25,8 @@ _EXPORTS = {
                "read_entries", "read_range"),
     "train_stream": ("STATE_VERSION", "EpochPlan", "Segment", "StreamPosition", "StreamReader",
                      "TrainLoader", "WorkerLoader", "auto_streams", "epoch_shards",
-                     "make_train_loader", "stream_segments", "to_device", "worker_parts"),
+                     "TailStatus", "make_train_loader", "stream_segments", "tail_walk", "to_device",
+                     "worker_parts"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_HOME)

@@ -15,10 +15,14 @@ streaming's canonical streams, here with sample-exact ranges):
   (B = batch x world), sorted: any window of B consecutive j holds exactly `batch` of each
   rank's, so every rank builds full batches on any world size, from any start.
 * A bad sample (corrupt image, missing half, cut shard) is refilled by its stream's next
-  good sample: the one refill that does not depend on the world size. A stream that runs
-  dry ends the epoch on every rank together (have_batch_all_ranks); with no bad data the
-  epoch leaves out N mod B samples, with bad data up to about V more per bad sample of a
-  stream (the other streams' samples past the dry one).
+  good sample: the one refill that does not depend on the world size. So a stream with
+  bad data runs dry before the others; from the update where one does, the epoch's Tail
+  goes on with the rest of every stream in the same round-robin order, the dry streams
+  left out (tail_walk), one update at a time: each rank reads its own streams, and two
+  small all-gathers per update tell every rank how far each stream goes and hand it the
+  update's samples (still encoded), so that every rank still builds full batches. An
+  epoch ends on a whole update (U = batch x world x accumulate): it leaves out fewer
+  than one global batch of its good samples, with bad data or without, on any world size.
 * Shuffle blocks, not a running buffer: a block is the next `shuffle_buffer` samples of
   a stream (across its segments) read from a known tar position and permuted by an RNG seeded from (seed,
   epoch, stream, segment, position), so a stream's position is (segment, byte offset and
@@ -131,6 +135,7 @@ class EpochPlan:
     streams: int
     in_channels: int
     out_channels: int
+    accumulate: int = 1  # batches per optimizer update (train.grad_accum)
 
     @property
     def window(self) -> int:
@@ -138,16 +143,21 @@ class EpochPlan:
         return self.cfg.batch_size * self.world_size
 
     @property
+    def update(self) -> int:
+        """Global samples per optimizer update: an epoch ends on a whole number of them."""
+        return self.window * self.accumulate
+
+    @property
     def samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
     @property
     def limit(self) -> int:
-        """Global samples this epoch hands out at most: the dataset (exact), or a whole
-        number of steps of it, at least one (resampled)."""
+        """Global samples this epoch hands out at most: the dataset's whole updates (exact),
+        or as many updates as the dataset has samples for, at least one (resampled)."""
         if self.cfg.mode == "resampled":
-            return max(1, self.samples // self.window) * self.window
-        return self.samples
+            return max(1, self.samples // self.update) * self.update
+        return self.samples // self.update * self.update
 
     @cached_property
     def _exact_segments(self) -> list[list[Segment]]:
@@ -204,7 +214,14 @@ class StreamReader:
 
     def next(self) -> tuple[str, tuple] | None:
         """(key, (input HWC, target HWC)) of the next good sample; None once dry."""
-        return next(self._samples, None)
+        record, pair = next(self._samples, (None, None))
+        return None if record is None else (record.key, pair)
+
+    def next_undecoded(self) -> tuple[str, dict] | None:
+        """(key, its parts still encoded) of the next good sample (checked by decoding it);
+        None once dry."""
+        record, _ = next(self._samples, (None, None))
+        return None if record is None else (record.key, record.parts)
 
     def _records(self) -> Iterator[tuple[int, int, object]]:
         """(segment number, sample number in its shard, Entry or Skip) from the position on."""
@@ -243,7 +260,7 @@ class StreamReader:
                     continue
                 p.good += 1
                 last_good = p.segment
-                yield record.key, pair
+                yield record, pair
         p.mismatched = sorted(mismatched)
 
 
@@ -340,6 +357,107 @@ def merge_parts(parts: list[dict], cfg) -> dict:
     return batch
 
 
+# ----------------------------------------------------------------------------- tail
+
+@dataclass(frozen=True)
+class TailStatus:
+    """What one stream holds in the epoch's tail: good samples consumed, read ahead of
+    them, and whether there are no more."""
+    good: int
+    ahead: int
+    ended: bool
+
+
+def tail_walk(status: dict[int, TailStatus], want: int) -> tuple[list[tuple[int, int]], bool]:
+    """The next `want` (stream, good sample number) of the global order continued over the
+    streams that still have samples: round r holds stream s's r-th good sample for every s
+    in order that has one (before a stream runs dry: global sample j = stream j % V's
+    (j // V)-th). Returns (order, known): known is False when a stream that has not
+    ended ran out of read-ahead before `want` were found (read further and walk again);
+    fewer than `want` with known=True: every stream has ended."""
+    order, r = [], min(st.good for st in status.values())
+    while len(order) < want:
+        if all(st.ended and r >= st.good + st.ahead for st in status.values()):
+            return order, True
+        for s in sorted(status):
+            st = status[s]
+            if st.good <= r < st.good + st.ahead:
+                order.append((s, r))
+                if len(order) == want:
+                    break
+            elif r >= st.good + st.ahead and not st.ended:
+                return order, False
+        r += 1
+    return order, True
+
+
+class Tail:
+    """The rest of an epoch once a stream ran dry (bad data ended it early): one update
+    at a time, in the global order over the streams that still have samples (tail_walk).
+    Each rank reads its own streams a little ahead in the main process, tells every rank
+    how far (one all-gather), and hands the update's samples it holds to every rank, still
+    encoded (a second one): a rank's memory is the read-ahead plus one update, whatever
+    is left. `positions` are its streams' after what was consumed: a checkpoint in the
+    tail is those, as before it."""
+
+    def __init__(self, plan: EpochPlan, positions: dict[int, StreamPosition],
+                 gather_all_ranks: Callable[[object], list]):
+        self.plan, self.gather_all_ranks, self.positions = plan, gather_all_ranks, dict(positions)
+        self._readers = {s: StreamReader(plan, s, p) for s, p in positions.items()}
+        self._ahead = {s: [] for s in positions}  # [(key, parts, position after it)]
+        self._ended = dict.fromkeys(positions, False)
+        self.left = 0  # once the tail is over: the good samples it left out (less than an update)
+
+    def next_update(self, want: int) -> list[tuple[str, dict]] | None:
+        """The next `want` global samples as (key, encoded parts), every rank's; None (on
+        every rank) when the streams hold fewer."""
+        alive, horizon = self.plan.streams, 0
+        while True:
+            horizon += -(-want // max(1, alive)) + 1  # rounds to read ahead
+            status = self._status(horizon)
+            order, known = tail_walk(status, want)
+            if known:
+                break
+            alive = sum(not st.ended for st in status.values())
+        if len(order) < want:
+            self.left = len(order)
+            return None
+        mine = {(s, r): self._ahead[s][r - self.positions[s].good][:2] for s, r in order if s in self._ahead}
+        samples = {k: v for part in self._gather(mine) for k, v in part.items()}
+        for s in self._ahead:
+            self._consume(s, sum(stream == s for stream, _ in order))
+        return [samples[at] for at in order]
+
+    def _status(self, horizon: int) -> dict[int, TailStatus]:
+        """Every stream's TailStatus, this rank's read ahead to `horizon` rounds past the
+        fewest consumed."""
+        base = min(p.good for p in self.positions.values())
+        for s, reader in self._readers.items():
+            while not self._ended[s] and self.positions[s].good + len(self._ahead[s]) < base + horizon:
+                sample = reader.next_undecoded()
+                if sample is None:
+                    self._ended[s] = True
+                else:
+                    self._ahead[s].append((*sample, reader.position.copy()))
+        own = {s: TailStatus(self.positions[s].good, len(ahead), self._ended[s])
+               for s, ahead in self._ahead.items()}
+        return {s: st for part in self._gather(own) for s, st in part.items()}
+
+    def _consume(self, stream: int, n: int) -> None:
+        taken, self._ahead[stream] = self._ahead[stream][:n], self._ahead[stream][n:]
+        if taken:
+            self.positions[stream] = taken[-1][2]
+        if self._ended[stream] and not self._ahead[stream]:  # its skips past the last good sample
+            self.positions[stream] = self._readers[stream].position.copy()
+
+    def _gather(self, obj) -> list:
+        everyone = self.gather_all_ranks(obj)
+        if len(everyone) != self.plan.world_size:
+            raise RuntimeError(f"gather_all_ranks gave {len(everyone)} parts for "
+                               f"{self.plan.world_size} ranks")
+        return everyone
+
+
 # -------------------------------------------------------------------------- workers
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -382,15 +500,22 @@ class TrainLoader:
     when augment_on == "device": pass them through to_device). `epoch` is the epoch of
     the next batch, `consumed` the global samples of it handed out before the next step
     (every rank's, the same on every rank), `steps_per_epoch` the steps an epoch has on
-    this layout when no bad data ends it early: its samples (exact) // (batch x world).
+    this layout without bad data: its whole updates of U = batch x world x `accumulate`
+    (train.grad_accum) samples, in steps of batch x world. An epoch ends on an update's
+    end, so an update never mixes epochs.
 
     Equal steps on every rank, always: each rank takes `batch` of every B = batch x world
-    consecutive global samples, and before each batch `have_batch_all_ranks(have_one)`
-    (an all-reduce MIN across ranks supplied by the trainer, called once per step) ends
-    the epoch on every rank together as soon as one rank's stream runs dry (bad data).
-    With world_size > 1 it is required.
+    consecutive global samples. An update's batches are read together, and
+    `have_batch_all_ranks(have_all)` (an all-reduce MIN across ranks supplied by the
+    trainer, once an update) tells every rank together when some stream ran dry (bad
+    data). From there the epoch goes on through its Tail (the other streams' rest in the
+    global order, read in this process), whose `gather_all_ranks(obj)` (an all-gather of
+    objects) hands every rank the update's samples wherever they were read. The epoch
+    ends with fewer than U good samples unread, with bad data or without. With
+    world_size > 1 both are required.
 
     `state_dict()` is this rank's part (plain JSON): {"version", "epoch", "consumed",
+    "tail" (in the epoch's tail),
     "streams", "positions": {stream: {"segment", "offset", "index", "taken", "good",
     "skipped", "mismatched"}} for this rank's streams, "skipped_before" (earlier epochs),
     and "seed", "mode", "shuffle_buffer", "rank", "world_size", "num_workers",
@@ -405,7 +530,8 @@ class TrainLoader:
 
     def __init__(self, cfg, shards: list[Shard], *, rank: int, world_size: int,
                  seed: int, in_channels: int, out_channels: int,
-                 have_batch_all_ranks: Callable[[bool], bool] | None):
+                 have_batch_all_ranks: Callable[[bool], bool] | None,
+                 gather_all_ranks: Callable[[object], list] | None = None, accumulate: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if world_size > 1 and have_batch_all_ranks is None:
@@ -415,8 +541,9 @@ class TrainLoader:
         shards = [shard for shard in shards if shard.samples > 0]
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
         self.seed, self.in_channels, self.out_channels = seed, in_channels, out_channels
-        self.num_workers = max(1, cfg.num_workers)
+        self.num_workers, self.accumulate = max(1, cfg.num_workers), accumulate
         self.have_batch_all_ranks = have_batch_all_ranks or (lambda have_one: have_one)
+        self.gather_all_ranks = gather_all_ranks or (None if world_size > 1 else lambda obj: [obj])
         if not shards:
             raise DataError("no training shards (every shard the manifest lists is empty)")
         self.streams = self._check_streams(cfg.streams or auto_streams(
@@ -438,18 +565,21 @@ class TrainLoader:
 
     def _plan(self) -> EpochPlan:
         return EpochPlan(self.cfg, self.shards, self.seed, self.epoch, self.rank, self.world_size,
-                         self.num_workers, self.streams, self.in_channels, self.out_channels)
+                         self.num_workers, self.streams, self.in_channels, self.out_channels,
+                         self.accumulate)
 
     def _reset_epoch(self) -> None:
         self._iterator, self.consumed = None, 0
+        self._tail, self._in_tail, self._pending = None, False, []
         self._positions = {s: StreamPosition() for w in range(self.num_workers)
                            for s in self._plan().streams_of(self.rank, w)}
         plan = self._plan()
-        self.window, self.limit = plan.window, plan.limit
+        self.window, self.update, self.limit = plan.window, plan.update, plan.limit
         self.steps_per_epoch = plan.limit // plan.window
         if self.steps_per_epoch == 0:
-            raise DataError(f"epoch {self.epoch} has no full batch of {self.cfg.batch_size} "
-                            f"per rank on {self.world_size} rank(s): {plan.samples} samples")
+            raise DataError(f"epoch {self.epoch} has no full global batch of {self.cfg.batch_size} per rank "
+                            f"x {self.accumulate} accumulated x {self.world_size} rank(s): "
+                            f"{plan.samples} samples")
         log.info("data: epoch %d plans %d steps on each of %d rank(s) from %d streams", self.epoch,
                  self.steps_per_epoch, self.world_size, self.streams)
 
@@ -471,24 +601,40 @@ class TrainLoader:
         return self
 
     def __next__(self) -> dict:
-        while True:
-            if self.consumed + self.window > self.limit:
-                self._end_epoch()
-            if self._iterator is None:
-                self._iterator = self._start_iterator()
-            batch = self._fetch()
-            if self.have_batch_all_ranks(batch is not None):
-                break
-            if self.consumed == 0:
-                fewer = " or fewer data.streams" if self.streams > self.world_size * self.num_workers else ""
-                raise DataError(f"epoch {self.epoch}: some rank has no usable batch: one of its "
-                                f"{self.streams} stream(s) found no good sample (skipped so far: "
-                                f"{dict(self.skipped)}); fix the data{fewer}")
-            log.info("epoch %d ended after %d of %d global samples: a stream ran out of good samples",
-                     self.epoch, self.consumed, self.limit)
+        while (batch := self._next_batch()) is None:
             self._end_epoch()
         self.consumed += self.window
         return {**batch, "epoch": self.epoch}
+
+    def _next_batch(self) -> dict | None:
+        """This rank's part of the epoch's next global batch; None when the epoch is over
+        (on every rank together)."""
+        if self._pending:  # the rest of this update's batches
+            return self._pending.pop(0)
+        if self._in_tail:
+            return self._tail_batch()
+        if self.consumed + self.update > self.limit:
+            return None
+        if self._iterator is None:
+            self._iterator = self._start_iterator()
+        held, batches = dict(self._positions), []  # an update's batches, or none of them
+        while len(batches) < self.accumulate and (batch := self._fetch()) is not None:
+            batches.append(batch)
+        if self.have_batch_all_ranks(len(batches) == self.accumulate):
+            self._pending = batches[1:]
+            return batches[0]
+        self._iterator = None
+        if self.consumed == 0:
+            fewer = " or fewer data.streams" if self.streams > self.world_size * self.num_workers else ""
+            raise DataError(f"epoch {self.epoch}: some rank has no usable batch: one of its "
+                            f"{self.streams} stream(s) found no good sample (skipped so far: "
+                            f"{dict(self.skipped)}); fix the data{fewer}")
+        if self.cfg.mode == "resampled":  # a stream found nothing usable in its draws (logged)
+            return None
+        self._positions, self._in_tail = held, True  # the streams before this update
+        log.info("epoch %d: a stream ran dry after %d of %d global samples; the rest of the others "
+                 "follows, gathered across ranks", self.epoch, self.consumed, self.limit)
+        return self._tail_batch()
 
     def _fetch(self) -> dict | None:
         """This rank's next batch (None when a stream ran dry), recording positions: one
@@ -504,6 +650,34 @@ class TrainLoader:
             parts.append(part)
         return merge_parts(parts, self.cfg)
 
+    def _tail_batch(self) -> dict | None:
+        """The next update's batches from the epoch's Tail; None once it is over."""
+        if self.gather_all_ranks is None:
+            raise RuntimeError("world_size > 1 needs gather_all_ranks (an all-gather of objects) "
+                               "to hand out an epoch's tail")
+        if self._tail is None:
+            self._tail = Tail(self._plan(), self._positions, self.gather_all_ranks)
+        samples = self._tail.next_update(self.update)
+        self._positions = dict(self._tail.positions)
+        if samples is None:
+            log.info("epoch %d ends after %d global samples; %d good ones (less than one global batch) "
+                     "are left out", self.epoch, self.consumed, self._tail.left)
+            return None
+        plan, device_augment = self._plan(), self.cfg.augment_on == "device"
+        batches = []
+        for start in range(self.consumed, self.consumed + self.update, self.window):
+            mine = [samples[j - self.consumed] for j in plan.rank_samples(start)]
+            batches.append(collate([(key, self._decode(key, parts)) for key, parts in mine], plan,
+                                   device_augment))
+        self._pending = batches[1:]
+        return batches[0]
+
+    def _decode(self, key: str, parts: dict) -> tuple:
+        pair, reason = try_decode(key, parts, self.cfg, self.in_channels, self.out_channels)
+        if reason is not None:
+            raise RuntimeError(f"{key} decoded once, then not again: {reason}")
+        return pair
+
     @property
     def skipped(self) -> dict[str, int]:
         total = Counter(self._skipped_before)
@@ -516,9 +690,14 @@ class TrainLoader:
         return {"seed": self.seed, "mode": self.cfg.mode, "shuffle_buffer": self.cfg.shuffle_buffer}
 
     def state_dict(self) -> dict:
-        """This rank's part as plain JSON types (see load_state_dict), a copy."""
+        """This rank's part as plain JSON types (see load_state_dict), a copy; between
+        updates only (an update's batches are read together)."""
+        if self._pending:
+            raise RuntimeError(f"state_dict() inside an update: {len(self._pending)} of its batches "
+                               "not taken yet")
         return json.loads(json.dumps({
             "version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed,
+            "tail": self._in_tail,
             "streams": self.streams, "positions": {s: p.to_json() for s, p in self._positions.items()},
             "skipped_before": dict(self._skipped_before), **self._layout(), "rank": self.rank,
             "world_size": self.world_size, "num_workers": self.num_workers,
@@ -559,18 +738,21 @@ class TrainLoader:
             raise CheckpointMismatch(f"the checkpoint's rank files hold no position for stream(s) "
                                      f"{missing[:5]}: a rank file is missing")
         self._positions = {s: StreamPosition.from_json(held[s]) for s in self._positions}
-        self.consumed = saved["consumed"]
+        self.consumed, self._in_tail = saved["consumed"], saved.get("tail", False)
 
 
 def make_train_loader(cfg, *, rank: int, world_size: int, seed: int,
                       in_channels: int, out_channels: int,
-                      have_batch_all_ranks: Callable[[bool], bool] | None = None) -> TrainLoader:
+                      have_batch_all_ranks: Callable[[bool], bool] | None = None,
+                      gather_all_ranks: Callable[[object], list] | None = None,
+                      accumulate: int = 1) -> TrainLoader:
     """The training stream of this rank (see TrainLoader). rank/world_size are explicit,
     never read from the environment; do not pass the loader to accelerator.prepare()."""
     shards = list_shards(cfg.train, cfg.train_split)
     return TrainLoader(cfg, shards, rank=rank, world_size=world_size, seed=seed,
                        in_channels=in_channels, out_channels=out_channels,
-                       have_batch_all_ranks=have_batch_all_ranks)
+                       have_batch_all_ranks=have_batch_all_ranks, gather_all_ranks=gather_all_ranks,
+                       accumulate=accumulate)
 
 
 def to_device(batch: dict, device, *, cfg, channels_last: bool,

@@ -29,11 +29,17 @@ def _rank_main(rank, world, port, cases, out_dir):
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             return bool(t.item())
 
+        def gather_all_ranks(obj) -> list:
+            everyone = [None] * world
+            dist.all_gather_object(everyone, obj)
+            return everyone
+
         seen = {}
         for name, cfg in cases.items():
             loader = data.make_train_loader(cfg, rank=rank, world_size=world, seed=7,
                                             in_channels=3, out_channels=3,
-                                            have_batch_all_ranks=have_batch_all_ranks)
+                                            have_batch_all_ranks=have_batch_all_ranks,
+                                            gather_all_ranks=gather_all_ranks)
             batches = epoch_batches(loader)
             seen[name] = {"keys": [b["key"] for b in batches], "skipped": loader.epoch_skipped,
                           "planned": loader.steps_per_epoch}

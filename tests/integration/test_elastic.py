@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow  # trainer launches: 10-30 s each on 2 cores
 
 STREAMS = ["--data.streams=8", "--data.record_keys=true", "--data.num_workers=1",
            "--train.ckpt_every=3", "--data.batch_size=2"]
-BAD = "s01n003"  # a corrupt input image: its stream refills it, then ends epoch 0 a round early
+BAD = "s01n003"  # a corrupt input image: its stream refills it, then runs dry a round early
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +82,12 @@ def test_resume_on_another_world_size_continues_the_epoch(shards, whole, tmp_pat
     folder, good = shards
     expected = global_batches(whole)
     assert sorted(expected) == list(range(1, 9))
-    epoch0 = [k for step in range(1, 7) for k in expected[step][1]]
-    assert {expected[s][0] for s in range(1, 7)} == {0} and expected[7][0] == 1
-    # 31 good samples in 8 streams: the corrupt one's stream has 3 good, so epoch 0 is
-    # 3 rounds of 8 = 6 steps of 4; the other 7 wait for the next epoch (the stated tail)
-    assert len(epoch0) == len(set(epoch0)) == 24 and set(epoch0) <= set(good)
+    epoch0 = [k for step in range(1, 8) for k in expected[step][1]]
+    assert {expected[s][0] for s in range(1, 8)} == {0} and expected[8][0] == 1
+    # 31 good samples in 8 streams: the corrupt one's stream runs dry after 3 rounds of 8
+    # (6 steps of 4); the other streams' 7 left make the epoch's tail: one step, and 3
+    # samples (less than a global batch) wait for the next epoch
+    assert len(epoch0) == len(set(epoch0)) == 28 and set(epoch0) <= set(good)
 
     # 2 -> 1: the checkpoint at step 3 (mid-epoch) resumed by one process, same flags:
     # the global batch is kept by train.grad_accum=2

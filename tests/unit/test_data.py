@@ -300,18 +300,29 @@ def test_loaders_leave_the_global_torch_rng_alone(tmp_path, workers):
     assert torch.equal(torch.get_rng_state(), before)  # the trainer's dropout RNG
 
 
+def test_the_tail_walks_on_over_the_streams_that_still_have_samples():
+    status = {0: data.TailStatus(good=2, ahead=3, ended=True), 1: data.TailStatus(2, 0, ended=True),
+              2: data.TailStatus(good=1, ahead=4, ended=False)}
+    first = [(2, 1), (0, 2), (2, 2), (0, 3), (2, 3)]  # stream 2 finishes round 1 first; 1 is dry
+    assert data.tail_walk(status, 5) == (first, True)
+    # stream 2 may hold a 6th good sample: unknown until it reads further
+    assert data.tail_walk(status, 8) == (first + [(0, 4), (2, 4)], False)
+    status[2] = data.TailStatus(good=1, ahead=4, ended=True)
+    assert data.tail_walk(status, 8) == (first + [(0, 4), (2, 4)], True)  # fewer: the tail is over
+
+
 def lockstep(world: int):
-    """have_batch_all_ranks for `world` loaders run in threads: an all-reduce MIN."""
-    barrier, flags = threading.Barrier(world), [True] * world
-    def for_rank(rank):
-        def have_batch_all_ranks(have_one):
-            flags[rank] = have_one
-            barrier.wait()
-            everyone = all(flags)
-            barrier.wait()
-            return everyone
-        return have_batch_all_ranks
-    return for_rank
+    """The collectives of `world` loaders run in threads: {"have_batch_all_ranks": an
+    all-reduce MIN, "gather_all_ranks": an all-gather} for each rank."""
+    barrier, slots = threading.Barrier(world), [None] * world
+    def exchange(rank, value) -> list:
+        slots[rank] = value
+        barrier.wait()
+        everyone = list(slots)
+        barrier.wait()
+        return everyone
+    return lambda rank: {"have_batch_all_ranks": lambda have: all(exchange(rank, have)),
+                         "gather_all_ranks": lambda obj: exchange(rank, obj)}
 
 
 def global_batches(loaders, steps: int) -> list[dict]:
@@ -338,22 +349,55 @@ def test_resume_on_another_world_size_continues_the_global_order(tmp_path, bad, 
     # one corrupt sample: its stream refills it with its next, then runs dry one sample early
     keys = write_dataset(tmp_path, [7, 6, 5, 6], corrupt=("s02n002",) if bad else ())
     cfg = lambda batch: config(tmp_path, batch_size=batch, streams=4, shuffle_buffer=3)
-    def make(world, batch):
-        ranks = lockstep(world)
-        return [data.make_train_loader(cfg(batch), rank=r, world_size=world, seed=3, in_channels=3,
-                                       out_channels=3, have_batch_all_ranks=ranks(r)) for r in range(world)]
-    straight = global_batches(make(1, 4), 8)  # into epoch 1
+    straight = global_batches(worlds(cfg, 1, 4), 8)  # into epoch 1
     epoch0 = [k for b in straight[:6 - bad] for k in b]
-    assert len(epoch0) == len(set(epoch0)) == 24 - 4 * bad  # once; a dry stream costs a step here
+    assert len(epoch0) == len(set(epoch0)) == 24 - 4 * bad  # once; the 3 left are less than a batch
     assert set(epoch0) <= set(keys)
     for stop in (1, 3):
-        before = make(*first)
-        done = global_batches(before, stop)
-        after = make(*then)
-        for loader in after:
-            loader.load_state_dict([loader_state for loader_state in (b.state_dict() for b in before)])
-        resumed = done + global_batches(after, 8 - stop)
-        assert [sorted(b) for b in resumed] == [sorted(b) for b in straight]
-        assert all(torch.equal(b[k], s[k]) for b, s in zip(resumed, straight) for k in s)
+        assert_same_batches(resumed_batches(cfg, first, then, stop, 8), straight)
+
+
+def assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    assert [sorted(b) for b in got] == [sorted(b) for b in want]
+    assert all(torch.equal(b[k], s[k]) for b, s in zip(got, want) for k in s)
+
+
+def worlds(cfg, world, batch, accumulate=1):
+    """`world` loaders, one per rank, with a per-rank batch, `accumulate` batches an update."""
+    ranks = lockstep(world)
+    return [data.make_train_loader(cfg(batch), rank=r, world_size=world, seed=3, in_channels=3,
+                                   out_channels=3, accumulate=accumulate, **ranks(r)) for r in range(world)]
+
+
+def resumed_batches(cfg, first, then, stop: int, steps: int) -> list[dict]:
+    """`stop` global batches (updates) on layout `first`, the rest of `steps` on `then`
+    from its state; a layout is (world, batch[, accumulate])."""
+    before = worlds(cfg, *first)
+    done = global_batches(before, stop)
+    after = worlds(cfg, *then)
+    for loader in after:
+        loader.load_state_dict([b.state_dict() for b in before])
+    accumulate = then[2] if len(then) > 2 else 1
+    rest = global_batches(after, (steps - stop) * accumulate)
+    return done + [{k: v for part in rest[i:i + accumulate] for k, v in part.items()}
+                   for i in range(0, len(rest), accumulate)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("first,then", [((1, 4), (2, 2)), ((2, 2), (4, 1)), ((4, 1), (1, 4)),
+                                        ((2, 2), (1, 2, 2))])
+def test_an_epoch_with_a_short_stream_hands_out_all_but_less_than_a_global_batch(tmp_path, first, then):
+    """A stream with 5 of its 8 samples bad runs dry after 3 rounds of 4 streams; the 15
+    good samples the others still have make 3 more global batches (the tail, gathered
+    across ranks) and 3 are left out: fewer than one global batch of 4. Resumed on
+    another world size before and inside the tail: the same global batches."""
+    keys = write_dataset(tmp_path, [8, 8, 8, 8], corrupt=tuple(f"s01n00{i}" for i in range(5)))
+    cfg = lambda batch: config(tmp_path, batch_size=batch, streams=4, shuffle_buffer=3)
+    straight = global_batches(worlds(cfg, 1, 4), 8)  # into epoch 1
+    epoch0 = [k for b in straight[:6] for k in b]
+    assert len(epoch0) == len(set(epoch0)) == 24 and set(epoch0) <= set(keys[:8] + keys[13:])
+    assert [sorted(b) for b in global_batches(worlds(cfg, *first), 8)] == [sorted(b) for b in straight]
+    for stop in (2, 4):  # before the tail and one step into it
+        assert_same_batches(resumed_batches(cfg, first, then, stop, 8), straight)
 
 
