@@ -14,6 +14,13 @@ num_workers=0) and measures:
   buffer_mb     resident memory the stream added after listing (RSS after minus
                 before): V x shuffle_buffer encoded samples, plus each stream's open
                 shard (its storage read buffer)
+With --tail, the same dataset with one shard unreadable (a cut tar: its stream runs dry
+a shard early) is read for a whole epoch, and the row says:
+  handed_out    the epoch's samples handed out, of `good` (fewer than one batch short)
+  before_sps    samples/s before the dry stream, tail_sps in the epoch's tail (read in
+                the training process, not in loader workers)
+  tail_samples  how many the tail held; tail_mb the resident memory it added (its
+                read-ahead and one update: not the tail's size)
 """
 from __future__ import annotations
 
@@ -73,6 +80,36 @@ def upload(folder: Path, bucket: str, prefix: str) -> str:
     return f"{bucket}/{prefix}"
 
 
+def cut_one_shard(folder: Path) -> int:
+    """Makes the first shard unreadable (a tar cut after its first header); returns its
+    sample count."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    first = manifest["splits"]["train"]["shards"][0]
+    path = folder / first["name"]
+    path.write_bytes(path.read_bytes()[:700])
+    return first["samples"]
+
+
+def measure_tail(url: str, samples: int, lost: int, args) -> dict:
+    cfg = DataConfig(train=url, batch_size=args.batch, num_workers=0, streams=args.streams,
+                     shuffle_buffer=args.shuffle_buffer, load_size=8, crop_size=8, flip=False)
+    loader = data.TrainLoader(cfg, data.list_shards(url, "train"), rank=0, world_size=1, seed=0,
+                              in_channels=3, out_channels=3, have_batch_all_ranks=None)
+    handed, start, times = 0, time.perf_counter(), {}
+    while loader.epoch == 0:
+        batch = next(loader)
+        if batch["epoch"] != 0:
+            break
+        if loader.in_tail and "tail" not in times:
+            times["tail"], at, before = time.perf_counter(), handed, rss_mb()
+        handed += len(batch["key"])
+    end = time.perf_counter()
+    return {"samples": samples, "good": samples - lost, "handed_out": handed,
+            "before_sps": round(at / (times["tail"] - start), 1), "tail_samples": handed - at,
+            "tail_sps": round((handed - at) / (end - times["tail"]), 1),
+            "tail_mb": round(rss_mb() - before, 1)}
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -112,6 +149,7 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--local", action="store_true", help="read a local folder, not S3")
+    parser.add_argument("--tail", action="store_true", help="also read an epoch with one shard cut")
     return parser.parse_args(argv)
 
 
@@ -129,8 +167,13 @@ def main(argv: list[str] | None = None) -> int:
                 write_shards(folder, samples, args.shard_samples)
                 url = str(folder) if args.local else upload(folder, bucket, f"n{samples}")
                 print(f"{samples} samples written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-                rows.append({"source": "local" if args.local else "s3 (moto, loopback)",
-                             **measure(url, samples, args)})
+                source = "local" if args.local else "s3 (moto, loopback)"
+                rows.append({"source": source, **measure(url, samples, args)})
+                if args.tail:
+                    lost = cut_one_shard(folder)
+                    url = str(folder) if args.local else upload(folder, bucket, f"n{samples}-cut")
+                    rows.append({"source": source, "case": "one shard cut",
+                                 **measure_tail(url, samples, lost, args)})
         finally:
             if server is not None:
                 server.terminate()

@@ -217,11 +217,11 @@ class StreamReader:
         record, pair = next(self._samples, (None, None))
         return None if record is None else (record.key, pair)
 
-    def next_undecoded(self) -> tuple[str, dict] | None:
-        """(key, its parts still encoded) of the next good sample (checked by decoding it);
+    def next_record(self) -> tuple[str, dict, tuple] | None:
+        """(key, its parts still encoded, (input HWC, target HWC)) of the next good sample;
         None once dry."""
-        record, _ = next(self._samples, (None, None))
-        return None if record is None else (record.key, record.parts)
+        record, pair = next(self._samples, (None, None))
+        return None if record is None else (record.key, record.parts, pair)
 
     def _records(self) -> Iterator[tuple[int, int, object]]:
         """(segment number, sample number in its shard, Entry or Skip) from the position on."""
@@ -357,107 +357,6 @@ def merge_parts(parts: list[dict], cfg) -> dict:
     return batch
 
 
-# ----------------------------------------------------------------------------- tail
-
-@dataclass(frozen=True)
-class TailStatus:
-    """What one stream holds in the epoch's tail: good samples consumed, read ahead of
-    them, and whether there are no more."""
-    good: int
-    ahead: int
-    ended: bool
-
-
-def tail_walk(status: dict[int, TailStatus], want: int) -> tuple[list[tuple[int, int]], bool]:
-    """The next `want` (stream, good sample number) of the global order continued over the
-    streams that still have samples: round r holds stream s's r-th good sample for every s
-    in order that has one (before a stream runs dry: global sample j = stream j % V's
-    (j // V)-th). Returns (order, known): known is False when a stream that has not
-    ended ran out of read-ahead before `want` were found (read further and walk again);
-    fewer than `want` with known=True: every stream has ended."""
-    order, r = [], min(st.good for st in status.values())
-    while len(order) < want:
-        if all(st.ended and r >= st.good + st.ahead for st in status.values()):
-            return order, True
-        for s in sorted(status):
-            st = status[s]
-            if st.good <= r < st.good + st.ahead:
-                order.append((s, r))
-                if len(order) == want:
-                    break
-            elif r >= st.good + st.ahead and not st.ended:
-                return order, False
-        r += 1
-    return order, True
-
-
-class Tail:
-    """The rest of an epoch once a stream ran dry (bad data ended it early): one update
-    at a time, in the global order over the streams that still have samples (tail_walk).
-    Each rank reads its own streams a little ahead in the main process, tells every rank
-    how far (one all-gather), and hands the update's samples it holds to every rank, still
-    encoded (a second one): a rank's memory is the read-ahead plus one update, whatever
-    is left. `positions` are its streams' after what was consumed: a checkpoint in the
-    tail is those, as before it."""
-
-    def __init__(self, plan: EpochPlan, positions: dict[int, StreamPosition],
-                 gather_all_ranks: Callable[[object], list]):
-        self.plan, self.gather_all_ranks, self.positions = plan, gather_all_ranks, dict(positions)
-        self._readers = {s: StreamReader(plan, s, p) for s, p in positions.items()}
-        self._ahead = {s: [] for s in positions}  # [(key, parts, position after it)]
-        self._ended = dict.fromkeys(positions, False)
-        self.left = 0  # once the tail is over: the good samples it left out (less than an update)
-
-    def next_update(self, want: int) -> list[tuple[str, dict]] | None:
-        """The next `want` global samples as (key, encoded parts), every rank's; None (on
-        every rank) when the streams hold fewer."""
-        alive, horizon = self.plan.streams, 0
-        while True:
-            horizon += -(-want // max(1, alive)) + 1  # rounds to read ahead
-            status = self._status(horizon)
-            order, known = tail_walk(status, want)
-            if known:
-                break
-            alive = sum(not st.ended for st in status.values())
-        if len(order) < want:
-            self.left = len(order)
-            return None
-        mine = {(s, r): self._ahead[s][r - self.positions[s].good][:2] for s, r in order if s in self._ahead}
-        samples = {k: v for part in self._gather(mine) for k, v in part.items()}
-        for s in self._ahead:
-            self._consume(s, sum(stream == s for stream, _ in order))
-        return [samples[at] for at in order]
-
-    def _status(self, horizon: int) -> dict[int, TailStatus]:
-        """Every stream's TailStatus, this rank's read ahead to `horizon` rounds past the
-        fewest consumed."""
-        base = min(p.good for p in self.positions.values())
-        for s, reader in self._readers.items():
-            while not self._ended[s] and self.positions[s].good + len(self._ahead[s]) < base + horizon:
-                sample = reader.next_undecoded()
-                if sample is None:
-                    self._ended[s] = True
-                else:
-                    self._ahead[s].append((*sample, reader.position.copy()))
-        own = {s: TailStatus(self.positions[s].good, len(ahead), self._ended[s])
-               for s, ahead in self._ahead.items()}
-        return {s: st for part in self._gather(own) for s, st in part.items()}
-
-    def _consume(self, stream: int, n: int) -> None:
-        taken, self._ahead[stream] = self._ahead[stream][:n], self._ahead[stream][n:]
-        if taken:
-            self.positions[stream] = taken[-1][2]
-        if self._ended[stream] and not self._ahead[stream]:  # its skips past the last good sample
-            self.positions[stream] = self._readers[stream].position.copy()
-
-    def _gather(self, obj) -> list:
-        everyone = self.gather_all_ranks(obj)
-        if len(everyone) != self.plan.world_size:
-            raise RuntimeError(f"gather_all_ranks gave {len(everyone)} parts for "
-                               f"{self.plan.world_size} ranks")
-        return everyone
-
-
 # -------------------------------------------------------------------------- workers
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -489,6 +388,134 @@ class WorkerLoader(torch.utils.data.DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
+
+
+# ----------------------------------------------------------------------------- tail
+
+@dataclass(frozen=True)
+class TailStatus:
+    """What one stream holds in the epoch's tail: good samples consumed, read ahead of
+    them, and whether there are no more."""
+    good: int
+    ahead: int
+    ended: bool
+
+
+def tail_walk(status: dict[int, TailStatus], want: int) -> tuple[list[tuple[int, int]], bool]:
+    """The next `want` (stream, good sample number) of the global order continued over the
+    streams that still have samples: round r holds stream s's r-th good sample for every s
+    in order that has one (before a stream runs dry: global sample j = stream j % V's
+    (j // V)-th). Returns (order, known): known is False when a stream that has not
+    ended ran out of read-ahead before `want` were found (read further and walk again);
+    fewer than `want` with known=True: every stream has ended."""
+    live = [st.good for st in status.values() if st.ahead or not st.ended]
+    order, r = [], min(live, default=0)  # live streams are at most a round apart
+    while len(order) < want:
+        if all(st.ended and r >= st.good + st.ahead for st in status.values()):
+            return order, True
+        for s in sorted(status):
+            st = status[s]
+            if st.good <= r < st.good + st.ahead:
+                order.append((s, r))
+                if len(order) == want:
+                    break
+            elif r >= st.good + st.ahead and not st.ended:
+                return order, False
+        r += 1
+    return order, True
+
+
+def tail_rounds(plan: EpochPlan, worker: int, positions: dict[int, StreamPosition]) -> Iterator[dict]:
+    """One worker's streams in the tail, a round at a time: {stream: (key, encoded parts,
+    pair, position after it)} of every stream not yet ended, or {stream: position} at its
+    end (its skips past the last good sample count)."""
+    readers = {s: StreamReader(plan, s, positions[s]) for s in plan.streams_of(plan.rank, worker)}
+    while readers:
+        chunk = {}
+        for s, reader in list(readers.items()):
+            sample = reader.next_record()
+            chunk[s] = reader.position.copy() if sample is None else (*sample, reader.position.copy())
+            if sample is None:
+                del readers[s]
+        yield chunk
+
+
+class _TailRounds(torch.utils.data.IterableDataset):
+    def __init__(self, plan: EpochPlan, positions: dict):
+        self.plan, self.positions = plan, positions
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        return tail_rounds(self.plan, info.id if info else 0, self.positions)
+
+
+class Tail:
+    """The rest of an epoch once a stream ran dry (bad data ended it early): one update
+    at a time, in the global order over the streams that still have samples (tail_walk).
+    Each rank's loader workers read its streams a little ahead (tail_rounds); the rank
+    tells every rank how far (one all-gather) and hands it the update's samples it holds,
+    still encoded (a second one): a rank's memory is the read-ahead plus one update,
+    whatever is left. `positions` are its streams' after what was consumed: a checkpoint
+    in the tail is those, as before it."""
+
+    def __init__(self, plan: EpochPlan, positions: dict[int, StreamPosition],
+                 gather_all_ranks: Callable[[object], list], num_workers: int):
+        self.plan, self.gather_all_ranks, self.positions = plan, gather_all_ranks, dict(positions)
+        self._rounds = iter(WorkerLoader(_TailRounds(plan, self.positions), num_workers,
+                                         derive_seed(plan.seed, plan.epoch, "tail")))
+        self._ahead = {s: [] for s in positions}  # [(key, parts, pair, position after it)]
+        self._end = {}  # stream -> its position at its end
+        self.left = 0  # once the tail is over: the good samples it left out (less than an update)
+
+    def next_update(self, want: int) -> list[tuple[str, dict, tuple | None]] | None:
+        """The next `want` global samples as (key, encoded parts, the decoded pair where
+        this rank read it, else None), every rank's; None (on every rank) when the streams
+        hold fewer."""
+        alive, horizon = self.plan.streams, 0
+        while True:
+            horizon += -(-want // max(1, alive)) + 1  # rounds to read ahead
+            status = self._status(horizon)
+            order, known = tail_walk(status, want)
+            if known:
+                break
+            alive = sum(not st.ended for st in status.values())
+        if len(order) < want:
+            self.left = len(order)
+            for s in self._ahead:
+                self._consume(s, 0)  # an ended stream's skips count
+            return None
+        mine = {(s, r): self._ahead[s][r - self.positions[s].good][:3] for s, r in order if s in self._ahead}
+        samples = {k: (*v, None) for part in self._gather({k: v[:2] for k, v in mine.items()})
+                   for k, v in part.items()}
+        for s in self._ahead:
+            self._consume(s, sum(stream == s for stream, _ in order))
+        return [mine.get(at, samples[at]) for at in order]
+
+    def _status(self, horizon: int) -> dict[int, TailStatus]:
+        """Every stream's TailStatus, this rank's read `horizon` samples ahead (or to their end)."""
+        while any(s not in self._end and len(a) < horizon for s, a in self._ahead.items()):
+            for s, item in next(self._rounds).items():
+                if isinstance(item, StreamPosition):
+                    self._end[s] = item
+                else:
+                    self._ahead[s].append(item)
+        own = {s: TailStatus(self.positions[s].good, len(ahead), s in self._end)
+               for s, ahead in self._ahead.items()}
+        return {s: st for part in self._gather(own) for s, st in part.items()}
+
+    def _consume(self, stream: int, n: int) -> None:
+        taken, self._ahead[stream] = self._ahead[stream][:n], self._ahead[stream][n:]
+        if taken:
+            self.positions[stream] = taken[-1][3]
+        if stream in self._end and not self._ahead[stream]:  # its skips past the last good sample
+            self.positions[stream] = self._end[stream]
+
+    def _gather(self, obj) -> list:
+        everyone = self.gather_all_ranks(obj)
+        if len(everyone) != self.plan.world_size:
+            raise RuntimeError(f"gather_all_ranks gave {len(everyone)} parts for "
+                               f"{self.plan.world_size} ranks")
+        return everyone
 
 
 # -------------------------------------------------------------------------- train loader
@@ -589,6 +616,11 @@ class TrainLoader:
         self._reset_epoch()
 
     @property
+    def in_tail(self) -> bool:
+        """In the epoch's tail: a stream ran dry, the rest of the others follows (Tail)."""
+        return self._in_tail
+
+    @property
     def step_in_epoch(self) -> int:
         return self.consumed // self.window
 
@@ -624,13 +656,8 @@ class TrainLoader:
             self._pending = batches[1:]
             return batches[0]
         self._iterator = None
-        if self.consumed == 0:
-            fewer = " or fewer data.streams" if self.streams > self.world_size * self.num_workers else ""
-            raise DataError(f"epoch {self.epoch}: some rank has no usable batch: one of its "
-                            f"{self.streams} stream(s) found no good sample (skipped so far: "
-                            f"{dict(self.skipped)}); fix the data{fewer}")
         if self.cfg.mode == "resampled":  # a stream found nothing usable in its draws (logged)
-            return None
+            return self._no_batch() if self.consumed == 0 else None
         self._positions, self._in_tail = held, True  # the streams before this update
         log.info("epoch %d: a stream ran dry after %d of %d global samples; the rest of the others "
                  "follows, gathered across ranks", self.epoch, self.consumed, self.limit)
@@ -656,9 +683,11 @@ class TrainLoader:
             raise RuntimeError("world_size > 1 needs gather_all_ranks (an all-gather of objects) "
                                "to hand out an epoch's tail")
         if self._tail is None:
-            self._tail = Tail(self._plan(), self._positions, self.gather_all_ranks)
+            self._tail = Tail(self._plan(), self._positions, self.gather_all_ranks, self.cfg.num_workers)
         samples = self._tail.next_update(self.update)
         self._positions = dict(self._tail.positions)
+        if samples is None and self.consumed == 0:
+            return self._no_batch()
         if samples is None:
             log.info("epoch %d ends after %d global samples; %d good ones (less than one global batch) "
                      "are left out", self.epoch, self.consumed, self._tail.left)
@@ -667,10 +696,15 @@ class TrainLoader:
         batches = []
         for start in range(self.consumed, self.consumed + self.update, self.window):
             mine = [samples[j - self.consumed] for j in plan.rank_samples(start)]
-            batches.append(collate([(key, self._decode(key, parts)) for key, parts in mine], plan,
-                                   device_augment))
+            batches.append(collate([(key, pair or self._decode(key, parts)) for key, parts, pair in mine],
+                                   plan, device_augment))
         self._pending = batches[1:]
         return batches[0]
+
+    def _no_batch(self):
+        raise DataError(f"epoch {self.epoch} has no usable global batch: its {self.streams} stream(s) "
+                        f"hold fewer good samples than {self.update} (skipped: {dict(self.skipped)}); "
+                        "fix the data")
 
     def _decode(self, key: str, parts: dict) -> tuple:
         pair, reason = try_decode(key, parts, self.cfg, self.in_channels, self.out_channels)

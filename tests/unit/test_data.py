@@ -281,7 +281,7 @@ def test_all_bad_data_ends_instead_of_spinning(tmp_path):
     for mode in ("exact", "resampled"):
         loader = data.make_train_loader(config(tmp_path, mode=mode), rank=0, world_size=1,
                                         seed=0, in_channels=3, out_channels=3)
-        with pytest.raises(DataError, match="no usable batch"):
+        with pytest.raises(DataError, match="no usable global batch"):
             next(loader)
         assert loader.skipped["truncated_shard"] >= 2
 
@@ -384,15 +384,17 @@ def resumed_batches(cfg, first, then, stop: int, steps: int) -> list[dict]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("first,then", [((1, 4), (2, 2)), ((2, 2), (4, 1)), ((4, 1), (1, 4)),
-                                        ((2, 2), (1, 2, 2))])
-def test_an_epoch_with_a_short_stream_hands_out_all_but_less_than_a_global_batch(tmp_path, first, then):
+@pytest.mark.parametrize("first,then,workers", [((1, 4), (2, 2), 0), ((2, 2), (4, 1), 0),
+                                                ((4, 1), (1, 4), 0), ((2, 2), (1, 2, 2), 0),
+                                                ((2, 2), (1, 4), 2)])
+def test_an_epoch_with_a_short_stream_hands_out_all_but_less_than_a_global_batch(tmp_path, first, then,
+                                                                                  workers):
     """A stream with 5 of its 8 samples bad runs dry after 3 rounds of 4 streams; the 15
     good samples the others still have make 3 more global batches (the tail, gathered
     across ranks) and 3 are left out: fewer than one global batch of 4. Resumed on
     another world size before and inside the tail: the same global batches."""
     keys = write_dataset(tmp_path, [8, 8, 8, 8], corrupt=tuple(f"s01n00{i}" for i in range(5)))
-    cfg = lambda batch: config(tmp_path, batch_size=batch, streams=4, shuffle_buffer=3)
+    cfg = lambda batch: config(tmp_path, batch_size=batch, streams=4, shuffle_buffer=3, num_workers=workers)
     straight = global_batches(worlds(cfg, 1, 4), 8)  # into epoch 1
     epoch0 = [k for b in straight[:6] for k in b]
     assert len(epoch0) == len(set(epoch0)) == 24 and set(epoch0) <= set(keys[:8] + keys[13:])
