@@ -100,12 +100,13 @@ def test_resume_on_another_world_size_continues_the_epoch(shards, whole, tmp_pat
     got = global_batches(two_to_one)
     assert {s: expected[s] for s in range(4, 9)} == got
 
-    # 1 -> 2: one process (grad_accum 2) to step 3, then two processes in the same run folder
+    # 1 -> 2: one process (grad_accum 2) through the tail to step 7, whose checkpoint is
+    # inside it, then two processes in the same run folder: the 3 left end epoch 0 there
     one_to_two = tmp_path / "one_to_two"
-    train(1, one_to_two, folder, "--train.max_steps=3", "--train.grad_accum=2")
+    train(1, one_to_two, folder, "--train.max_steps=7", "--train.grad_accum=2")
     (one_to_two / "keys" / "rank0.jsonl").write_text(  # a record past the checkpoint: dropped
         (one_to_two / "keys" / "rank0.jsonl").read_text() + json.dumps(
-            {"step": 4, "epoch": 0, "keys": ["stale"]}) + "\n")
+            {"step": 8, "epoch": 0, "keys": ["stale"]}) + "\n")
     train(2, one_to_two, folder, "--train.max_steps=8", "--train.resume=auto")
     assert global_batches(one_to_two) == expected
 
