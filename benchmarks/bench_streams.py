@@ -17,8 +17,8 @@ num_workers=0) and measures:
 With --tail, the same dataset with one shard unreadable (a cut tar: its stream runs dry
 a shard early) is read for a whole epoch, and the row says:
   handed_out    the epoch's samples handed out, of `good` (fewer than one batch short)
-  before_sps    samples/s before the dry stream, tail_sps in the epoch's tail (read in
-                the training process, not in loader workers)
+  before_sps    samples/s before the dry stream, tail_sps in the epoch's tail (read a
+                round of streams at a time by the loader workers; here num_workers=0)
   tail_samples  how many the tail held; tail_mb the resident memory it added (its
                 read-ahead and one update: not the tail's size)
 """

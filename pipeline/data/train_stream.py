@@ -494,16 +494,25 @@ class Tail:
     def _status(self, horizon: int) -> dict[int, TailStatus]:
         """Every stream's TailStatus, this rank's read `horizon` samples ahead (or to their end)."""
         while any(s not in self._end and len(a) < horizon for s, a in self._ahead.items()):
-            for s, item in next(self._rounds).items():
-                if isinstance(item, StreamPosition):
-                    self._end[s] = item
-                else:
-                    self._ahead[s].append(item)
+            self._read_round()
         own = {s: TailStatus(self.positions[s].good, len(ahead), s in self._end)
                for s, ahead in self._ahead.items()}
         return {s: st for part in self._gather(own) for s, st in part.items()}
 
+    def _read_round(self) -> None:
+        """One more round of this rank's workers' streams into the read-ahead."""
+        for s, item in next(self._rounds).items():
+            if isinstance(item, StreamPosition):
+                self._end[s] = item
+            else:
+                self._ahead[s].append(item)
+
     def _consume(self, stream: int, n: int) -> None:
+        """Hands out `n` of the stream's read-ahead. Taking all of it, its end is read
+        first: whether the skips past its last good sample count must not depend on how
+        far this rank's workers happened to read (the layout), or skip counts would."""
+        while n and stream not in self._end and len(self._ahead[stream]) <= n:
+            self._read_round()
         taken, self._ahead[stream] = self._ahead[stream][:n], self._ahead[stream][n:]
         if taken:
             self.positions[stream] = taken[-1][3]

@@ -403,3 +403,27 @@ def test_an_epoch_with_a_short_stream_hands_out_all_but_less_than_a_global_batch
         assert_same_batches(resumed_batches(cfg, first, then, stop, 8), straight)
 
 
+
+
+@pytest.mark.timeout(120)
+def test_skip_counts_in_the_tail_do_not_depend_on_the_layout(tmp_path):
+    """The bad samples past a stream's last good one count when that sample is handed
+    out, on every layout: not when one rank's read-ahead happened to reach them."""
+    write_dataset(tmp_path, [11, 4, 6], corrupt=("s00n010", *(f"s02n00{i}" for i in range(1, 6))))
+    cfg = lambda batch: config(tmp_path, batch_size=batch, streams=4, shuffle_buffer=5)
+    def skipped_each_step(loaders) -> list[int]:
+        counts = [[] for _ in loaders]
+        def run(rank):
+            for _ in range(6):
+                next(loaders[rank])
+                counts[rank].append(sum(loaders[rank].skipped.values()))
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(len(loaders))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return [sum(step) for step in zip(*counts)]
+    one = skipped_each_step(worlds(cfg, 1, 4))
+    assert one[3] - one[0] == 6  # epoch 0's bad samples all counted by its end
+    for world, batch in ((4, 1), (2, 2)):
+        assert skipped_each_step(worlds(cfg, world, batch)) == one, (world, batch)
