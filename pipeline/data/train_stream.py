@@ -545,8 +545,8 @@ class TrainLoader:
     `have_batch_all_ranks(have_all)` (an all-reduce MIN across ranks supplied by the
     trainer, once an update) tells every rank together when some stream ran dry (bad
     data). From there the epoch goes on through its Tail (the other streams' rest in the
-    global order, read in this process), whose `gather_all_ranks(obj)` (an all-gather of
-    objects) hands every rank the update's samples wherever they were read. The epoch
+    global order, read by each rank's loader workers), whose `gather_all_ranks(obj)` (an
+    all-gather of objects) hands every rank the update's samples wherever they were read. The epoch
     ends with fewer than U good samples unread, with bad data or without. With
     world_size > 1 both are required.
 

@@ -325,18 +325,24 @@ def lockstep(world: int):
                          "gather_all_ranks": lambda obj: exchange(rank, obj)}
 
 
-def global_batches(loaders, steps: int) -> list[dict]:
-    """`steps` global batches of loaders (one per rank) run together: {key: input}."""
+def run_together(loaders, steps: int, record) -> list[list]:
+    """Loaders (one per rank) run `steps` steps together, in threads: per rank, what
+    `record(loader, batch)` says after each step."""
     out = [[] for _ in loaders]
     def run(rank):
         for _ in range(steps):
-            batch = next(loaders[rank])
-            out[rank].append(dict(zip(batch["key"], batch["input"])))
+            out[rank].append(record(loaders[rank], next(loaders[rank])))
     threads = [threading.Thread(target=run, args=(r,)) for r in range(len(loaders))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return out
+
+
+def global_batches(loaders, steps: int) -> list[dict]:
+    """`steps` global batches of loaders (one per rank) run together: {key: input}."""
+    out = run_together(loaders, steps, lambda _, batch: dict(zip(batch["key"], batch["input"])))
     return [{k: v for rank in out for k, v in rank[i].items()} for i in range(steps)]
 
 
@@ -403,8 +409,6 @@ def test_an_epoch_with_a_short_stream_hands_out_all_but_less_than_a_global_batch
         assert_same_batches(resumed_batches(cfg, first, then, stop, 8), straight)
 
 
-
-
 @pytest.mark.timeout(120)
 def test_skip_counts_in_the_tail_do_not_depend_on_the_layout(tmp_path):
     """The bad samples past a stream's last good one count when that sample is handed
@@ -412,16 +416,7 @@ def test_skip_counts_in_the_tail_do_not_depend_on_the_layout(tmp_path):
     write_dataset(tmp_path, [11, 4, 6], corrupt=("s00n010", *(f"s02n00{i}" for i in range(1, 6))))
     cfg = lambda batch: config(tmp_path, batch_size=batch, streams=4, shuffle_buffer=5)
     def skipped_each_step(loaders) -> list[int]:
-        counts = [[] for _ in loaders]
-        def run(rank):
-            for _ in range(6):
-                next(loaders[rank])
-                counts[rank].append(sum(loaders[rank].skipped.values()))
-        threads = [threading.Thread(target=run, args=(r,)) for r in range(len(loaders))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        counts = run_together(loaders, 6, lambda loader, _: sum(loader.skipped.values()))
         return [sum(step) for step in zip(*counts)]
     one = skipped_each_step(worlds(cfg, 1, 4))
     assert one[3] - one[0] == 6  # epoch 0's bad samples all counted by its end
