@@ -1,7 +1,10 @@
 """Decoding: a sample's encoded members -> uint8 H x W x C input and target.
 
 One policy for every reader of images, shard.py included: JPEG through simplejpeg
-(libjpeg-turbo, 1.6-2.6x faster than PIL here; CMYK/YCCK through PIL); palette and alpha
+(libjpeg-turbo, 1.6-2.6x faster than PIL here; CMYK/YCCK through PIL) where it is
+installed, else through PIL's own libjpeg-turbo with the same decoder settings (the same
+pixels: gray from a colour JPEG is libjpeg's luma channel in both; tested with simplejpeg
+hidden), so the package imports on machines without it (a bare GPU image); palette and alpha
 images lose the alpha; 16-bit grayscale is scaled to 8 bits (`scale_16bit`, 65535 -> 255,
 not clipped); gray <-> RGB converted as requested (RGB -> gray by ITU-R 601 luma); EXIF
 orientation ignored (pixels as stored, as the reference pix2pix does: a pair is aligned in
@@ -11,13 +14,14 @@ unless told otherwise: the one default of shard.py and the trainer alike.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import io
 import json
 import logging
 
 import numpy as np
-import simplejpeg
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from pipeline.data.format import image_members
 
@@ -45,10 +49,20 @@ def scale_16bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
 
 
+@functools.cache
+def _simplejpeg():
+    """The simplejpeg module, or None where it is not installed (a speed-up only)."""
+    try:
+        return importlib.import_module("simplejpeg")
+    except ImportError:
+        return None
+
+
 def decode_image(data: bytes, ext: str, channels: int,
                  max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Encoded bytes -> uint8 HxWxC (C = channels, 1 or 3), by the policy above."""
-    if ext in ("jpg", "jpeg"):
+    simplejpeg = _simplejpeg()
+    if ext in ("jpg", "jpeg") and simplejpeg is not None:
         try:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError:
@@ -66,6 +80,8 @@ def _decode_pil(data: bytes, channels: int, max_pixels: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             _check_size(*im.size, max_pixels)
+            if channels == 1 and isinstance(im, JpegImagePlugin.JpegImageFile) and im.mode == "RGB":
+                im.draft("L", None)  # libjpeg's luma channel, as simplejpeg's GRAY output
             im.load()
             im = scale_16bit(im)
             if im.mode == "P":
