@@ -190,11 +190,29 @@ def init_restarted_group(timeout: timedelta, backend: str | None = None) -> None
             or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
         return
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-    if backend is None:
-        on_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "") not in ("1", "true")
-        backend = "cuda:nccl,cpu:gloo" if on_cuda else "gloo"
-    dist.init_process_group(backend, store=dist.PrefixStore(f"p2p/start_{restart_count()}", store),
+    dist.init_process_group(backend or default_backend(),
+                            store=dist.PrefixStore(f"p2p/start_{restart_count()}", store),
                             rank=rank, world_size=world_size, timeout=timeout)
+
+
+def default_backend() -> str:
+    """The backend accelerate gives a first start on this machine (nccl on CUDA, gloo on
+    the CPU), so a restarted group runs every collective where the first start did: a
+    mixed "cuda:nccl,cpu:gloo" group would move barriers and object collectives to gloo,
+    which on a multi-NIC node may pick an interface the first start never used."""
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return "nccl" if torch.cuda.is_available() and not forced_cpu else "gloo"
+
+
+# NCCL's watchdog, by default, aborts a process whose collective timed out before Python
+# sees an exception: lost_peer() and finish()'s exit-code file would never run. Mode 2
+# (CleanUpOnly) aborts the communicators and raises in the caller instead, as gloo does.
+NCCL_ERROR_HANDLING = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+
+
+def raise_nccl_errors() -> None:
+    """Before any process group exists; a value the user set is kept."""
+    os.environ.setdefault(*NCCL_ERROR_HANDLING)
 
 
 def restart_count() -> int:

@@ -74,6 +74,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         group["backend"] = "gloo"
     mixed_precision, notice = precision.choose(precision.requested_precision(),
                                                cfg.train.allow_emulated_bf16)
+    distributed.raise_nccl_errors()
     distributed.init_restarted_group(group["timeout"], group.get("backend"))
     accelerator = Accelerator(log_with=tracking.log_with(cfg), project_dir=cfg.train.run_dir,
                               mixed_precision=mixed_precision,
