@@ -10,11 +10,10 @@ plain JSON lines, one file per rank, cut back to the resumed step on a resume.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
-from pipeline import checkpoint
+from pipeline import checkpoint, jsonl
 from pipeline.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,19 +70,17 @@ class KeyRecord:
         """Drop the records past `step` (a resume from it), atomically."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = [record for record in jsonl.read(self.path) if record.get("step", step + 1) <= step]
         aside = self.path + ".tmp"
-        with open(aside, "w") as f:
-            f.writelines(kept)
+        if os.path.exists(aside):
+            os.remove(aside)
+        jsonl.append(aside, kept)
         os.replace(aside, self.path)
 
     def write(self, step: int, batches: list[tuple[int, list[str]]]) -> None:
         """This rank's (epoch, keys) of each micro-batch of `step`, in order."""
-        lines, by_epoch = [], {}
+        by_epoch = {}
         for epoch, keys in batches:
             by_epoch.setdefault(epoch, []).extend(keys)
-        for epoch, keys in by_epoch.items():
-            lines.append(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")
-        with open(self.path, "a") as f:
-            f.writelines(lines)
+        jsonl.append(self.path, [{"step": step, "epoch": epoch, "keys": keys}
+                                 for epoch, keys in by_epoch.items()])

@@ -30,6 +30,7 @@ from pipeline import (
     evaluate,
     faults,
     host_memory,
+    jsonl,
     precision,
     realism,
     run_folder,
@@ -148,8 +149,7 @@ class Evaluator:
                                    names=self.names, realism=self.realism,
                                    gather=distributed.gather_objects)
         if self.accelerator.is_main_process:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, **result}) + "\n")
+            jsonl.append(self.metrics_path, [{"step": step, **result}])
         self.accelerator.log({f"val/{k}": v for k, v in result.items() if v is not None}, step=step)
         return result
 
@@ -165,10 +165,7 @@ class Evaluator:
 
     def recorded(self, step: int) -> dict | None:
         """The val metrics metrics.jsonl holds for `step`, if any (main process)."""
-        if not os.path.exists(self.metrics_path):
-            return None
-        with open(self.metrics_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = jsonl.read(self.metrics_path)
         return next((r for r in reversed(records) if r["step"] == step), None)
 
     def summary(self, result: dict) -> str:
@@ -388,8 +385,7 @@ class Trainer:
             record = {"step": self.step, **scalars}
             if self.skipped:
                 record["skipped"] = self.skipped
-            with open(os.path.join(self.cfg.train.run_dir, "train_log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            jsonl.append(os.path.join(self.cfg.train.run_dir, "train_log.jsonl"), [record])
 
     def run(self) -> int:
         cfg = self.cfg
