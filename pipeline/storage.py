@@ -162,6 +162,17 @@ def inside(folder: str, name: str) -> str:
     return join(folder, name)
 
 
+def contains(folder: str, url: str) -> bool:
+    """Whether `url` is `folder` or lies below it (local paths resolved, links included)."""
+    if is_s3(folder) != is_s3(url):
+        return False
+    if is_s3(folder):
+        outer, inner = folder.rstrip("/"), url.rstrip("/")
+        return inner == outer or inner.startswith(outer + "/")
+    outer, inner = os.path.realpath(_local(folder)), os.path.realpath(_local(url))
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
 def exists(url: str) -> bool:
     with _s3_errors(url):
         if is_s3(url):

@@ -185,6 +185,30 @@ def plan_inputs(specs: list[str], split: str) -> tuple[list, list, int]:
     return files, shard_lists, total
 
 
+def check_out(out: str, specs: list[str], files: list[tuple[str, str]]) -> None:
+    """--out never inside an input folder (its translations would mix with the inputs, or
+    replace those that are PNGs), and no output path that is an input file."""
+    for spec in specs:
+        if not is_image_name(spec) and not spec.endswith(".tar") and "{" not in spec \
+                and storage.contains(spec, out):
+            raise UserError(f"--out {out} is inside the input folder {spec}: give an output "
+                            "folder outside every input")
+    inputs = {url for url, _ in files}
+    clash = next((name for _, name in files if storage.join(out, output_name(name)) in inputs), None)
+    if clash:
+        raise UserError(f"--out {out}: {output_name(clash)} would replace the input file of that "
+                        "name: give another output folder")
+
+
+def existing_outputs(out: str) -> set[str]:
+    """The output names (relative to --out) already there: complete files, each written
+    atomically by an earlier run."""
+    if not storage.exists(out):
+        return set()
+    root = out.rstrip("/") + "/"
+    return {url[len(root):] for url in storage.list_files(out) if url.startswith(root)}
+
+
 def output_name(name: str) -> str:
     return name.rsplit(".", 1)[0] + ".png"
 
@@ -243,12 +267,26 @@ class Translator:
     """Images in, PNGs out: equal-sized small images batched whole, large ones tiled."""
 
     def __init__(self, forward: Forward, out: str, *, multiple: int, tile: int, overlap: int,
-                 batch_size: int, max_whole_pixels: int):
+                 batch_size: int, max_whole_pixels: int, existing: set[str] = frozenset()):
         self.forward, self.out, self.multiple = forward, out, multiple
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
         self.max_whole_pixels = max_whole_pixels
         self.pending: list[tuple[str, torch.Tensor]] = []
-        self.done, self.tiled, self.skipped = 0, 0, Counter()
+        self.done, self.tiled, self.kept, self.skipped = 0, 0, 0, Counter()
+        self.existing, self.taken = existing, set()  # outputs there before, names of this run
+
+    def wanted(self, name: str) -> bool:
+        """False for an output already there (kept, counted) or one this run already
+        wrote for another input of the same name (skipped, counted: never overwritten)."""
+        if output_name(name) in self.taken:
+            self.skip(name, "duplicate_name (an earlier input has the same name; translate "
+                            "them into separate --out folders)")
+            return False
+        self.taken.add(output_name(name))
+        if output_name(name) in self.existing:
+            self.kept += 1
+            return False
+        return True
 
     def add(self, name: str, pixels: np.ndarray) -> None:
         image = to_unit_range(torch.from_numpy(pixels).permute(2, 0, 1)[None])
@@ -325,6 +363,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "exactly twice as wide as high for such a pair and translates its "
                              "input half (as shards of A|B pairs are read); yes: every image; no: "
                              "translate whole images (default: auto)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="translate again the inputs whose output is already in --out "
+                             "(default: keep it and count it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -338,6 +379,8 @@ def _main(argv: list[str]) -> int:
     overlap = round(args.overlap * tile)
     check_tiling(tile, overlap, meta["data"]["crop_size"], multiple)
     files, shard_lists, total = plan_inputs(args.inputs, args.split)
+    check_out(args.out, args.inputs, files)
+    existing = set() if args.overwrite else existing_outputs(args.out)
     device = pick_device(args.device)
     mixed_precision, notice = precision.for_inference(args.bf16, device.type)
     if notice:
@@ -349,22 +392,23 @@ def _main(argv: list[str]) -> int:
     bf16 = mixed_precision == "bf16"
     translator = Translator(make_forward(generator, device, bf16), args.out, multiple=multiple,
                             tile=tile, overlap=overlap, batch_size=1 if batch_stats else args.batch_size,
-                            max_whole_pixels=args.max_whole_pixels)
+                            max_whole_pixels=args.max_whole_pixels, existing=existing)
     log.info(f"translate.py: {total} images, {meta['model']['generator']} step {meta['step']} on "
              f"{device}{' bf16' if bf16 else ''}; dropout {args.dropout}, {args.norm_stats} "
              f"statistics; tiles {tile}px, overlap {overlap}px")
     with tqdm(total=total, unit="img", disable=args.quiet, dynamic_ncols=True) as bar:
         for name, pixels, reason in read_images(files, shard_lists, meta, args.max_pixels,
                                                 args.split_pair):
-            if reason is None:
-                translator.add(name, pixels)
-            else:
+            if reason is not None:
                 translator.skip(name, reason)
+            elif translator.wanted(name):
+                translator.add(name, pixels)
             bar.update(1)
         translator.flush()
     skipped = sum(translator.skipped.values())
+    kept = f"kept {translator.kept} already there (--overwrite redoes them); " if translator.kept else ""
     log.info(f"translate.py: wrote {translator.done} images to {args.out} ({translator.tiled} tiled); "
-             f"skipped {skipped}{' ' + str(dict(translator.skipped)) if skipped else ''}")
+             f"{kept}skipped {skipped}{' ' + str(dict(translator.skipped)) if skipped else ''}")
     if skipped:
         raise DataError(f"{skipped} input(s) could not be translated "
                         f"({', '.join(f'{k} {n}' for k, n in translator.skipped.items())}); "

@@ -111,3 +111,47 @@ def test_a_resnet_generator_translates_and_exports_at_its_own_size_multiple(tmp_
         x = torch.rand(shape) * 2 - 1
         with torch.no_grad():
             torch.testing.assert_close(program(x), generator.eval()(x), rtol=0, atol=1e-5)
+
+
+def said(capsys) -> str:
+    """What the tool printed: progress lines go to stdout, errors to stderr."""
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
+def test_translate_never_writes_over_inputs_or_earlier_outputs(tmp_path, capsys):
+    """--out equal to or inside an input folder is refused; outputs already there are kept
+    and counted (--overwrite redoes them); two shard inputs holding the same keys write
+    each name once and count the rest, instead of replacing each other's outputs."""
+    from data_tools.make_demo import main as make_demo
+    from data_tools.shard import main as shard
+
+    checkpoint = make_export(tmp_path / "g")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        write_image(photos / f"p{i}.png", make_pair(i, "p", 0, 64)[:, :64])
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    for out in (photos, photos / "translated"):
+        assert main(["--checkpoint", checkpoint, str(photos), "--out", str(out), "--quiet"]) == 2
+        assert "inside the input folder" in said(capsys)
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # nothing written
+
+    out = tmp_path / "out"
+    assert main(["--checkpoint", checkpoint, str(photos), "--out", str(out), "--quiet"]) == 0
+    (out / "p1.png").unlink()  # as if the first job was stopped before p1
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["--checkpoint", checkpoint, str(photos), "--out", str(out), "--quiet"]) == 0
+    assert "wrote 1 images" in said(capsys) and (out / "p1.png").exists()
+    assert all(out.joinpath(name).stat().st_mtime_ns == stamp for name, stamp in stamps.items())
+    assert main(["--checkpoint", checkpoint, str(photos), "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert "wrote 3 images" in said(capsys)
+
+    make_demo([str(tmp_path / "raw"), "--train", "2", "--val", "2", "--size", "64"])
+    for name in ("a", "b"):
+        assert shard([str(tmp_path / "raw"), str(tmp_path / name), "--quiet", "--workers", "1"]) == 0
+    code = main(["--checkpoint", checkpoint, str(tmp_path / "a"), str(tmp_path / "b"),
+                 "--out", str(tmp_path / "both"), "--quiet"])
+    text = said(capsys)
+    assert code == 2 and "wrote 2 images" in text and "duplicate_name 2" in text
+    assert len(list((tmp_path / "both").iterdir())) == 2
