@@ -5,6 +5,7 @@ A checkpoint is one folder `RUN/checkpoints/step_00001000/` holding:
                                             across ranks under ZeRO) + what it needs to be
                                             rebuilt without the trainer
     trainer.json                            step, world size, config
+    digests.json                            every file's size and SHA-256 (pipeline/digests.py)
     rank_00000.json ...                     per rank: data-stream position, Python and
     rank_00000_rng.pt ...                   NumPy RNG states; torch RNG states
 and the models' training state, written by the engines (pipeline/engines.py):
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from pipeline import faults, storage, weights
+from pipeline import digests, faults, storage, weights
 from pipeline.errors import CheckpointMismatch, RunError
 
 LATEST = "latest"
@@ -158,6 +159,7 @@ def save(run_dir: str, step: int, snapshot: Snapshot, ranks: Ranks, keep_last: i
         raise CheckpointError(f"checkpoint at step {step} failed "
                               f"({error or 'on another rank'}); {_intact(root)}") from error
     if rank == 0:
+        digests.write_index(staging)
         faults.kill_point("checkpoint.staged")
         _commit(staging, final)
         faults.kill_point("checkpoint.renamed")

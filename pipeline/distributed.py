@@ -87,6 +87,23 @@ def sum_counts(counts: dict[str, int]) -> dict[str, int]:
     return dict(sorted(sum((Counter(c) for c in everyone), Counter()).items()))
 
 
+def from_rank0(compute):
+    """compute() on rank 0 only; its result, or its error, on every rank (a refusal on
+    rank 0 must not leave the others waiting)."""
+    if not is_distributed():
+        return compute()
+    box = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = compute()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            box[1] = err
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -33,6 +33,7 @@ from pipeline import (
     jsonl,
     precision,
     realism,
+    resume,
     run_folder,
     storage,
     tracking,
@@ -212,8 +213,8 @@ class Trainer:
         self.keys = elastic.KeyRecord(cfg.train.run_dir, self.rank) if cfg.data.record_keys else None
         self.step_batches: list[tuple[int, list[str]]] = []  # this step's (epoch, keys), for self.keys
 
-    def resume(self) -> None:
-        path = checkpoint.resolve(self.cfg.train.run_dir, self.cfg.train.resume)
+    def resume(self, path: str | None) -> None:
+        """From `path` (checkpoint.choose's), or a fresh start where it is None."""
         if path is None:
             if self.cfg.train.resume:
                 log0(self.acc, f"resume: no checkpoint in {self.cfg.train.run_dir} yet, starting fresh")
@@ -457,11 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         storage.check_writable(cfg.train.mirror)
     accelerator = make_accelerator(cfg)
     distributed.check_shared_run_dir(cfg.train.run_dir, accelerator.process_index, accelerator.device)
-    elastic.keep_global_batch(cfg, accelerator.num_processes,
-                              checkpoint.resolve(cfg.train.run_dir, cfg.train.resume),
+    resume_from = distributed.from_rank0(lambda: resume.choose(cfg.train.run_dir, cfg.train.resume))
+    elastic.keep_global_batch(cfg, accelerator.num_processes, resume_from,
                               deepspeed=launched_with_deepspeed())
     trainer = Trainer(cfg, accelerator, stop)
-    trainer.resume()
+    trainer.resume(resume_from)
     if accelerator.is_main_process:
         storage.write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())
         log0(accelerator, "config:\n" + to_yaml(cfg) + "environment: "

@@ -1,6 +1,7 @@
 """Nothing lost to a damaged run folder: what a kill, a full disk or a second job leaves
 behind, met by the next run of the same folder (real trainer processes)."""
 import json
+import shutil
 
 import pytest
 
@@ -32,3 +33,70 @@ def test_a_cut_last_log_line_is_read_past_and_the_next_append_starts_a_new_line(
         assert cut in lines  # the fragment kept on its own line, not glued to the next record
         steps[name] = [json.loads(line)["step"] for line in lines if line != cut]
     assert steps == {"metrics.jsonl": [0, 2, 4], "train_log.jsonl": [1, 2, 3, 4]}
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(demo_shards, tmp_path_factory):
+    """A run folder with checkpoints at steps 2, 4 and 6 (latest: 6)."""
+    run_dir = tmp_path_factory.mktemp("three") / "run"
+    result = run(single(train_args(run_dir, demo_shards, "--train.ckpt_every=2", "--train.max_steps=6")),
+                 cpu_env())
+    assert result.returncode == 0, explain(result)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
+        ["latest", "step_00000002", "step_00000004", "step_00000006"]
+    return run_dir
+
+
+def resume_copy(base, tmp_path, shards, damage) -> tuple:
+    """A copy of `base` damaged by damage(checkpoints folder), resumed to step 8."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(base, run_dir)
+    damage(run_dir / "checkpoints")
+    result = run(single(train_args(run_dir, shards, "--train.ckpt_every=2", "--train.max_steps=8",
+                                   "--train.resume=auto")), cpu_env())
+    assert result.returncode == 0, explain(result)
+    assert "Traceback" not in result.stderr
+    return run_dir / "checkpoints", result.stdout + result.stderr
+
+
+def flip_a_bit(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.timeout(240)
+def test_damaged_newest_checkpoints_are_set_aside_and_the_newest_intact_one_resumes(
+        three_checkpoints, demo_shards, tmp_path):
+    """The marker deleted (step folders copied into a new run), the newest checkpoint
+    missing a member file, the next one with a flipped bit in G's weights: both set aside
+    as .damaged with the file and why, the run resumes from step 2 and overwrites nothing."""
+    def damage(root):
+        (root / "latest").unlink()
+        (root / "step_00000006" / "discriminator.safetensors").unlink()
+        flip_a_bit(root / "step_00000004" / "generator.safetensors")
+
+    root, said = resume_copy(three_checkpoints, tmp_path, demo_shards, damage)
+    assert "latest is missing: resuming from" in said
+    assert "discriminator.safetensors: missing: set aside as" in said
+    assert "generator.safetensors: its content changed since it was written" in said
+    assert "at step 2" in said
+    assert {"step_00000006.damaged", "step_00000004.damaged"} <= {p.name for p in root.iterdir()}
+    assert (root / "latest").read_text() == "step_00000008"
+
+
+@pytest.mark.timeout(240)
+def test_a_marker_naming_nothing_and_a_cut_json_fall_back_to_an_intact_older_checkpoint(
+        three_checkpoints, demo_shards, tmp_path):
+    """`latest` names a deleted folder and the newest checkpoint's trainer.json is cut; the
+    next one was written before checkpoints had digests (no digests.json) and resumes."""
+    def damage(root):
+        (root / "latest").write_text("step_00000010")
+        trainer = root / "step_00000006" / "trainer.json"
+        trainer.write_bytes(trainer.read_bytes()[:40])
+        (root / "step_00000004" / "digests.json").unlink()
+
+    root, said = resume_copy(three_checkpoints, tmp_path, demo_shards, damage)
+    assert "names step_00000010, which is not intact: resuming from" in said
+    assert "trainer.json: 40 bytes" in said and "at step 4" in said
+    assert (root / "step_00000006.damaged").is_dir()
