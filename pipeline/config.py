@@ -156,6 +156,8 @@ class TrainConfig:
                                "as checkpoints/best (saved when it improves, never rotated away; "
                                "empty: off)", choices=("", *realism.METRICS))
     mirror: str = opt("", "copy each committed checkpoint to this s3:// prefix (empty: off)")
+    lease_seconds: float = opt(60.0, "the run folder's lease: a holder whose heartbeat is older "
+                               "is taken as dead and its folder taken over (pipeline/lease.py)")
     collective_timeout: int = opt(
         600, "seconds a rank waits in a collective before failing (a dead peer ends the run)")
     on_nonfinite: Literal["stop", "skip"] = opt(

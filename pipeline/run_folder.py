@@ -16,6 +16,7 @@ import time
 
 from pipeline import distributed
 from pipeline.errors import UserError
+from pipeline.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,11 @@ def held_run(run_dir: str) -> list[str]:
     return [name for name in RUN_MARKERS if os.path.exists(os.path.join(run_dir, name))]
 
 
-def prepare(run_dir: str, resume: str, overwrite: bool, rank: int) -> str:
+def prepare(run_dir: str, resume: str, overwrite: bool, rank: int, held: Lease | None = None) -> str:
     """The resume setting to use: refuses (UserError) a fresh start into a folder holding
-    a run, moves it aside first with `overwrite` (rank 0; the others find it gone), and
-    turns an elastic restart into resume=auto."""
+    a run, moves it aside first with `overwrite` (rank 0, holding the folder's lease, which
+    then holds the new one; the others find it gone), and turns an elastic restart into
+    resume=auto."""
     if restarted_by_agent() and not resume:
         log.info(f"restart {distributed.restart_count()} by the elastic agent: "
                  "resuming from the latest checkpoint")
@@ -50,5 +52,7 @@ def prepare(run_dir: str, resume: str, overwrite: bool, rank: int) -> str:
     if rank == 0:
         aside = f"{run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
         os.replace(run_dir, aside)
+        if held:
+            held.moved(aside)
         log.warning(f"train.overwrite: the run in {run_dir} was moved to {aside}")
     return resume

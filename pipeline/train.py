@@ -31,6 +31,7 @@ from pipeline import (
     faults,
     host_memory,
     jsonl,
+    lease,
     precision,
     realism,
     resume,
@@ -189,8 +190,9 @@ class Evaluator:
 # --------------------------------------------------------------------------- the loop
 
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Accelerator, stop: distributed.StopRequest):
-        self.cfg, self.acc = cfg, accelerator
+    def __init__(self, cfg: Config, accelerator: Accelerator, stop: distributed.StopRequest,
+                 held: lease.Lease | None = None):
+        self.cfg, self.acc, self.lease = cfg, accelerator, held  # the run folder's lease: rank 0's
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.world  # samples per update
         self.engines = make_engines(cfg, accelerator)
@@ -276,7 +278,19 @@ class Trainer:
             return True
         return False
 
+    def lease_lost(self) -> bool:
+        return self.lease is not None and self.lease.lost is not None
+
+    def raise_lease_lost(self) -> None:
+        """On every rank: the folder has another writer now (rank 0's lease says who)."""
+        if self.lease is not None:
+            self.lease.check()
+        raise lease.LeaseLost("rank 0 lost the run folder's lease to another process: stopping "
+                              "without writing to it")
+
     def save(self, best: bool = False) -> None:
+        if distributed.any_rank(self.lease_lost(), self.acc.device):
+            self.raise_lease_lost()
         e = self.engines
         snapshot = checkpoint.Snapshot(
             save_models=e.save, generator_state=e.generator_state_fp32(),
@@ -331,8 +345,10 @@ class Trainer:
             losses = train_step_accumulated(e.G, e.D, e.opt_G, e.opt_D, xs, ys, self.objective, self.hooks)
         finite = all(math.isfinite(v) for v in losses.values())
         # one collective a step for the two things all ranks must agree on
-        nonfinite, self.stopping = distributed.any_rank_each(
-            [not finite, self.stop.requested], self.acc.device)
+        nonfinite, self.stopping, lost = distributed.any_rank_each(
+            [not finite, self.stop.requested, self.lease_lost()], self.acc.device)
+        if lost:
+            self.raise_lease_lost()
         if nonfinite or self.skipped:
             self.nonfinite_step(losses, buffers)
         if "G" not in self.skipped:
@@ -452,8 +468,21 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging(cfg.log.level)
     tracking.require_installed(cfg.log.tracker)  # accelerate would train untracked
     check_inputs(cfg)  # before anything is created: a wrong path or metric fails in one line
+    rank = int(os.environ.get("RANK", "0"))
+    held = lease.Lease(cfg.train.run_dir, cfg.train.lease_seconds) if rank == 0 else None
+    if held:
+        held.acquire()  # before anything is written into the run folder
+    try:
+        return train(cfg, stop, rank, held)
+    finally:
+        if held:
+            held.release()
+
+
+def train(cfg: Config, stop: distributed.StopRequest, rank: int, held: lease.Lease | None) -> int:
+    """main() with the run folder held (by rank 0)."""
     cfg.train.resume = run_folder.prepare(cfg.train.run_dir, cfg.train.resume,
-                                          cfg.train.overwrite, int(os.environ.get("RANK", "0")))
+                                          cfg.train.overwrite, rank, held)
     if cfg.train.mirror:  # a mirror that cannot be written fails now, in one line
         storage.check_writable(cfg.train.mirror)
     accelerator = make_accelerator(cfg)
@@ -461,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     resume_from = distributed.from_rank0(lambda: resume.choose(cfg.train.run_dir, cfg.train.resume))
     elastic.keep_global_batch(cfg, accelerator.num_processes, resume_from,
                               deepspeed=launched_with_deepspeed())
-    trainer = Trainer(cfg, accelerator, stop)
+    trainer = Trainer(cfg, accelerator, stop, held)
     trainer.resume(resume_from)
     if accelerator.is_main_process:
         storage.write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())
