@@ -43,6 +43,7 @@ streaming's canonical streams, here with sample-exact ranges):
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -730,7 +731,12 @@ class TrainLoader:
         return {reason: n for reason, n in total.items() if n}
 
     def _layout(self) -> dict:
-        return {"seed": self.seed, "mode": self.cfg.mode, "shuffle_buffer": self.cfg.shuffle_buffer}
+        """What a saved position is only valid under; "data" names the shards themselves
+        (their URLs and sample counts): positions on other data would be byte offsets into
+        other tars."""
+        shards = json.dumps([[shard.url, shard.samples] for shard in self.shards]).encode()
+        return {"seed": self.seed, "mode": self.cfg.mode, "shuffle_buffer": self.cfg.shuffle_buffer,
+                "data": hashlib.sha256(shards).hexdigest()[:16]}
 
     def state_dict(self) -> dict:
         """This rank's part as plain JSON types (see load_state_dict), a copy; between
@@ -770,10 +776,12 @@ class TrainLoader:
         self._reset_epoch()
         self._skipped_before = sum((Counter(s["skipped_before"]) for s in states
                                     if s["rank"] % self.world_size == self.rank), Counter())
-        changed = {k: f"{saved[k]} -> {v}" for k, v in self._layout().items() if saved[k] != v}
+        # a key a checkpoint lacks is one it was saved before recording ("data": older runs)
+        changed = {k: f"{saved[k]} -> {v}" for k, v in self._layout().items() if saved.get(k, v) != v}
         if changed:
-            log.warning("data position saved with another %s: restarting epoch %d from its beginning",
-                        changed, self.epoch)
+            data = " (the training data changed: other shards or sample counts)" if "data" in changed else ""
+            log.warning("data position saved with another %s%s: restarting epoch %d from its "
+                        "beginning", changed, data, self.epoch)
             return
         held = {int(s): p for state in states for s, p in state["positions"].items()}
         missing = sorted(set(self._positions) - set(held))

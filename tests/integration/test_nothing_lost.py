@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tests.helpers.trainer_runs import cpu_env, explain, run, single, train_args
+from tests.helpers.trainer_runs import cpu_env, explain, run, single, step_log, train_args
 
 
 @pytest.mark.timeout(240)
@@ -100,3 +100,25 @@ def test_a_marker_naming_nothing_and_a_cut_json_fall_back_to_an_intact_older_che
     assert "names step_00000010, which is not intact: resuming from" in said
     assert "trainer.json: 40 bytes" in said and "at step 4" in said
     assert (root / "step_00000006.damaged").is_dir()
+
+
+@pytest.mark.timeout(240)
+def test_a_resume_on_other_data_restarts_the_epoch_instead_of_reusing_its_positions(
+        three_checkpoints, demo_shards, tmp_path):
+    """--data.train changed between runs: the saved per-stream byte positions belong to
+    other tars; the resume says so and starts the epoch of the new data from its
+    beginning, reading every sample cleanly."""
+    from data_tools.make_demo import main as make_demo
+    from data_tools.shard import main as shard
+
+    make_demo([str(tmp_path / "raw"), "--train", "30", "--val", "2", "--size", "64", "--seed", "5"])
+    assert shard([str(tmp_path / "raw"), str(tmp_path / "other"), "--quiet", "--workers", "1"]) == 0
+    run_dir = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run_dir)
+    args = train_args(run_dir, demo_shards, "--train.max_steps=9", "--train.resume=auto")
+    result = run(single([*args, f"--data.train={tmp_path / 'other'}"]), cpu_env())
+    assert result.returncode == 0, explain(result)
+    assert "the training data changed" in result.stderr and "restarting epoch 0" in result.stderr
+    resumed = [r for r in step_log(run_dir) if r["step"] > 6]
+    assert [r["step"] for r in resumed] == [7, 8, 9]
+    assert all(not key.startswith("data/skipped_") or value == 0 for r in resumed for key, value in r.items())
