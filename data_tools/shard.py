@@ -271,6 +271,19 @@ def pack_shard(job: tuple) -> dict:
     return part
 
 
+def drop_stale_manifest(dest: str, plan: dict) -> None:
+    """A manifest of another plan is removed before the first tar is written: a run cut
+    short would otherwise leave it listing shards that are now partly the new data's."""
+    manifest, old_plan = storage.join(dest, "manifest.json"), storage.join(dest, PARTS, "plan.json")
+    if not storage.exists(manifest):
+        return
+    if storage.exists(old_plan) and json.loads(storage.read_bytes(old_plan)) == plan:
+        return
+    storage.remove(manifest)
+    print(f"shard.py: {dest} held shards of another plan: its manifest.json is removed until "
+          "this run writes the new one", file=sys.stderr)
+
+
 def _part_url(dest: str, shard_name: str) -> str:
     return storage.join(dest, PARTS, shard_name.removesuffix(".tar") + ".json")
 
@@ -400,6 +413,7 @@ def _run(args: argparse.Namespace) -> int:
             "shards": [{"name": s.name, "split": s.split, "digest": s.digest} for s in shards]}
     try:  # the plan is also the probe: an unwritable DEST fails here, before any work
         storage.makedirs(args.dest)
+        drop_stale_manifest(args.dest, plan)
         storage.write_bytes(storage.join(args.dest, PARTS, "plan.json"), _dumps(plan))
     except OSError as err:
         raise UserError(f"cannot write to {args.dest}: {err.strerror or err}") from None

@@ -1,10 +1,14 @@
 """Nothing lost to a damaged run folder: what a kill, a full disk or a second job leaves
 behind, met by the next run of the same folder (real trainer processes)."""
 import json
+import os
 import shutil
+import signal
+import subprocess
 
 import pytest
 
+from tests.helpers.shard_trees import SHARD_PY, make_aligned
 from tests.helpers.trainer_runs import cpu_env, explain, run, single, step_log, train_args
 
 
@@ -122,3 +126,22 @@ def test_a_resume_on_other_data_restarts_the_epoch_instead_of_reusing_its_positi
     resumed = [r for r in step_log(run_dir) if r["step"] > 6]
     assert [r["step"] for r in resumed] == [7, 8, 9]
     assert all(not key.startswith("data/skipped_") or value == 0 for r in resumed for key, value in r.items())
+
+
+@pytest.mark.timeout(120)
+def test_resharding_other_data_into_a_folder_drops_its_old_manifest_before_the_first_tar(tmp_path):
+    """shard.py into a folder holding another dataset's shards, cut short: no manifest is
+    left listing a mix of both, so a training run refuses the folder instead of reading it."""
+    make_aligned(tmp_path / "a", {"train": 20, "val": 4})
+    make_aligned(tmp_path / "b", {"train": 30, "val": 4}, size=(48, 24))
+    dest = tmp_path / "shards"
+    options = ["--workers", "1", "--max-samples", "5", "--quiet"]
+    subprocess.run(SHARD_PY + [str(tmp_path / "a"), str(dest), *options], check=True, timeout=60)
+    assert (dest / "manifest.json").exists()
+    rerun = subprocess.run(SHARD_PY + [str(tmp_path / "b"), str(dest), *options], timeout=60,
+                           env=dict(os.environ, P2P_FAULT="shard.after_tar:2"))
+    assert rerun.returncode == -signal.SIGKILL
+    assert not (dest / "manifest.json").exists()
+    refused = run(single(train_args(tmp_path / "run", dest)), cpu_env(), timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, explain(refused)
+    assert not (tmp_path / "run" / "train_log.jsonl").exists()
