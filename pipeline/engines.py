@@ -25,6 +25,7 @@ RNG, commit, marker, rotation).
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from contextlib import nullcontext
 
@@ -37,6 +38,8 @@ from pipeline.config import Config, ConfigError
 from pipeline.errors import CheckpointMismatch
 from pipeline.gan import StepHooks, freeze_while, guard_updates
 from pipeline.models import build_discriminator, build_generator, initialise_from, update_ema
+
+log = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, constant_steps: int, decay_steps: int) -> float:
@@ -68,6 +71,29 @@ def build_optimizers(cfg: Config, G: torch.nn.Module, D: torch.nn.Module):
     return opt_G, opt_D, schedulers
 
 
+def without_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """`module`, or where it holds SyncBatchNorm a copy with plain BatchNorm of the same
+    weights and statistics. SyncBatchNorm all-reduces on every train-mode forward once a
+    process group exists, DDP or not; evaluation runs G in train mode (pix2pix's protocol)
+    one image per forward, and ranks hold different numbers of images: it would hang."""
+    if not any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()):
+        return module
+    return _plain_batchnorm(copy.deepcopy(module))
+
+
+def _plain_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(module, torch.nn.SyncBatchNorm):
+        like = module.weight if module.affine else module.running_mean
+        plain = torch.nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                     module.track_running_stats)
+        plain = plain.to(device=like.device, dtype=like.dtype) if like is not None else plain
+        plain.load_state_dict(module.state_dict())
+        return plain.train(module.training)
+    for name, child in module.named_children():
+        setattr(module, name, _plain_batchnorm(child))
+    return module
+
+
 class Engines:
     """What both kinds share; subclasses set G, D, opt_G, opt_D, hooks, schedulers, autocast
     and channels_last (the memory format batches should come in)."""
@@ -93,8 +119,9 @@ class Engines:
     ema: torch.nn.Module | None = None  # G's moving average (train.ema_decay), a whole module
 
     def eval_generator(self) -> torch.nn.Module:
-        """What evaluation, sample grids and the export see: the EMA where there is one."""
-        return self.generator if self.ema is None else self.ema
+        """What evaluation, sample grids and the export see: the EMA where there is one
+        (a copy with plain BatchNorm under model.norm=syncbatch: without_sync_batchnorm)."""
+        return without_sync_batchnorm(self.generator if self.ema is None else self.ema)
 
     def freeze(self, hooks: StepHooks, params: list, active) -> StepHooks:
         """Their gradients dropped before G's optimiser steps (gan.freeze_while)."""
@@ -128,11 +155,17 @@ class DDPEngines(Engines):
                                                      accelerator.device.type, cfg.data.batch_size)
         G, D = build_models(cfg, self.channels_last)
         opt_G, opt_D, self.schedulers = build_optimizers(cfg, G, D)
-        self.G, self.D, self.opt_G, self.opt_D = accelerator.prepare(G, D, opt_G, opt_D)
-        if cfg.train.ema_decay > 0:
-            self.ema = copy.deepcopy(self.generator).requires_grad_(False)
         if cfg.train.compile:
-            self.G, self.D = torch.compile(self.G), torch.compile(self.D)
+            # In place (nn.Module.compile), before DDP wraps them, never torch.compile
+            # around DDP: DDP's forward and no_sync stay DDP's and call the compiled
+            # modules, which keep their state_dict keys (no `_orig_mod.`: exports,
+            # resumes and init_from stay plain, compiled or not)
+            G.compile()
+            D.compile()
+        self._generator, self._discriminator = G, D  # the plain modules, whatever prepare wraps
+        self.G, self.D, self.opt_G, self.opt_D = accelerator.prepare(G, D, opt_G, opt_D)
+        if cfg.train.ema_decay > 0:  # a deepcopy drops the compiled call: a plain module
+            self.ema = copy.deepcopy(G).requires_grad_(False)
         self.autocast = accelerator.autocast
         # D in the G step through the unwrapped module: frozen, it needs no all-reduce
         self.hooks = StepHooks(backward=lambda loss, model: accelerator.backward(loss),
@@ -146,11 +179,11 @@ class DDPEngines(Engines):
 
     @property
     def generator(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.G)
+        return self._generator
 
     @property
     def discriminator(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.D)
+        return self._discriminator
 
     def save(self, staging: str, rank: int) -> None:
         """Rank 0 writes D and the optimiser/scheduler states (G is the export itself)."""
@@ -196,9 +229,45 @@ def deepspeed_config(base: dict, cfg: Config, bf16: bool) -> dict:
                   gradient_clipping=cfg.optim.grad_clip)  # DeepSpeed would clip at 1.0 by default
     if bf16:  # bf16 mode casts parameters only: BatchNorm wants its buffers in bf16 too
         config.setdefault("data_types", {})["buffer_dtype"] = "bf16"
-    if bf16 and cfg.train.grad_accum > 1:  # bf16 would sum the micro-steps' gradients in bf16
+    if bf16 and cfg.train.grad_accum > 1 and not accumulates_in_bf16(config, cfg, bf16):
+        # ZeRO sums the micro-steps' gradients in fp32 (bf16 sums would lose their low bits)
         config.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     return config
+
+
+def accumulates_in_bf16(config: dict, cfg: Config, bf16: bool) -> bool:
+    """ZeRO-0 in bf16 with train.grad_accum > 1: DeepSpeed's stage-0 bf16 optimiser sums the
+    micro-steps' gradients in the bf16 parameters' .grad and refuses grad_accum_dtype fp32
+    (NotImplementedError "unsupported mix of model_dtype ... grad_accum_dtype"), so there
+    the sums stay in bf16 (ZeRO-1/2 are given fp32 sums above)."""
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    return bf16 and cfg.train.grad_accum > 1 and stage == 0
+
+
+def cast_inputs_where_weights_are_bf16(model: torch.nn.Module) -> None:
+    """DeepSpeed's bf16 mode casts the parameters (and buffers: data_types.buffer_dtype) only,
+    and its engine.forward switches autocast off inside when it sees one outside (on CUDA:
+    deepspeed/runtime/torch_autocast.py): fp32 inputs would meet bf16 weights at G's first
+    convolution. So each module holding tensors of its own gets a pre-hook that casts its
+    inputs to bf16, just where autocast would cast them: on a CPU, where autocast stays on
+    inside, nothing changes (an average pooling before a convolution still runs in fp32).
+    On the modules, not the engine: D through frozen_view and G's no-grad forwards too."""
+    for module in model.modules():
+        if _own_tensor(module) is not None:
+            module.register_forward_pre_hook(_inputs_to_bf16_where_weights_are)
+
+
+def _own_tensor(module: torch.nn.Module) -> torch.Tensor | None:
+    own = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+    return next((t for t in own if t.is_floating_point()), None)
+
+
+def _inputs_to_bf16_where_weights_are(module: torch.nn.Module, inputs: tuple) -> tuple | None:
+    """A no-op in an fp32 copy of the module (an fp32 EMA: deepcopy keeps the hooks)."""
+    if _own_tensor(module).dtype != torch.bfloat16:
+        return None
+    return tuple(x.to(torch.bfloat16) if torch.is_tensor(x) and x.is_floating_point() else x
+                 for x in inputs)
 
 
 class DeepSpeedEngines(Engines):
@@ -227,7 +296,13 @@ class DeepSpeedEngines(Engines):
         self.D, self.opt_D, _, _ = deepspeed.initialize(model=D, optimizer=opt_D,
                                                         config=copy.deepcopy(config))
         device_type = accelerator.device.type
-        # bf16 parameters want bf16 inputs: autocast casts them at each convolution
+        if bf16:  # bf16 parameters want bf16 inputs, whether or not autocast runs in the engine
+            cast_inputs_where_weights_are_bf16(G)
+            cast_inputs_where_weights_are_bf16(D)
+        if accumulates_in_bf16(config, cfg, bf16) and accelerator.is_main_process:
+            log.warning(f"train.grad_accum={cfg.train.grad_accum} under ZeRO-0 in bf16: DeepSpeed sums the "
+                        "micro-steps' gradients in bf16 (stage 0 refuses the fp32 sums ZeRO-1/2 use)")
+        # and autocast for what runs outside the engines (the losses) and for evaluation
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self.hooks = StepHooks(backward=lambda loss, engine: engine.backward(loss),
                                step=lambda optimizer, engine: engine.step(),
@@ -305,14 +380,14 @@ class DeepSpeedEngines(Engines):
 
     def eval_generator(self) -> torch.nn.Module:
         """G, or an fp32 module holding the gathered EMA (gathered once per G step; a
-        collective under ZeRO: every rank calls)."""
+        collective under ZeRO: every rank calls); plain BatchNorm under syncbatch."""
         if self.ema_partition is None:
-            return self.generator
+            return without_sync_batchnorm(self.generator)
         step = self.G.global_steps
         if self._gathered_ema is None or self._gathered_ema[0] != step:
             ema = copy.deepcopy(self.generator).float().requires_grad_(False)
             ema.load_state_dict(self.generator_state_fp32())
-            self._gathered_ema = (step, ema)
+            self._gathered_ema = (step, without_sync_batchnorm(ema))
         return self._gathered_ema[1]
 
     def generator_state_fp32(self) -> dict[str, torch.Tensor]:

@@ -99,11 +99,19 @@ TORCH_EXTENSIONS_DIR = os.environ.get(
     str(Path.home() / ".cache" / "pix2pix-at-scale" / f"torch_extensions-{version('torch')}"))
 
 
+# a sitecustomize that makes every rank see autocast as DeepSpeed sees it on a GPU
+CUDA_AUTOCAST_CHECK = ROOT / "tests" / "helpers" / "cuda_autocast_check"
+
+
 def deepspeed_env(**extra) -> dict:
-    """CPU processes for a DeepSpeed launch: gloo, and never ACCELERATE_USE_CPU (it would
-    silently drop DeepSpeed)."""
+    """CPU processes for a DeepSpeed launch: gloo, never ACCELERATE_USE_CPU (it would
+    silently drop DeepSpeed), and CUDA_AUTOCAST_CHECK on PYTHONPATH (before the caller's,
+    with the repo root): inside `torch.autocast("cpu")` DeepSpeed then switches autocast
+    off in its engines' forward as it does on a GPU, so a bf16 test fails where CUDA would."""
     env = cpu_env(TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR, **extra)
     env.pop("ACCELERATE_USE_CPU", None)
+    paths = [str(CUDA_AUTOCAST_CHECK), str(ROOT), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
     return env
 
 

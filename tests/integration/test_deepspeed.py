@@ -1,7 +1,9 @@
 """The trainer under DeepSpeed, launched for real: G and D in one engine each, ZeRO-1 and
 ZeRO-2, fp32 and bf16, 2 CPU processes over gloo (and 2 "nodes" on 127.0.0.1). Checked
 against the DDP trainer on the same data and seed: losses and the generator export bit
-for bit. With CI=true a missing deepspeed fails these tests instead of skipping them."""
+for bit. Every launch sees autocast as DeepSpeed does on CUDA (deepspeed_env's
+sitecustomize): what fails there in bf16 fails here. With CI=true a missing deepspeed
+fails these tests instead of skipping them."""
 import importlib.util
 import subprocess
 import sys
@@ -94,6 +96,8 @@ def test_zero_keeps_g_and_d_equal_across_ranks(runs, stage, precision):
     assert f'"zero_stage": {stage}' in result.stdout
     assert ("DeepSpeedZeroOptimizer" in result.stdout) == (stage > 0)
     assert f'"mixed_precision": "{precision}"' in result.stdout
+    # bf16 as on CUDA: DeepSpeed switched our autocast off inside its engines (deepspeed_env)
+    assert ("but disabled within the DeepSpeed engine" in result.stdout) == (precision == "bf16")
     assert "replicas agree: G and D digest" in result.stdout and "on 2 rank(s)" in result.stdout
     assert "[rank 0] exiting with code 0" in result.stderr
     assert "[rank 1] exiting with code 0" in result.stderr
@@ -238,6 +242,22 @@ def test_zero2_bf16_accumulates_the_hd_objective_with_an_ema_and_resumes_exactly
     # the export is the EMA, not G: G's own fp32 masters, from the partitions DeepSpeed saved
     raw = raw_generator_masters(final(tmp_path / "whole"))
     assert raw.keys() <= ema.keys() and not all(ema[k].equal(raw[k]) for k in raw)
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
+def test_zero0_bf16_with_grad_accum_trains_summing_in_bf16_and_says_so(demo_shards, tmp_path):
+    """ZeRO-0 refuses fp32 gradient sums for bf16 parameters (NotImplementedError at
+    start-up): train.grad_accum there accumulates in bf16, said once, and trains."""
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, demo_shards, "--train.max_steps=2", "--train.grad_accum=2", *RUN[1:])
+    result = run(deepspeed(args, stage=0, precision="bf16"), deepspeed_env(), timeout=LAUNCH_TIMEOUT)
+    assert result.returncode == 0, explain(result)
+    assert '"zero_stage": 0' in result.stdout and '"mixed_precision": "bf16"' in result.stdout
+    assert "replicas agree: G and D digest" in result.stdout and "on 2 rank(s)" in result.stdout
+    assert result.stderr.count("under ZeRO-0 in bf16: DeepSpeed sums the micro-steps' gradients in bf16") == 1
+    records = step_log(run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    assert torch.isfinite(torch.tensor([[r[k] for k in LOSSES] for r in records])).all()
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 120)

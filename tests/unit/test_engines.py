@@ -68,3 +68,33 @@ def test_the_hd_step_runs_its_convolutions_in_bf16_on_cpu(demo_shards, tmp_path)
     assert dtypes == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(list(losses.values())))) and "loss_G_feat" in losses
     assert all(p.dtype == torch.float32 for p in [*engines.generator.parameters(), *engines.ema.parameters()])
+
+
+@pytest.mark.timeout(120)
+def test_evaluation_runs_a_copy_without_sync_batchnorm(demo_shards, tmp_path):
+    """model.norm=syncbatch: SyncBatchNorm all-reduces on every train-mode forward, and
+    evaluation (train mode, one image per forward, ranks holding different image counts)
+    would hang on a GPU; on the CPU it refuses to run at all. Evaluation gets a plain
+    BatchNorm copy with the same weights and statistics; training keeps SyncBatchNorm."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from pipeline.config import from_cli
+    from pipeline.engines import DDPEngines
+
+    cfg, _ = from_cli(train_args(tmp_path / "run", demo_shards, "--model.norm=syncbatch",
+                                 "--train.ema_decay=0.99"))
+    accelerator = Accelerator(cpu=True)
+    try:
+        engines = DDPEngines(cfg, accelerator)
+    finally:
+        AcceleratorState._reset_state(True)
+    synced = lambda m: sum(isinstance(layer, torch.nn.SyncBatchNorm) for layer in m.modules())
+    assert synced(engines.generator) > 0 and synced(engines.ema) > 0
+    evaluated = engines.eval_generator()
+    assert synced(evaluated) == 0 and evaluated.training
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in evaluated.modules()) == synced(engines.ema)
+    state = engines.ema.state_dict()
+    assert all(torch.equal(value, state[name]) for name, value in evaluated.state_dict().items())
+    with torch.no_grad():
+        assert torch.isfinite(evaluated(torch.rand(1, 3, 128, 128) * 2 - 1)).all()
