@@ -117,13 +117,16 @@ def measure(variant: str, batch: int, generator: str, size: int, steps: int, war
     step = lambda i: step_on(*pairs[i % len(pairs)])
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
     l1 = [step(i)["loss_G_l1"] for i in range(warmup)]
+    warmup_s = time.perf_counter() - start  # +compile: compiling G and D happens here
     start = time.perf_counter()
     l1 += [step(i)["loss_G_l1"] for i in range(warmup, warmup + steps)]  # each syncs on its losses
     seconds = (time.perf_counter() - start) / steps
     return {"variant": variant, "batch": batch, "s_per_step": seconds,
             "layout": "channels_last" if engines.channels_last else "nchw",
-            "samples_per_s": batch / seconds, "peak_mem_mib": peak_memory_mib(accelerator.device),
+            "samples_per_s": batch / seconds, "warmup_s": warmup_s,
+            "peak_mem_mib": peak_memory_mib(accelerator.device),
             "l1_first": l1[0], "l1_last": sum(l1[-steps:]) / steps}
 
 
