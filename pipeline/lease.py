@@ -5,17 +5,19 @@ job, two people picking the same name) interleave their checkpoints and logs, an
 start-up clean-up deletes the other's checkpoint in progress. Atomic files cannot prevent
 that; a single writer can. `RUN/lease.json` names the holder (host, pid, job, generation)
 and a heartbeat that a thread renews every `train.lease_seconds / 4`:
-  - it is taken with O_EXCL (one taker wins a race) and, where the file system honours
-    it, an flock on it (released by the kernel when the holder dies, however it dies);
+  - it is taken atomically (a hard link that fails where the file exists: one taker wins
+    a race) and, where the file system honours
+    it, a POSIX lock beside it (released by the kernel when the holder dies, however it
+    dies, and never held by its forked children);
   - a successor of the holder (the same Slurm job requeued, SLURM_RESTART_COUNT higher, or
     a worker group torchrun's agent restarted) waits, bounded, for the holder's release,
     death or expiry, then takes over and says so;
   - anyone else is refused in one line naming the holder and its heartbeat's age, unless
-    the holder is gone (its flock free on this host) or its heartbeat is older than
+    the holder is gone (its lock free on this host) or its heartbeat is older than
     `train.lease_seconds`: then the lease is taken over with a line saying so.
 A holder that finds the lease taken over (it stalled past the expiry) stops at its next
 step or checkpoint instead of writing. The lease file is not a run marker (run_folder).
-Written by hand: fasteners/filelock give an flock, not a heartbeat, a job identity or a
+Written by hand: fasteners/filelock give a lock, not a heartbeat, a job identity or a
 successor.
 """
 from __future__ import annotations
@@ -128,7 +130,7 @@ class Lease:
     def _try_take(self) -> bool:
         """True once this process holds the lease; False while a live holder does."""
         if self._lock_fd is None and not self._lock():
-            return False  # a live process on this host holds the flock
+            return False  # a live process on this host holds the lock
         aside = self._write_aside(self.me)
         try:
             os.link(aside, self.path)  # whole, and only if nobody holds it: one taker wins
@@ -139,7 +141,7 @@ class Lease:
         return True
 
     def _take_over(self, holder: Holder | None) -> bool:
-        """With the flock ours: a holder on this host is dead; one elsewhere has expired,
+        """With the lock ours: a holder on this host is dead; one elsewhere has expired,
         or still beats (False)."""
         if holder is None:
             return False  # released meanwhile: try the exclusive create again
@@ -155,18 +157,20 @@ class Lease:
     def _lock(self) -> bool:
         fd = os.open(os.path.join(self.run_dir, "lease.lock"), os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # a POSIX lock, not flock(): flock's lock is shared with forked children (the
+            # loader workers), which outlive a SIGKILLed trainer by seconds
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held
             os.close(fd)
             return False
-        except OSError:  # a file system without flock: the heartbeat alone decides
+        except OSError:  # a file system without locks: the heartbeat alone decides
             pass
         self._lock_fd = fd
         return True
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
+            os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
 
     def _write_aside(self, holder: Holder) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, data, translate
+from pipeline import checkpoint, data, digests, translate
 from tests.helpers.bad_inputs import bad_folder, first_epoch_skips, pair_members, write_tar
 from tests.helpers.gloo_ranks import run_ranks
 from tests.helpers.images import config, epoch_batches, keys_of, write_dataset
@@ -172,6 +172,8 @@ def test_foreign_weights_are_refused_without_running_them(bad_run, tmp_path, cap
     shutil.copytree(bad_run["run"], tmp_path / "run")
     step = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     shutil.copy(hostile, tmp_path / "run" / "checkpoints" / step / "optimizers.pt")
+    # whoever swapped the file rewrote the checkpoint's digests too: the load itself refuses
+    digests.write_index(str(tmp_path / "run" / "checkpoints" / step))
     args = train_args(tmp_path / "run", clean_shards(tmp_path / "shards"), *TRAINER,
                       "--train.resume=auto", "--train.max_steps=100")
     line = one_line_error(run(single(args), cpu_env(), timeout=150))
