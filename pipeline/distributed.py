@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pipeline import precision
 from pipeline.errors import UserError
 
 # "stop soon": the trainer checkpoints and exits on these; loader workers ignore them
@@ -217,8 +218,7 @@ def default_backend() -> str:
     the CPU), so a restarted group runs every collective where the first start did: a
     mixed "cuda:nccl,cpu:gloo" group would move barriers and object collectives to gloo,
     which on a multi-NIC node may pick an interface the first start never used."""
-    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return "nccl" if torch.cuda.is_available() and not forced_cpu else "gloo"
+    return "nccl" if precision.launch_device_type() == "cuda" else "gloo"
 
 
 # NCCL's watchdog, by default, aborts a process whose collective timed out before Python

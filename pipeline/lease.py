@@ -31,6 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from pipeline.distributed import restart_count
 from pipeline.errors import RunError, UserError
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,7 @@ class Holder:
             job = f"torchrun agent {socket.gethostname()}:{os.getppid()}"
         else:
             job = f"process {socket.gethostname()}:{os.getpid()}"
-        generation = (int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
-                      int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
+        generation = (int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), restart_count())
         return cls(socket.gethostname(), os.getpid(), job, generation, time.time())
 
     def describe(self) -> str:
