@@ -18,22 +18,32 @@ What p2p-train does instead:
   exits 0; p2p-train waits for that. A second one kills the run at once and says what
   was skipped: the newest complete checkpoint stays, the one being written does not.
 - it exits with the trainer's code (each rank writes it to the file P2P_EXIT_FILE names:
-  2 for a user error, 1 for a failed run or a bug), and drops the launcher's traceback
-  about a failed child; the trainer's own lines (its one-line error, a bug's traceback)
-  pass unchanged.
+  2 for a user error, 1 for a failed run or a bug), and drops what only repeats a failure
+  a rank has reported itself: the launcher's traceback about a failed child, torchrun's
+  failure table and its per-rank `failed (exitcode: N)` / `closing signal` log lines,
+  the ranks' `exiting with code 2` after a user error's one line. The trainer's own
+  lines (its one-line error, a bug's traceback) pass unchanged. The filter reads what
+  arrives as it arrives: whole lines are judged, a progress bar's redraws (text after a
+  carriage return) pass at once, so the bar stays live (`StderrFilter`).
+- it tells the trainer's ranks, in their environment, what they cannot see themselves:
+    P2P_EXIT_FILE  where each rank writes its exit code (pipeline/distributed.py)
+    P2P_PROG       `p2p-train`: the name their errors and usage give (pipeline/cli.py)
+    P2P_TERMINAL   1 when p2p-train's stderr is a terminal, else 0: their stderr is a pipe
+                   into p2p-train, and this picks a live bar or a progress line every 30 s
+                   (pipeline/progress.py)
 If p2p-train itself is killed with SIGKILL the run goes on in its own session.
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
 
-from pipeline import cli
+from pipeline import cli, progress
 
 TRAINER = "pipeline.train"
 STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -44,6 +54,13 @@ LAUNCHER_FAILURES = ("subprocess.CalledProcessError:",
 USAGE = __doc__.split("\n\n")[1]
 # accelerate's launcher, when a value comes from neither its config nor an option
 DEFAULTS_NOTICE = b"The following values were not passed to `accelerate launch`"
+RANK_LINE = re.compile(rb"\[rank \d+\] ")  # a trainer rank's own line (pipeline/cli.py)
+# a repeat of what a rank has said itself: its exit after a user error's one line, and the
+# torchrun agent's log lines about a rank that exited with a code (a rank killed by a
+# signal, exitcode -N, said nothing: that line stays)
+REPEATS = (re.compile(rb"\[rank \d+\] exiting with code 2\s*$"),
+           re.compile(rb"[EWI]\d{4} [\d:.]+ +\d+ .*?\] failed \(exitcode: [1-9]\d*\) local_rank"),
+           re.compile(rb"[EWI]\d{4} [\d:.]+ +\d+ .*?\] Sending process \d+ closing signal SIG"))
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -154,53 +171,124 @@ class Run:
 
 
 def copy_stderr(stream) -> None:
-    """The launcher's stderr to ours, less its traceback about a failed child."""
-    for line in drop_launcher_failures(iter(stream.readline, b"")):
-        sys.stderr.buffer.write(line)
+    """The launcher's stderr to ours, through a StderrFilter, as it arrives."""
+    fd, keep = stream.fileno(), StderrFilter()
+    while data := os.read(fd, 65536):
+        _write(keep.feed(data))
+    _write(keep.close())
+
+
+def _write(data: bytes) -> None:
+    if data:
+        sys.stderr.buffer.write(data)
         sys.stderr.buffer.flush()
 
 
-def drop_launcher_failures(lines: Iterator[bytes]) -> Iterator[bytes]:
-    """Lines, except a traceback whose exception is a LAUNCHER_FAILURES one (and the
-    `====` table torchrun prints after it), and accelerate's notice that it used its
-    defaults (p2p-train with no `--` asks for them). Any other traceback passes whole."""
-    held: list[bytes] = []
-    for line in lines:
-        if not held and line.startswith(DEFAULTS_NOTICE):
-            _skip_notice(lines)
-        elif not held and line.startswith(b"Traceback (most recent call last):"):
-            held = [line]
-        elif held and line[:1] in (b" ", b"\t"):
-            held.append(line)
-        elif held:
-            if line.decode(errors="replace").startswith(LAUNCHER_FAILURES):
-                yield from _skip_table(lines, line)
+class StderrFilter:
+    """Bytes in as they arrive (`feed`, `close` at the end), bytes out as soon as they may
+    pass. A line (up to a newline) goes through LineFilter, which needs it whole; a
+    progress bar's redraw (text after a carriage return, and a line ending in one) passes
+    at once, the part drawn so far too."""
+
+    def __init__(self):
+        self.lines = LineFilter()
+        self.partial = b""  # the start of a line whose end has not arrived
+        self.redraw = False  # what arrives now follows a carriage return
+
+    def feed(self, data: bytes) -> bytes:
+        out, rest = [], self.partial + data
+        while (cut := _line_end(rest)) >= 0:
+            piece, rest = rest[:cut + 1], rest[cut + 1:]
+            if self.redraw or piece.endswith(b"\r"):
+                out.append(piece)
             else:
-                yield from held
-                yield line
-            held = []
+                out.extend(self.lines.push(piece))
+            self.redraw = piece.endswith(b"\r")
+        if self.redraw and rest:  # the bar as far as it is drawn
+            out.append(rest)
+            rest = b""
+        self.partial = rest
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        last = self.lines.push(self.partial) if self.partial else []
+        self.partial = b""
+        return b"".join([*last, *self.lines.close()])
+
+
+def _line_end(data: bytes) -> int:
+    """Where the first line or redraw of `data` ends (its \\n or \\r), or -1."""
+    ends = [i for i in (data.find(b"\n"), data.find(b"\r")) if i >= 0]
+    return min(ends) if ends else -1
+
+
+class LineFilter:
+    """Whole lines in (`push`), the lines to show out. Drops a traceback whose exception is
+    a LAUNCHER_FAILURES one, torchrun's `====` failure table (after that traceback, or on
+    its own), accelerate's notice that it used its defaults (p2p-train with no `--` asks
+    for them) and the REPEATS lines. Any other traceback passes whole; a rank's line
+    (`[rank R] ...`) that arrives inside a held traceback or a skipped table passes."""
+
+    def __init__(self):
+        self.held: list[bytes] = []  # a traceback, until its exception line says whose
+        self.rule: bytes | None = None  # a `====` line: a failure table's start, or not
+        self.skipping = ""  # "notice" or "table": dropping lines until their end
+        self.rules = 0  # `====` lines seen in the table being skipped
+
+    def push(self, line: bytes) -> list[bytes]:
+        if self.skipping:
+            return _shown(line) if RANK_LINE.match(line) else self._skip(line)
+        if self.held:
+            return self._traceback(line)
+        if self.rule is not None:
+            rule, self.rule = self.rule, None
+            if line.rstrip().endswith(b" FAILED"):  # `pipeline.train FAILED`
+                self.skipping, self.rules = "table", 1
+                return []
+            return [rule, *self.push(line)]
+        if line.startswith(DEFAULTS_NOTICE):
+            self.skipping = "notice"
+        elif line.startswith(b"Traceback (most recent call last):"):
+            self.held = [line]
+        elif line.startswith(b"====="):
+            self.rule = line
         else:
-            yield line
-    yield from held
+            return _shown(line)
+        return []
+
+    def close(self) -> list[bytes]:
+        rest = [*self.held, *([self.rule] if self.rule is not None else [])]
+        self.held, self.rule = [], None
+        return rest
+
+    def _traceback(self, line: bytes) -> list[bytes]:
+        if line[:1] in (b" ", b"\t"):
+            self.held.append(line)
+            return []
+        if RANK_LINE.match(line):  # another process's line, in between
+            return _shown(line)
+        held, self.held = self.held, []
+        if line.decode(errors="replace").startswith(LAUNCHER_FAILURES):
+            if line.startswith(b"torch.distributed"):  # its table follows
+                self.skipping, self.rules = "table", 0
+            return []
+        return [*held, line]
+
+    def _skip(self, line: bytes) -> list[bytes]:
+        """Accelerate's notice: tab-indented lines, then its last; torchrun's table:
+        framed by two lines of '='."""
+        if self.skipping == "notice":
+            if not line.startswith(b"\t"):
+                self.skipping = ""
+            return []
+        self.rules += line.strip().startswith(b"=====")
+        if self.rules >= 2:
+            self.skipping = ""
+        return []
 
 
-def _skip_notice(lines: Iterator[bytes]) -> None:
-    """Skip the rest of accelerate's defaults notice: tab-indented lines, then its last."""
-    for line in lines:
-        if not line.startswith(b"\t"):
-            return
-
-
-def _skip_table(lines: Iterator[bytes], last: bytes) -> Iterator[bytes]:
-    """After a ChildFailedError line: skip its table, framed by two lines of '='."""
-    if not last.startswith(b"torch.distributed"):
-        return
-    rules = 0
-    for line in lines:
-        rules += line.strip().startswith(b"=====")
-        if rules >= 2:
-            return
-    yield from ()
+def _shown(line: bytes) -> list[bytes]:
+    return [] if any(pattern.match(line) for pattern in REPEATS) else [line]
 
 
 def exit_code(codes_file: str, launcher_code: int, interrupts: int) -> int:
@@ -233,13 +321,15 @@ def read_codes(codes_file: str) -> tuple[list[tuple[int, int]], int]:
 def _main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(f"usage:{USAGE}\n\ntrainer options (python -m pipeline.train --help):", flush=True)
-        return subprocess.run([sys.executable, "-m", TRAINER, "--help"]).returncode
+        return subprocess.run([sys.executable, "-m", TRAINER, "--help"],
+                              env={**os.environ, cli.PROG_ENV: "p2p-train"}).returncode
     launch_args, trainer_args = split_argv(argv)
     with tempfile.TemporaryDirectory(prefix="p2p-train-") as scratch:
         codes_file = os.path.join(scratch, "exit-codes")
         # a c10d rendezvous (multi-node restarts) then gives each round a fresh store
         # (see distributed.init_restarted_group); static rendezvous ignores it
-        env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ, "P2P_EXIT_FILE": codes_file}
+        env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ, "P2P_EXIT_FILE": codes_file,
+               cli.PROG_ENV: "p2p-train", progress.TERMINAL_ENV: "1" if sys.stderr.isatty() else "0"}
         run = Run(launcher_command(launch_args, trainer_args), env)
         for sig in STOPS:
             signal.signal(sig, run.on_signal)

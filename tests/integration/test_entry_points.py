@@ -1,5 +1,7 @@
 """Every entry point fails the same way: a user mistake is one line and exit 2, no
-traceback; an internal error keeps its traceback and exits 1 (pipeline/cli.py).
+traceback, under the name the user called the tool by; an internal error keeps its
+traceback and exits 1 (pipeline/cli.py). Under p2p-train's 2 ranks too: once, nothing
+of torchrun's failure report.
 
 Each case runs the installed console script as a user would, in a fresh process."""
 from __future__ import annotations
@@ -90,7 +92,7 @@ def test_a_user_mistake_is_one_line_and_exit_2_in_every_entry_point(env, corrupt
     for (tool, args), result in zip(cases, results):
         lines = result.stderr.strip().splitlines()
         good = (result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr
-                and lines[0].startswith(f"{tool.removeprefix('p2p-').replace('-', '_')}.py: error: ")
+                and lines[0].startswith(f"{tool}: error: ")  # as called: p2p-shard, not shard.py
                 and "secret-not-to-show" not in result.stderr + result.stdout)
         if not good:
             failures.append(f"{tool} {' '.join(args)}: exit {result.returncode}\n{result.stderr[-1500:]}")
@@ -115,14 +117,30 @@ def test_every_tool_has_help_and_train_runs_as_a_module_and_a_script(env):
     for tool in TOOLS:
         result = subprocess.run([shutil.which(tool) or tool, "--help"], capture_output=True,
                                 text=True, timeout=120)
-        assert result.returncode == 0 and "usage:" in result.stdout, f"{tool}: {result.stderr}"
+        assert result.returncode == 0 and f"usage: {tool} " in result.stdout, f"{tool}: {result.stderr}"
     as_module = subprocess.run([sys.executable, "-m", "pipeline.train", "--help"], cwd=ROOT,
                                capture_output=True, text=True, timeout=120)
     as_script = subprocess.run([sys.executable, str(ROOT / "pipeline" / "train.py"), "--help"],
                                cwd=ROOT, capture_output=True, text=True, timeout=120)
     for result in (as_module, as_script):
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 0 and "usage: train.py " in result.stdout, result.stderr
         # the choices --help lists are the registries' (argparse may wrap the line)
         flat = " ".join(result.stdout.split())
         assert f"--model.generator {{{','.join(GENERATORS)}}}" in flat
         assert f"--loss.gan {{{','.join(GAN_LOSSES)}}}" in flat
+
+
+@pytest.mark.timeout(180)
+def test_a_mistake_every_rank_finds_is_one_line_under_p2p_train_with_2_ranks(env, tmp_path):
+    """torchrun's agent inside: each rank finds the missing data itself, its failure
+    report would follow; what the user reads is p2p-train's one line."""
+    launch = ["--multi_gpu", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+              "--main_process_port", str(free_port()), "--mixed_precision", "no"]
+    trainer = ["--config", str(ROOT / "configs" / "demo.yaml"), f"--data.train={MISSING}",
+               f"--train.run_dir={tmp_path / 'run'}"]
+    result = run("p2p-train", [*launch, "--", *trainer], dict(env, ACCELERATE_USE_CPU="1"), tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"p2p-train: error: data.train: no manifest.json at {MISSING}/manifest.json: make shards "
+        "with `python data_tools/shard.py SOURCE DEST`"], result.stderr
+    assert "[rank" not in result.stdout and not (tmp_path / "run").exists()

@@ -156,12 +156,12 @@ def test_errors_through_p2p_train_are_the_trainers_line_and_code(demo_shards, tm
     user = run([sys.executable, "-m", "pipeline.launch", *launch_options(1), "--",
                 "--optim.learning_rate=1"], cpu_env())
     assert user.returncode == 2
-    assert one_line(user).startswith("train.py: error: unknown config key 'optim.learning_rate'")
+    assert one_line(user).startswith("p2p-train: error: unknown config key 'optim.learning_rate'")
     nan = run([sys.executable, "-m", "pipeline.launch", *launch_options(1), "--",
                *train_args(tmp_path / "run", demo_shards, "--train.max_steps=3", *QUIET)],
               cpu_env(P2P_FAULT="train.nonfinite_batch:2"))
     assert nan.returncode == 1
-    assert one_line(nan).startswith("train.py: error: step 2: non-finite")
+    assert one_line(nan).startswith("p2p-train: error: step 2: non-finite")
 
 
 # ----------------------------------------------------------------- 4. precision
