@@ -139,6 +139,9 @@ class TrainConfig:
     overwrite: bool = opt(False, "start fresh in a run_dir that holds a run, moving that run "
                                  "aside to RUN_DIR.old-TIME first (it is never deleted)")
     eval_every: int = opt(500, "evaluate on the val split every N steps (0: only at the end)")
+    eval_at_start: bool = opt(True, "evaluate the untrained G at step 0 (the baseline the final "
+                                    "line compares with); false: the first evaluation is at "
+                                    "train.eval_every")
     ema_decay: float = opt(0.0, "exponential moving average of G's weights (e.g. 0.999; 0: off): "
                                 "evaluation, sample grids and the export use it, training goes "
                                 "on with the raw G (under ZeRO each rank averages its own "
@@ -186,7 +189,8 @@ class LogConfig:
                        "pip install -e '.[tracking]')")
     sample_every: int = opt(500, "write a sample grid every N steps (0: only at the end)")
     samples: int = opt(4, "val pairs shown in the sample grid")
-    progress: bool = opt(True, "show a progress bar on the main process")
+    progress: bool = opt(True, "show progress on the main process: a live bar at a terminal, "
+                               "else a line every 30 s (P2P_PROGRESS_INTERVAL seconds)")
     level: str = opt("", f"log level: one of {', '.join(cli.LOG_LEVELS)} (empty: "
                          f"${cli.LOG_LEVEL_ENV}, else info)")
 
@@ -198,6 +202,10 @@ class EvalConfig:
                        "are here; the trainer never downloads: see evaluate.py --help)")
     weights_dir: str = opt("", f"folder of the metrics' weights (and loss.lambda_vgg's VGG19), "
                                f"torch.hub's layout (empty: ${realism.WEIGHTS_ENV}, else torch's cache)")
+    max_images: int = opt(200, "images each validation measures: a fixed subset of the val split "
+                               "drawn with train.seed, the same on any number of processes "
+                               "(p2p-evaluate --max-images N --seed SEED takes the same one); "
+                               "0: the whole split")
 
 
 @dataclass
@@ -321,6 +329,7 @@ def validate(cfg: Config) -> Config:
                     "optim.decay_steps": cfg.optim.decay_steps,
                     "optim.grad_clip": cfg.optim.grad_clip,
                     "train.eval_every": cfg.train.eval_every,
+                    "eval.max_images": cfg.eval.max_images,
                     "train.freeze_global_steps": cfg.train.freeze_global_steps,
                     "log.sample_every": cfg.log.sample_every}
     for key, value in non_negative.items():

@@ -33,7 +33,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure as
 
 from pipeline import cli, storage
 from pipeline.data import derive_seed, make_eval_loader
-from pipeline.precision import BF16_FLAG_HELP
+from pipeline.errors import UserError
 from pipeline.realism import (
     METRICS,
     PAIRWISE,
@@ -97,20 +97,32 @@ def evaluate(generator: torch.nn.Module,
              device: torch.device, autocast: Callable = contextlib.nullcontext,
              reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
              seed: int = 0, names: Iterable[str] = PAIRWISE, realism: Realism | None = None,
-             gather: Callable[[list], list[list]] = lambda rows: [rows]) -> dict[str, float]:
+             gather: Callable[[list], list[list]] = lambda rows: [rows],
+             stop: Callable[[], bool] = lambda: False,
+             progress: Callable[[int], None] = lambda images: None) -> dict[str, float] | None:
     """The `names` metrics over all ranks' images of (input, target, keys) batches: mean
     L1, PSNR and SSIM, and FID, KID and LPIPS through `realism` (pipeline/realism.py);
-    `images` is the count."""
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    `images` is the count. `stop()` is asked before each batch: once it says yes this rank
+    reads no more, and the evaluation is abandoned (None) on every rank, which learn it
+    from the one reduction they share. `progress(n)` hears of each batch's n images."""
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # L1, PSNR, SSIM, images, stopped
     with untouched_state(generator, device):
         for x, y, keys in batches:
+            if stop():
+                sums[4] = 1
+                break
             output = translate_each(generator, x, keys, autocast, seed)
             metrics = per_image_metrics(output, y).double()
             sums[:3] += metrics.sum(0)
             sums[3] += len(metrics)
             if realism:
                 realism.add(keys, to_uint8(output), to_uint8(y))
+            progress(len(keys))
     sums = reduce_sum(sums)
+    if sums[4].item():
+        if realism:
+            realism.discard()
+        return None
     count = max(sums[3].item(), 1.0)
     result = {name: sums[i].item() / count for i, name in enumerate(PAIRWISE) if name in names}
     result["images"] = int(sums[3].item())
@@ -179,7 +191,9 @@ def report_html(summary: dict) -> str:
     samples = summary["samples"]
     rows = "".join(f"<tr><td>{i}</td><td>{esc(s['key'])}</td>{_cells(s)}</tr>"
                    for i, s in enumerate(samples))
-    mode = summary["test_mode"]
+    mode, precision = summary["test_mode"], summary["precision"]
+    subset = (f" (a subset drawn with seed {esc(mode['seed'])}: --max-images {summary['max_images']})"
+              if summary.get("max_images") else "")
     kid = (f" KID: {summary['kid_subsets']} subsets of {summary['kid_subset_size']} images."
            if "kid_subset_size" in summary else "")
     return f"""<!DOCTYPE html>
@@ -191,8 +205,8 @@ img{{image-rendering:pixelated;max-width:100%}}</style>
 <h1>pix2pix evaluation</h1>
 <p>Checkpoint <code>{esc(summary['checkpoint'])}</code> (step {esc(summary['step'])}), data
 <code>{esc(summary['data'])}</code> split <code>{esc(summary['split'])}</code>: {summary['images']} images
-on {summary['world_size']} process(es). Test-time mode: dropout {esc(mode['dropout'])},
-{esc(mode['norm_stats'])} statistics.{kid}</p>
+on {summary['world_size']} process(es){subset}, in {esc(precision['used'])} ({esc(precision['why'])}).
+Test-time mode: dropout {esc(mode['dropout'])}, {esc(mode['norm_stats'])} statistics.{kid}</p>
 <table><tr>{_cells(summary, "th")}</tr>
 <tr>{_cells(summary)}</tr></table>
 <h2>Samples: input | output | target</h2>
@@ -227,7 +241,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="images loaded at a time (each still gets its own forward; default: 16)")
     parser.add_argument("--samples", type=int, default=8, help="pairs in the grid (default: 8)")
     parser.add_argument("--num-workers", type=int, default=1, help="loader workers per process")
-    parser.add_argument("--bf16", action="store_true", help=BF16_FLAG_HELP)
+    parser.add_argument("--max-images", type=int, default=0,
+                        help="evaluate a fixed subset of this many images, drawn with --seed "
+                             "(the run's eval.max_images and train.seed give the trainer's own "
+                             "subset; default: 0, the whole split)")
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast, also where the hardware only emulates it (default: "
+                             "the launcher's setting, else the precision the run trained and "
+                             "validated in where this device computes it, else fp32)")
+    chosen.add_argument("--fp32", action="store_true", help="fp32, whatever the run used")
     parser.add_argument("--metrics", default="auto",
                         help="comma list of " + ", ".join(METRICS) + " (default: auto = l1, psnr, "
                              "ssim plus every metric whose package and weights are here; one asked "
@@ -246,6 +269,7 @@ def _main(argv: list[str]) -> int:
     from pipeline import distributed, precision
     from pipeline.checkpoint import load_generator
     from pipeline.models import set_test_mode
+    from pipeline.progress import Progress
 
     args = parse_args(argv)
     cli.setup_logging()
@@ -255,27 +279,43 @@ def _main(argv: list[str]) -> int:
         download_missing(names, root)  # every process, before any waits for another
     except MetricsError as err:
         raise MetricsError(f"--metrics: {err}") from None
-    device_type = precision.launch_device_type()
-    mixed_precision, notice = precision.for_inference(args.bf16, device_type)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
-    if notice and accelerator.is_main_process:
-        log.warning(f"evaluate.py: {notice}")
-    device = accelerator.device
+    if args.max_images < 0:
+        raise UserError(f"--max-images: must be >= 0 (0: the whole split), got {args.max_images}")
     generator, meta = load_generator(args.checkpoint)
+    force = "bf16" if args.bf16 else "no" if args.fp32 else None
+    trained = trained_precision(args.checkpoint)
+    used, why = precision.for_evaluation(force, precision.launch_device_type(), trained)
+    accelerator = Accelerator(mixed_precision=used)
+    meta["precision"] = {"used": "bf16" if used == "bf16" else "fp32", "why": why}
+    if accelerator.is_main_process:
+        log.info(f"precision: {meta['precision']['used']} ({why})")
+    device = accelerator.device
     set_test_mode(generator.to(device), args.dropout == "on", args.norm_stats == "batch")
     cfg, channels = eval_data(args, meta)
     realism = Realism(names, device, root)
-    loader = make_eval_loader(cfg, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes, **channels)
+    loader = make_eval_loader(cfg, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                              max_images=args.max_images, seed=args.seed, **channels)
+    bar = Progress(loader.rank_images, desc="evaluate", unit="image", enabled=accelerator.is_main_process)
     metrics = evaluate(generator, (_on(device, b) for b in loader), device, accelerator.autocast,
                        distributed.sum_across_ranks, seed=args.seed, names=names, realism=realism,
-                       gather=distributed.gather_objects)
+                       gather=distributed.gather_objects, progress=bar.update)
+    bar.close()
     if accelerator.is_main_process:
         first = next(iter(make_eval_loader(cfg, rank=0, world_size=1, batch_size=args.samples, **channels)))
         write_report(args, meta, metrics, first, generator, device, accelerator, realism)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def trained_precision(path: str) -> str | None:
+    """The precision the run behind `path` trained in ("no", "bf16"), from the checkpoint's
+    trainer.json; None for an export (it records none)."""
+    from pipeline import checkpoint
+    folder = checkpoint.generator_folder(path)
+    if not storage.exists(storage.join(folder, "trainer.json")):
+        return None
+    return checkpoint.read_trainer(folder).get("mixed_precision")
 
 
 def eval_data(args: argparse.Namespace, meta: dict) -> tuple:
@@ -298,7 +338,8 @@ def write_report(args, meta: dict, metrics: dict, first: dict, generator, device
                                    args.seed, realism)
     names = [n for n in METRICS if n in metrics or value_key(n) in metrics]
     summary = {"checkpoint": args.checkpoint, "step": meta["step"], "data": args.data,
-               "split": args.split, "world_size": accelerator.num_processes, **metrics,
+               "split": args.split, "max_images": args.max_images, "precision": meta["precision"],
+               "world_size": accelerator.num_processes, **metrics,
                "metrics": {n: METRICS[n].help for n in names},
                "test_mode": {"dropout": args.dropout, "norm_stats": args.norm_stats, "seed": args.seed},
                "samples": [{"key": k, **m} for k, m in zip(first["key"], per_sample)]}
@@ -307,8 +348,8 @@ def write_report(args, meta: dict, metrics: dict, first: dict, generator, device
     storage.write_bytes(storage.join(args.out, "index.html"), report_html(summary).encode())
     shown = ", ".join(f"{COLUMNS[k][0].split(' (')[0]} {metrics[k]:{COLUMNS[k][1]}}" for k in COLUMNS
                       if metrics.get(k) is not None and k != "kid_std")
-    log.info(f"evaluate.py: {shown} over {metrics['images']} images; report in "
-             f"{storage.join(args.out, 'index.html')}")
+    log.info(f"{cli.prog_name('evaluate.py')}: {shown} over {metrics['images']} images in "
+             f"{meta['precision']['used']}; report in {storage.join(args.out, 'index.html')}")
 
 
 main = cli.entry_point("evaluate.py", _main)

@@ -3,6 +3,7 @@
     P2P_FAULT=NAME          the first time the code reaches NAME
     P2P_FAULT=NAME:N        the N-th time
     P2P_FAULT=NAME:N@RANK   ... only in the process whose RANK (launcher's env) is RANK
+    P2P_FAULT=NAME~S        sleep_point NAME: sleep S seconds each time it is reached
 
 Unset (always, outside tests) every point is a no-op: one dictionary lookup.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 _reached: dict[str, int] = {}
 
@@ -31,3 +33,11 @@ def kill_point(name: str) -> None:
     """Die here with SIGKILL, as a power cut or the OOM killer would: nothing unwinds."""
     if triggered(name):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_point(name: str) -> None:
+    """Sleep here every time, as a slow disk or a big model would (tests: a long evaluation)."""
+    spec = os.environ.get("P2P_FAULT", "")
+    target, _, seconds = spec.partition("~")
+    if seconds and target == name:
+        time.sleep(float(seconds))

@@ -103,6 +103,31 @@ def for_inference(force_bf16: bool, device_type: str) -> tuple[str, str | None]:
                    keep="pass --bf16")
 
 
+def for_evaluation(force: str | None, device_type: str, trained: str | None) -> tuple[str, str]:
+    """(the precision p2p-evaluate runs, why: a sentence for its console line and report).
+    `force` is its --bf16/--fp32 ("bf16", "no" or None); else what accelerate launch asked
+    for; else the precision the run trained and validated in (`trained`, from its
+    trainer.json) where this device computes it, so that the report gives the trainer's
+    numbers; else fp32."""
+    native = native_bf16(device_type)
+    if force:
+        used, notice = resolve(force, device_type, native, allow_emulated=True, keep="")
+        flag = "--bf16" if force == "bf16" else "--fp32"
+        return used, f"asked for with {flag}" + (f" ({notice})" if notice else "")
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:
+        used, notice = resolve(requested_precision(), device_type, native, allow_emulated=False,
+                               keep="pass --bf16")
+        return used, notice or f"asked for by {source()}"
+    if trained == "bf16":
+        if native:
+            return "bf16", "the run trained and validated in bf16 (its trainer.json): the trainer's numbers"
+        return "no", ("the run validated in bf16, which this device only emulates: fp32 (pass --bf16 "
+                      "for the trainer's numbers, slowly)")
+    if trained == "no":
+        return "no", "the run trained and validated in fp32 (its trainer.json)"
+    return "no", "the checkpoint does not record its precision (an export): fp32 (--bf16 for bf16)"
+
+
 def source() -> str:
     """Where the requested precision came from, for the run's start-up line."""
     if "ACCELERATE_MIXED_PRECISION" in os.environ:

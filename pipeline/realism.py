@@ -297,6 +297,10 @@ class Realism:
             self.lpips_net.reset()
         return scores
 
+    def discard(self) -> None:
+        """Forget the rows of an evaluation that was abandoned."""
+        self.rows = []
+
     def result(self, gather: Callable[[list], list[list]] = lambda rows: [rows]) -> dict:
         """The metrics over every rank's rows, in key order; clears the rows."""
         rows = sorted((r for part in gather(self.rows) for r in part), key=lambda r: r.key)

@@ -7,6 +7,10 @@ replaced, and a later resume or translate.py would pick the wrong run. So such a
 refused before anything is written, in one line that names the ways on; with
 `train.overwrite=true` the old run is moved aside (never deleted). A worker group that
 torchrun's elastic agent restarted (TORCHELASTIC_RESTART_COUNT > 0) is a resume.
+
+A folder whose run has no checkpoint (a start that failed or was stopped before its
+first one: there is nothing to resume) does not block the same command again: it is
+moved aside like an overwritten run, and the new start says where.
 """
 from __future__ import annotations
 
@@ -33,6 +37,23 @@ def held_run(run_dir: str) -> list[str]:
     return [name for name in RUN_MARKERS if os.path.exists(os.path.join(run_dir, name))]
 
 
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether the run in `run_dir` ever committed a checkpoint (its marker, or a step_N
+    folder whose marker was lost)."""
+    folder = os.path.join(run_dir, "checkpoints")
+    return os.path.exists(os.path.join(folder, "latest")) or (
+        os.path.isdir(folder) and any(n.startswith("step_") for n in os.listdir(folder)))
+
+
+def move_aside(run_dir: str, held: Lease | None, why: str) -> None:
+    """Rank 0: the folder to RUN_DIR.old-TIME (never deleted); the lease follows the new one."""
+    aside = f"{run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(run_dir, aside)
+    if held:
+        held.moved(aside)
+    log.warning(f"{why}: moved {run_dir} to {aside}, starting fresh")
+
+
 def prepare(run_dir: str, resume: str, overwrite: bool, rank: int, held: Lease | None = None) -> str:
     """The resume setting to use: refuses (UserError) a fresh start into a folder holding
     a run, moves it aside first with `overwrite` (rank 0, holding the folder's lease, which
@@ -45,14 +66,11 @@ def prepare(run_dir: str, resume: str, overwrite: bool, rank: int, held: Lease |
     found = held_run(run_dir)
     if resume or not found:
         return resume
-    if not overwrite:
+    if not overwrite and has_checkpoint(run_dir):
         raise UserError(f"train.run_dir {run_dir} already holds a run ({', '.join(found)}): "
                         "continue it with --train.resume=auto, start elsewhere with another "
                         "--train.run_dir, or pass --train.overwrite=true to move it aside")
     if rank == 0:
-        aside = f"{run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(run_dir, aside)
-        if held:
-            held.moved(aside)
-        log.warning(f"train.overwrite: the run in {run_dir} was moved to {aside}")
+        move_aside(run_dir, held, "train.overwrite" if overwrite else
+                   f"{run_dir} holds a start that ended before its first checkpoint ({', '.join(found)})")
     return resume

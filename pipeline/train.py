@@ -19,7 +19,6 @@ from datetime import timedelta
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-from tqdm import tqdm
 
 from pipeline import (
     checkpoint,
@@ -27,12 +26,12 @@ from pipeline import (
     data,
     distributed,
     elastic,
-    evaluate,
     faults,
     host_memory,
     jsonl,
     lease,
     precision,
+    progress,
     realism,
     resume,
     run_folder,
@@ -41,10 +40,11 @@ from pipeline import (
     weights,
 )
 from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
-from pipeline.engines import Engines, make_engines
+from pipeline.engines import make_engines
 from pipeline.errors import RunError
 from pipeline.gan import train_step, train_step_accumulated
 from pipeline.losses import Pix2PixObjective, VGGLoss
+from pipeline.validation import Evaluator, metric_names
 
 log = logging.getLogger(__name__)
 
@@ -108,85 +108,6 @@ def environment(accelerator: Accelerator) -> dict:
             "distributed_type": accelerator.distributed_type.value}
 
 
-# --------------------------------------------------------------------------- evaluation
-
-class Evaluator:
-    """Val metrics across ranks, logged and appended to RUN/metrics.jsonl, and sample
-    grids from a fixed val batch on the main process."""
-
-    def __init__(self, cfg: Config, accelerator: Accelerator, engines: Engines):
-        self.cfg, self.accelerator, self.engines = cfg, accelerator, engines
-        self.enabled = bool(cfg.data.val)
-        self.metrics_path = os.path.join(cfg.train.run_dir, "metrics.jsonl")
-        self.sample_batch = self._first_val_batch() if self.enabled else None
-        self.names = metric_names(cfg) if self.enabled else []
-        self.realism = realism.Realism(self.names, accelerator.device,
-                                       realism.weights_dir(cfg.eval.weights_dir))
-
-    def _loader(self, batch_size: int | None = None, rank: int | None = None, world_size: int | None = None):
-        acc = self.accelerator
-        return data.make_eval_loader(
-            self.cfg.data, rank=acc.process_index if rank is None else rank,
-            world_size=acc.num_processes if world_size is None else world_size,
-            in_channels=self.cfg.model.in_channels, out_channels=self.cfg.model.out_channels,
-            batch_size=batch_size)
-
-    def _first_val_batch(self):
-        if not self.accelerator.is_main_process:
-            return None
-        batch = next(iter(self._loader(self.cfg.log.samples, rank=0, world_size=1)), None)
-        return None if batch is None else self._to_device(batch)
-
-    def _to_device(self, batch):
-        device = self.accelerator.device
-        return batch["input"].to(device), batch["target"].to(device), batch["key"]
-
-    def metrics(self, step: int) -> dict | None:
-        if not self.enabled:
-            return None
-        generator = self.engines.eval_generator()  # unwrapped, no DDP collectives: ranks differ in count
-        result = evaluate.evaluate(generator, (self._to_device(b) for b in self._loader()),
-                                   self.accelerator.device, self.engines.autocast,
-                                   distributed.sum_across_ranks, seed=self.cfg.train.seed,
-                                   names=self.names, realism=self.realism,
-                                   gather=distributed.gather_objects)
-        if self.accelerator.is_main_process:
-            jsonl.append(self.metrics_path, [{"step": step, **result}])
-        self.accelerator.log({f"val/{k}": v for k, v in result.items() if v is not None}, step=step)
-        return result
-
-    def samples(self, step: int) -> None:
-        generator = self.engines.eval_generator()  # on every rank: a collective under ZeRO + EMA
-        if self.sample_batch is None:
-            return
-        grid = evaluate.sample_grid(generator, *self.sample_batch, self.accelerator.device,
-                                    self.engines.autocast, seed=self.cfg.train.seed)
-        png_path = os.path.join(self.cfg.train.run_dir, "samples", f"step_{step:08d}.png")
-        evaluate.save_png(png_path, grid)
-        tracking.log_image(self.accelerator, self.cfg, grid, step, png_path)
-
-    def recorded(self, step: int) -> dict | None:
-        """The val metrics metrics.jsonl holds for `step`, if any (main process)."""
-        records = jsonl.read(self.metrics_path)
-        return next((r for r in reversed(records) if r["step"] == step), None)
-
-    def summary(self, result: dict) -> str:
-        """'L1 0.1200 (untrained 0.3192, -62%), PSNR ...': the metrics measured, each
-        beside its value at step 0 of this run where that was logged."""
-        untrained = self.recorded(0) or {}
-        parts = []
-        for name in self.names:
-            key = realism.value_key(name)
-            value, before = result.get(key), untrained.get(key)
-            if value is None:
-                continue
-            fmt = evaluate.COLUMNS[key][1]
-            change = f" (untrained {before:{fmt}}, {value / before - 1:+.0%})" if before else ""
-            unit = " dB" if name == "psnr" else ""
-            parts.append(f"{name.upper()} {value:{fmt}}{unit}{change}")
-        return ", ".join(parts)
-
-
 # --------------------------------------------------------------------------- the loop
 
 class Trainer:
@@ -202,7 +123,7 @@ class Trainer:
             in_channels=cfg.model.in_channels, out_channels=cfg.model.out_channels,
             have_batch_all_ranks=lambda flag: distributed.all_ranks(flag, accelerator.device),
             gather_all_ranks=distributed.gather_objects, accumulate=cfg.train.grad_accum)
-        self.evaluator = Evaluator(cfg, accelerator, self.engines)
+        self.evaluator = Evaluator(cfg, accelerator, self.engines, stop)
         self.step = self.resumed_step = 0
         self.stop = stop  # installed first thing: a signal during set-up is kept too
         self.skipped: list[str] = []  # this step's updates not applied: "D", "G"
@@ -406,10 +327,22 @@ class Trainer:
 
     def run(self) -> int:
         cfg = self.cfg
-        if self.step == 0:
+        if self.step == 0 and cfg.train.eval_at_start:
             self.evaluator.metrics(0)  # the untrained baseline
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.acc.is_main_process and cfg.log.progress))
+            if self.evaluator.abandoned:
+                return self.stop_now()
+        bar = progress.Progress(cfg.train.max_steps, initial=self.step, desc="step", unit="step",
+                                enabled=self.acc.is_main_process and cfg.log.progress)
+        try:
+            stopped = self.train_loop(bar)
+        finally:
+            bar.close()
+        return self.stop_now() if stopped else self.finish_run()
+
+    def train_loop(self, bar: progress.Progress) -> bool:
+        """Steps, with their logs, evaluations, samples and checkpoints, up to
+        train.max_steps (False) or until every rank agreed to stop (True)."""
+        cfg = self.cfg
         batch_iter = iter(self.loader)
         wait_total = time_total = 0.0
         while self.step < cfg.train.max_steps:
@@ -421,29 +354,36 @@ class Trainer:
             if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps or self.skipped:
                 self.log(losses, waited, elapsed)
             faults.kill_point("train.step")  # tests: a worker dies mid-run (an OOM kill, a bad GPU)
-            bar.update(1)
-            bar.set_postfix(D=f"{losses['loss_D']:.3f}", G=f"{losses['loss_G']:.2f}",
-                            L1=f"{losses['loss_G_l1']:.3f}",
-                            sps=f"{self.global_batch / max(elapsed, 1e-9):.1f}",
-                            wait=f"{wait_total / max(time_total, 1e-9):.0%}", refresh=False)
+            bar.update(1, D=f"{losses['loss_D']:.3f}", G=f"{losses['loss_G']:.2f}",
+                       L1=f"{losses['loss_G_l1']:.3f}", sps=f"{self.global_batch / max(elapsed, 1e-9):.1f}",
+                       wait=f"{wait_total / max(time_total, 1e-9):.0%}")
             if self.stopping:
-                log0(self.acc, f"step {self.step}: stop requested ({self.stop.signal_name or 'by a peer'}); "
-                               "checkpointing and exiting")
-                self.save()
-                return 0
+                return True
             best = self.periodic(cfg.train.eval_every) and self.improved(self.evaluator.metrics(self.step))
+            if self.evaluator.abandoned:
+                return True
             if self.periodic(cfg.log.sample_every):
                 self.evaluator.samples(self.step)
             if self.periodic(cfg.train.ckpt_every) or best:
                 self.save(best=best)
-        bar.close()
-        self.finish_run()
+        return False
+
+    def stop_now(self) -> int:
+        """A stop request every rank agreed on: checkpoint what was trained since the last
+        one (nothing before the first step: the folder stays free for the same command)."""
+        log0(self.acc, f"step {self.step}: stop requested ({self.stop.signal_name or 'by a peer'}); "
+                       + ("checkpointing and exiting" if self.step > self.resumed_step else
+                          "nothing trained since the last checkpoint, exiting"))
+        if self.step > self.resumed_step:
+            self.save()
         return 0
 
-    def finish_run(self) -> None:
-        best = False
-        if self.step > self.resumed_step or self.step == 0:
+    def finish_run(self) -> int:
+        best, final = False, None
+        if self.step > self.resumed_step or self.step == 0 or not self.evaluated(self.step):
             final = self.evaluator.metrics(self.step)
+            if self.evaluator.abandoned:
+                return self.stop_now()
             best = self.improved(final)
             self.evaluator.samples(self.step)
         else:  # resumed with nothing left to do: this state was evaluated and saved already
@@ -456,7 +396,25 @@ class Trainer:
             raise RuntimeError(f"replicas diverged: parameter digests differ across ranks {digests}")
         log0(self.acc, f"replicas agree: G and D digest {digests[0][:16]} on {len(digests)} rank(s)")
         if final is not None:
-            log0(self.acc, f"final val: {self.evaluator.summary(final)} over {final['images']} images")
+            log0(self.acc, f"final val: {self.evaluator.summary(final)} over {final['images']} images"
+                           f"{self.ema_note()}")
+        return 0
+
+    def evaluated(self, step: int) -> bool:
+        """Whether metrics.jsonl holds `step` (rank 0 reads it, every rank hears), or there
+        is nothing to evaluate."""
+        if not self.evaluator.enabled:
+            return True
+        return distributed.from_rank0(lambda: self.evaluator.recorded(step) is not None)
+
+    def ema_note(self) -> str:
+        """Why a short run with an EMA seems not to have learned: the EMA trails G."""
+        decay = self.cfg.train.ema_decay
+        horizon = round(1 / (1 - decay)) if decay else 0
+        if not decay or self.step >= 3 * horizon:
+            return ""
+        return (f" (the EMA of G, train.ema_decay {decay}: it averages G over the last ~{horizon} "
+                f"steps, so after {self.step} it is still close to the untrained G)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -536,19 +494,6 @@ def check_inputs(cfg: Config) -> None:
         raise realism.MetricsError(why)  # before any process starts; the trainer loads it once
 
 
-def metric_names(cfg: Config) -> list[str]:
-    """eval.metrics resolved here (never downloading); ConfigError naming what is missing."""
-    try:
-        names = realism.choose(cfg.eval.metrics, realism.weights_dir(cfg.eval.weights_dir))
-    except realism.MetricsError as err:
-        raise ConfigError(f"eval.metrics: {err}") from None
-    best = cfg.train.best_metric
-    if best and best not in names:
-        raise ConfigError(f"train.best_metric: {best} cannot be measured here ("
-                          f"{realism.missing(best, realism.weights_dir(cfg.eval.weights_dir))})")
-    return names
-
-
 def _flat_config(cfg: Config) -> dict:
     """section.key -> value, as trackers' hyper-parameter tables want it."""
     return {f"{section}.{key}": value for section, values in to_dict(cfg).items()
@@ -560,10 +505,12 @@ def run_and_exit(argv: list[str] | None = None) -> None:
     convention, then a clean exit that never waits for a dead peer."""
     try:
         code = cli.entry_point("train.py", main)(argv)
+    except SystemExit as done:  # argparse: --help, or a usage mistake it has reported (cli.Parser)
+        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
     except Exception as err:  # noqa: BLE001 - a bug or a lost peer: report, leave without waiting
         traceback.print_exc()
         if lost := distributed.lost_peer(err):  # the line to read in a launcher's log
-            print(f"train.py: error: {lost}", file=sys.stderr)
+            print(f"{cli.rank_prefix()}{cli.prog_name('train.py')}: error: {lost}", file=sys.stderr)
         code = 1
     distributed.finish(code)
 

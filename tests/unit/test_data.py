@@ -222,6 +222,30 @@ def test_eval_loader_every_sample_once_across_ranks(tmp_path):
     assert sorted(seen) == sorted(keys)
 
 
+def test_capped_eval_takes_the_same_seeded_subset_on_any_world_size(tmp_path):
+    """eval.max_images: the same images on 1 or 3 processes (x 2 workers), each once; another
+    seed draws another subset; a cap at or over the split's size is the whole split."""
+    keys = write_dataset(tmp_path, [5, 4, 6], split="val")
+    cfg = config(tmp_path, crop_size=8, num_workers=2)
+
+    def evaluated(world, cap, seed=0):
+        seen = []
+        for rank in range(world):
+            loader = data.make_eval_loader(cfg, rank=rank, world_size=world, in_channels=3,
+                                           out_channels=1, batch_size=2, max_images=cap, seed=seed)
+            mine = keys_of(list(loader))
+            assert len(mine) == loader.rank_images  # what the progress line counts down
+            seen += mine
+        assert len(seen) == len(set(seen)) == loader.images
+        return sorted(seen)
+
+    subset = evaluated(1, 7)
+    assert len(subset) == 7 and set(subset) < set(keys)
+    assert evaluated(3, 7) == subset
+    assert evaluated(1, 7, seed=1) != subset
+    assert evaluated(2, 15) == evaluated(2, 0) == sorted(keys)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("mode,rank,world,counts,total,stops", [
