@@ -8,18 +8,26 @@ cannot switch that at run time, the safetensors export can):
   safetensors    DIR/generator.safetensors + DIR/generator.json: the weights and the
                  model config; pipeline.checkpoint.load_generator(DIR) rebuilds it
   torch-export   DIR/generator.pt2 (torch.export.save): load with torch.export.load,
-                 call .module()(x); batch, height and width are dynamic (H and W
-                 multiples of the generator's size multiple: 2**num_downs for a U-Net, 4 for a ResNet)
-  onnx           DIR/generator.onnx (opset 18, the same dynamic axes), checked against
-                 PyTorch with onnxruntime when it is installed (pip install '.[export]')
-Inputs are N x in_channels x H x W floats in [-1, 1]; outputs the same range.
+                 call .module()(x); batch, height and width are dynamic
+  onnx           DIR/generator.onnx (opset 18, the same dynamic axes; the run's data
+                 settings in its metadata), checked against PyTorch with onnxruntime
+                 when it is installed (pip install '.[export]')
+Input x: N x in_channels x H x W float32 in [-1, 1] (RGB or gray), output y the same
+layout and range with out_channels. Any H and W: the graphs reflect-pad to the
+generator's size multiple inside (2**num_downs for a U-Net, 4 for a ResNet, 16 global, 32
+local) and crop back, as p2p-translate does, since a user's first image is rarely a
+multiple. They take images as given: resize to the run's scale (crop_size) first.
+docs/export.md: how to call them, with an onnxruntime example.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.fx.experimental._config as shape_config
@@ -28,6 +36,7 @@ from pipeline import cli, storage, weights
 from pipeline.checkpoint import load_generator
 from pipeline.errors import RunError, UserError
 from pipeline.models import size_multiple
+from pipeline.translate_geometry import AnySize
 
 log = logging.getLogger(__name__)
 
@@ -42,49 +51,133 @@ def example_input(meta: dict, multiple: int, batch: int = 2, tiles: tuple = (2, 
     return torch.rand(batch, meta["model"]["in_channels"], h, w) * 2 - 1
 
 
-MAX_SIDE = 16384  # pixels: the exported programs take any multiple of the size multiple up to this
+MAX_SIDE = 16384  # pixels: the exported programs take any height and width up to this
 
 
-def dynamic_shapes(multiple: int) -> dict:
-    most = MAX_SIDE // multiple
-    rows, cols = torch.export.Dim("rows", min=1, max=most), torch.export.Dim("cols", min=1, max=most)
-    return {"x": {0: torch.export.Dim("batch", min=1, max=1024), 2: multiple * rows, 3: multiple * cols}}
+def smallest_side(generator: torch.nn.Module, meta: dict) -> int:
+    """The smallest height and width the padded generator takes: 1 for a U-Net (it halves
+    a multiple down to 1 x 1); the ResNets' residual blocks reflect-pad 1 px (and instance
+    norm needs 2 px), so they need two multiples: sides above one multiple."""
+    multiple, channels = size_multiple(meta["model"]["generator"]), meta["model"]["in_channels"]
+    for k in (1, 2, 3, 4):
+        try:
+            with torch.no_grad():
+                generator(torch.zeros(1, channels, k * multiple, k * multiple))
+            return (k - 1) * multiple + 1
+        except (RuntimeError, ValueError):  # a pad or a norm with too few pixels
+            continue
+    raise RunError(f"the generator takes no square of up to 4 x {multiple} px: cannot export it")
+
+
+def dynamic_shapes(smallest: int = 1) -> dict:
+    side = {"min": smallest, "max": MAX_SIDE}
+    return {"x": {0: torch.export.Dim("batch", min=1, max=1024),
+                  2: torch.export.Dim("height", **side), 3: torch.export.Dim("width", **side)}}
+
+
+def any_size(generator: torch.nn.Module, meta: dict) -> AnySize:
+    """The generator behind the in-graph padding to its size multiple (AnySize)."""
+    return AnySize(generator, size_multiple(meta["model"]["generator"])).eval()
 
 
 def export_safetensors(generator: torch.nn.Module, meta: dict, out: str) -> None:
     weights.write_generator(out, generator.state_dict(), meta)
 
 
-def export_program(generator: torch.nn.Module, meta: dict, out: str) -> torch.export.ExportedProgram:
-    multiple = size_multiple(meta["model"]["generator"])
+def export_program(generator: torch.nn.Module, meta: dict, out: str,
+                   smallest: int | None = None) -> torch.export.ExportedProgram:
+    multiple, smallest = size_multiple(meta["model"]["generator"]), smallest or smallest_side(generator, meta)
     # size-oblivious: else a size-1 bottleneck (H or W = 2**num_downs) is guarded out
     with shape_config.patch(backed_size_oblivious=True):
-        program = torch.export.export(generator, (example_input(meta, multiple),),
-                                      dynamic_shapes=dynamic_shapes(multiple))
+        program = torch.export.export(any_size(generator, meta), (example_input(meta, multiple),),
+                                      dynamic_shapes=dynamic_shapes(smallest))
     path = storage.join(out, "generator.pt2")
     storage.makedirs(out)
     torch.export.save(program, path)
     return program
 
 
-def export_onnx(generator: torch.nn.Module, meta: dict, out: str) -> float | None:
-    """Writes generator.onnx; returns max |onnxruntime - PyTorch| on an example input
-    (None when onnxruntime is not installed)."""
-    multiple = size_multiple(meta["model"]["generator"])
-    path = storage.join(out, "generator.onnx")
+# what torch.onnx.export says that is no news to the user: the torchlib registry's four
+# lines for torchvision's ops when torchvision is not installed (the base install), and
+# torch 2.13's FutureWarning from its own deep copy of a pytree LeafSpec
+TORCHVISION_SKIP = "torchvision is not installed. Skipping torchvision::"
+LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+class _DropTorchvisionSkips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TORCHVISION_SKIP)
+
+
+@contextlib.contextmanager
+def exporter_quiet() -> Iterator[None]:
+    """Silence exactly those messages (TORCHVISION_SKIP, LEAFSPEC_WARNING) for the block."""
+    logger, drop = logging.getLogger(REGISTRY_LOGGER), _DropTorchvisionSkips()
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def onnx_metadata(meta: dict, smallest: int) -> dict[str, str]:
+    """The run's settings a caller of the ONNX file needs, as its metadata_props."""
+    model, data = meta["model"], meta.get("data", {})
+    return {"generator": model["generator"], "step": str(meta["step"]),
+            "in_channels": str(model["in_channels"]), "out_channels": str(model["out_channels"]),
+            "size_multiple": str(size_multiple(model["generator"])), "min_side": str(smallest),
+            "value_range": "-1,1",
+            **{k: str(data[k]) for k in ("direction", "load_size", "crop_size") if k in data}}
+
+
+def export_onnx(generator: torch.nn.Module, meta: dict, out: str,
+                smallest: int | None = None) -> float | None:
+    """Writes generator.onnx; returns max |onnxruntime - PyTorch| on an example input of
+    an odd size (None when onnxruntime is not installed)."""
+    multiple, smallest = size_multiple(meta["model"]["generator"]), smallest or smallest_side(generator, meta)
+    model, path = any_size(generator, meta), storage.join(out, "generator.onnx")
     storage.makedirs(out)
-    torch.onnx.export(generator, (example_input(meta, multiple),), path, dynamo=True,
-                      dynamic_shapes=dynamic_shapes(multiple), input_names=["x"],
-                      output_names=["y"], opset_version=18, external_data=False)
+    with exporter_quiet():
+        program = torch.onnx.export(model, (example_input(meta, multiple),), dynamo=True,
+                                    dynamic_shapes=dynamic_shapes(smallest), input_names=["x"],
+                                    output_names=["y"], opset_version=18, verbose=False)
+    program.model.metadata_props.update(onnx_metadata(meta, smallest))
+    graph = program.model.graph
+    x_shape, y_shape = graph.inputs[0].shape, graph.outputs[0].shape  # y's H, W named as x's
+    graph.outputs[0].shape = type(y_shape)([x_shape[0], y_shape[1], x_shape[2], x_shape[3]])
+    program.save(path, external_data=False)
+    return check_onnx(model, path, meta["model"]["in_channels"], multiple, smallest)
+
+
+def check_onnx(model: torch.nn.Module, path: str, channels: int, multiple: int,
+               smallest: int) -> float | None:
+    """max |onnxruntime - PyTorch| on 3 images of other sizes than traced, neither side a
+    multiple (the in-graph padding is checked too); None without onnxruntime."""
     try:
         import onnxruntime
     except ImportError:
         return None
-    x = example_input(meta, multiple, batch=3, tiles=(1, 2))  # other shapes than traced
+    h = smallest + multiple - 2
+    x = torch.rand(3, channels, h, h + multiple) * 2 - 1
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     (onnx_output,) = session.run(None, {"x": x.numpy()})
     with torch.no_grad():
-        return (torch.from_numpy(onnx_output) - generator(x)).abs().max().item()
+        return (torch.from_numpy(onnx_output) - model(x)).abs().max().item()
+
+
+def interface(meta: dict, smallest: int) -> str:
+    """One line on how to call the graph exports."""
+    model, crop = meta["model"], meta.get("data", {}).get("crop_size")
+    colours = {1: "gray", 3: "RGB"}
+    sides = "any H and W" + (f" >= {smallest}" if smallest > 1 else "")
+    return (f"input x: N x {model['in_channels']} ({colours.get(model['in_channels'], 'channels')}) "
+            f"x H x W float32 in [-1, 1], {sides} (reflect-padded inside to multiples of "
+            f"{size_multiple(model['generator'])}); output y: N x {model['out_channels']} x H x W "
+            f"in [-1, 1]" + (f"; the run's scale: resize inputs to {crop}x{crop}" if crop else "")
+            + " (docs/export.md)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -134,16 +227,19 @@ def _main(argv: list[str]) -> int:
     if "safetensors" in formats:
         export_safetensors(generator, meta, args.out)
         log.info(f"export.py: {storage.join(args.out, 'generator.safetensors')} + generator.json")
+    smallest = smallest_side(generator, meta) if {"torch-export", "onnx"} & set(formats) else 1
     if "torch-export" in formats:
-        export_program(generator, meta, args.out)
+        export_program(generator, meta, args.out, smallest)
         log.info(f"export.py: {storage.join(args.out, 'generator.pt2')} (torch.export)")
     if "onnx" in formats:
-        error = export_onnx(generator, meta, args.out)
+        error = export_onnx(generator, meta, args.out, smallest)
         check = "onnxruntime not installed: unchecked" if error is None else \
             f"onnxruntime vs PyTorch max |diff| {error:.2e} (tolerance {ONNX_TOLERANCE:.0e})"
         log.info(f"export.py: {storage.join(args.out, 'generator.onnx')}; {check}")
         if error is not None and error > ONNX_TOLERANCE:
             raise RunError(f"the ONNX export does not match PyTorch (max |diff| {error:.2e})")
+    if {"torch-export", "onnx"} & set(formats):
+        log.info(f"export.py: {interface(meta, smallest)}")
     return 0
 
 

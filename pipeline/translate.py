@@ -2,10 +2,21 @@
 
     python pipeline/translate.py --checkpoint RUN/checkpoints/step_N a.jpg photos/ s3://b/shards --out DIR
 
-Any image size: an image is padded by reflection to a multiple of the generator's size
+At the run's scale by default: a generator learns one scale of detail, so an input of
+another size than the training images is, to it, another kind of picture (600 px
+photos that training resized to 286 px, translated as they are, are at 2.1x its scale).
+Each input (the input half of an A|B pair) is resized as the trainer's validation and
+p2p-evaluate resize it, bicubic and antialiased to crop_size x crop_size from the
+checkpoint's generator.json (a non-square input is squashed, as training squashes it to
+load_size x load_size), so the output is what evaluation measured; it is then resized
+back to the input's own size. --input-size asks for another scale: train (load_size,
+training's resize before its crops), native (as it is) or N pixels, the last two with a
+warning; --output-size translated keeps the output at the size it was translated at.
+
+Any size: an image is padded by reflection to a multiple of the generator's size
 multiple (2**num_downs for a U-Net, which halves it num_downs times; 4 for a ResNet),
-translated whole and cropped back; an image above
---max-whole-pixels is translated in overlapping tiles (>= 25% overlap) blended with a
+translated whole and cropped back; an image above --max-whole-pixels (at --input-size
+native or a large N) is translated in overlapping tiles (>= 25% overlap) blended with a
 raised-cosine window, so memory stays bounded by the tile batch (4096x4096 on a CPU).
 
 Test-time behaviour is a choice, not a default hidden in the code:
@@ -25,15 +36,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import cli, precision, storage
@@ -47,95 +56,25 @@ from pipeline.data import (
     decode_image,
     list_shards,
     read_entries,
-    to_unit_range,
     try_decode,
 )
 from pipeline.data.format import is_image_name
 from pipeline.errors import DataError, UserError
 from pipeline.evaluate import save_png, to_uint8
 from pipeline.models import set_test_mode, size_multiple
+from pipeline.translate_geometry import (
+    Forward,
+    check_tiling,
+    default_tile,
+    input_side,
+    parse_input_size,
+    resize_back,
+    run_tiled,
+    run_whole,
+    to_network,
+)
 
 log = logging.getLogger(__name__)
-Forward = Callable[[torch.Tensor], torch.Tensor]
-
-
-# --------------------------------------------------------------------------- geometry
-
-def reflect_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
-    """Reflection padding of any width: F.pad's needs pad < size, so pad in rounds; a side
-    of one pixel has nothing to reflect and is replicated."""
-    pads = [left, right, top, bottom]
-    while any(pads):
-        h, w = x.shape[-2:]
-        step = [min(p, limit - 1) for p, limit in zip(pads, (w, w, h, h))]
-        if not any(step):
-            return F.pad(x, pads, mode="replicate")
-        x = F.pad(x, step, mode="reflect")
-        pads = [p - s for p, s in zip(pads, step)]
-    return x
-
-
-def run_whole(forward: Forward, images: torch.Tensor, multiple: int) -> torch.Tensor:
-    """B x C x H x W of any size: pad to a multiple of `multiple` (centred), translate,
-    crop back."""
-    h, w = images.shape[-2:]
-    pad_h, pad_w = -h % multiple, -w % multiple
-    top, left = pad_h // 2, pad_w // 2
-    output = forward(reflect_pad(images, top, pad_h - top, left, pad_w - left))
-    return output[..., top:top + h, left:left + w]
-
-
-def blend_window(size: int) -> torch.Tensor:
-    """size x size raised-cosine (Hann) weights, never zero: tiles fade in and out, and
-    at 50% overlap the shifted windows sum to a constant."""
-    ramp = torch.sin(math.pi * (torch.arange(size) + 0.5) / size) ** 2
-    return ramp[:, None] * ramp[None, :]
-
-
-def tile_layout(length: int, tile: int, stride: int, margin: int) -> tuple[int, int]:
-    """(tiles along an axis, padded length) covering `length` plus `margin` each side."""
-    count = max(0, math.ceil((length + 2 * margin - tile) / stride)) + 1
-    return count, tile + (count - 1) * stride
-
-
-def run_tiled(forward: Forward, image: torch.Tensor, tile: int, overlap: int,
-              batch_size: int) -> torch.Tensor:
-    """1 x C x H x W of any size -> 1 x C' x H x W from overlapping tile x tile windows,
-    `batch_size` tiles per forward, blended by blend_window on the CPU. The image is
-    first reflect-padded by overlap/2, so its own border lies where a tile's weight is
-    already high rather than at a tile's (weakest) edge."""
-    stride, margin = tile - overlap, overlap // 2
-    h, w = image.shape[-2:]
-    rows, padded_h = tile_layout(h, tile, stride, margin)
-    cols, padded_w = tile_layout(w, tile, stride, margin)
-    padded = reflect_pad(image, margin, padded_h - h - margin, margin, padded_w - w - margin)
-    window = blend_window(tile)
-    corners = [(r * stride, c * stride) for r in range(rows) for c in range(cols)]
-    total, weights = None, torch.zeros(padded_h, padded_w)
-    for start in range(0, len(corners), batch_size):
-        chunk = corners[start:start + batch_size]
-        outputs = forward(torch.cat([padded[..., y:y + tile, x:x + tile] for y, x in chunk]))
-        if total is None:
-            total = torch.zeros(outputs.shape[1], padded_h, padded_w)
-        for (y, x), output in zip(chunk, outputs.float().cpu()):
-            total[:, y:y + tile, x:x + tile] += output * window
-            weights[y:y + tile, x:x + tile] += window
-    return (total / weights)[None, :, margin:margin + h, margin:margin + w]
-
-
-def default_tile(crop_size: int, multiple: int) -> int:
-    """Twice the training crop (more context per tile, closer to whole-image output),
-    rounded up to the U-Net's multiple."""
-    return math.ceil(2 * crop_size / multiple) * multiple
-
-
-def check_tiling(tile: int, overlap: int, crop_size: int, multiple: int) -> None:
-    if tile < crop_size or tile % multiple:
-        raise UserError(f"--tile {tile}: must be >= the training crop {crop_size} and a "
-                         f"multiple of {multiple} (the generator's size multiple)")
-    if not tile / 4 <= overlap < tile:
-        raise UserError(f"tile overlap {overlap} px: must be >= 25% of the tile ({tile}) "
-                         "and smaller than the tile")
 
 
 def make_forward(generator: torch.nn.Module, device: torch.device, bf16: bool) -> Forward:
@@ -264,14 +203,17 @@ def read_images(files: list, shard_lists: list, meta: dict, max_pixels: int,
 # --------------------------------------------------------------------------- the loop
 
 class Translator:
-    """Images in, PNGs out: equal-sized small images batched whole, large ones tiled."""
+    """Images in, PNGs out: each resized to `side` x `side` (None: as it is), equal-sized
+    small images batched whole, large ones tiled; outputs resized back to their input's
+    own size when `keep_size`."""
 
     def __init__(self, forward: Forward, out: str, *, multiple: int, tile: int, overlap: int,
-                 batch_size: int, max_whole_pixels: int, existing: set[str] = frozenset()):
+                 batch_size: int, max_whole_pixels: int, existing: set[str] = frozenset(),
+                 side: int | None = None, keep_size: bool = True):
         self.forward, self.out, self.multiple = forward, out, multiple
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
-        self.max_whole_pixels = max_whole_pixels
-        self.pending: list[tuple[str, torch.Tensor]] = []
+        self.max_whole_pixels, self.side, self.keep_size = max_whole_pixels, side, keep_size
+        self.pending: list[tuple[str, torch.Tensor, tuple | None]] = []
         self.done, self.tiled, self.kept, self.skipped = 0, 0, 0, Counter()
         self.existing, self.taken = existing, set()  # outputs there before, names of this run
 
@@ -289,28 +231,31 @@ class Translator:
         return True
 
     def add(self, name: str, pixels: np.ndarray) -> None:
-        image = to_unit_range(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+        back = pixels.shape[:2] if self.keep_size else None
+        image = to_network(pixels, self.side)
         if image.shape[-2] * image.shape[-1] > self.max_whole_pixels:
             self.tiled += 1
             output = run_tiled(self.forward, image, self.tile, self.overlap, self.batch_size)
-            self.write(name, output)
+            self.write(name, output, back)
             return
         if self.pending and self.pending[0][1].shape != image.shape:
             self.flush()
-        self.pending.append((name, image))
+        self.pending.append((name, image, back))
         if len(self.pending) == self.batch_size:
             self.flush()
 
     def flush(self) -> None:
         if not self.pending:
             return
-        names, images = zip(*self.pending)
+        names, images, sizes = zip(*self.pending)
         self.pending = []
-        for name, output in zip(names, run_whole(self.forward, torch.cat(images), self.multiple)):
-            self.write(name, output[None])
+        outputs = run_whole(self.forward, torch.cat(images), self.multiple)
+        for name, output, back in zip(names, outputs, sizes):
+            self.write(name, output[None], back)
 
-    def write(self, name: str, output: torch.Tensor) -> None:
-        pixels = to_uint8(output)[0].permute(1, 2, 0).numpy()
+    def write(self, name: str, output: torch.Tensor, back: tuple | None = None) -> None:
+        """One output as NAME.png, first resized to `back` (H, W) when given."""
+        pixels = to_uint8(resize_back(output, back) if back else output)[0].permute(1, 2, 0).numpy()
         if pixels.shape[2] == 1:  # PIL takes grayscale as H x W
             pixels = pixels[..., 0]
         save_png(storage.join(self.out, output_name(name)), pixels)
@@ -358,6 +303,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tile overlap as a fraction of the tile, >= 0.25 (default: 0.5)")
     parser.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
                         help="skip images with more pixels than this (decompression-bomb guard)")
+    parser.add_argument("--input-size", type=parse_input_size, default="eval", metavar="SIZE",
+                        help="the scale inputs are translated at: eval, the run's (each input "
+                             "resized to data.crop_size x crop_size from generator.json, as the "
+                             "trainer's validation and p2p-evaluate resize: the output is what "
+                             "they measured); train: to data.load_size, the size training cropped "
+                             "from; native: as it is (another scale than training's: a warning); "
+                             "N: to N x N pixels (default: eval)")
+    parser.add_argument("--output-size", choices=("input", "translated"), default="input",
+                        help="input: each output resized back to its input's own size (default); "
+                             "translated: as the generator gave it, at --input-size")
     parser.add_argument("--split-pair", choices=("auto", "yes", "no"), default="auto",
                         help="image files holding input|target side by side: auto takes an image "
                              "exactly twice as wide as high for such a pair and translates its "
@@ -370,32 +325,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    cli.setup_logging()
-    generator, meta = load_generator(args.checkpoint)
+REFERENCE_CROP = 256  # the default tile's base for a generator.json without data.crop_size
+
+
+def make_translator(args: argparse.Namespace, generator: torch.nn.Module, meta: dict,
+                    total: int, existing: set[str]) -> Translator:
+    """The Translator the options describe, the generator on its device and test mode;
+    logs the scale (a warning when it is not the run's) and the run's settings."""
     multiple = size_multiple(meta["model"]["generator"])
-    tile = args.tile or default_tile(meta["data"]["crop_size"], multiple)
+    crop = meta.get("data", {}).get("crop_size")
+    tile = args.tile or default_tile(crop or REFERENCE_CROP, multiple)
     overlap = round(args.overlap * tile)
-    check_tiling(tile, overlap, meta["data"]["crop_size"], multiple)
-    files, shard_lists, total = plan_inputs(args.inputs, args.split)
-    check_out(args.out, args.inputs, files)
-    existing = set() if args.overwrite else existing_outputs(args.out)
+    check_tiling(tile, overlap, crop or multiple, multiple)
+    side, scale, other_scale = input_side(meta, args.input_size)
+    keep_size = args.output_size == "input" and side is not None
+    outputs = "outputs resized back to each input's own size" if keep_size else \
+        f"outputs kept at {side}x{side}" if side else "outputs at each input's own size"
+    (log.warning if other_scale else log.info)(f"translate.py: {scale}; {outputs}")
     device = pick_device(args.device)
     mixed_precision, notice = precision.for_inference(args.bf16, device.type)
     if notice:
         log.warning(f"translate.py: {notice}")
-    batch_stats = args.norm_stats == "batch"
+    batch_stats, bf16 = args.norm_stats == "batch", mixed_precision == "bf16"
     set_test_mode(generator.to(device), args.dropout == "on", batch_stats)
-    torch.manual_seed(args.seed)
-    # batch statistics mix the images of a batch: one per forward keeps them per image
-    bf16 = mixed_precision == "bf16"
-    translator = Translator(make_forward(generator, device, bf16), args.out, multiple=multiple,
-                            tile=tile, overlap=overlap, batch_size=1 if batch_stats else args.batch_size,
-                            max_whole_pixels=args.max_whole_pixels, existing=existing)
     log.info(f"translate.py: {total} images, {meta['model']['generator']} step {meta['step']} on "
              f"{device}{' bf16' if bf16 else ''}; dropout {args.dropout}, {args.norm_stats} "
              f"statistics; tiles {tile}px, overlap {overlap}px")
+    # batch statistics mix the images of a batch: one per forward keeps them per image
+    return Translator(make_forward(generator, device, bf16), args.out, multiple=multiple,
+                      tile=tile, overlap=overlap, batch_size=1 if batch_stats else args.batch_size,
+                      max_whole_pixels=args.max_whole_pixels, existing=existing, side=side,
+                      keep_size=keep_size)
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    cli.setup_logging()
+    generator, meta = load_generator(args.checkpoint)
+    files, shard_lists, total = plan_inputs(args.inputs, args.split)
+    check_out(args.out, args.inputs, files)
+    existing = set() if args.overwrite else existing_outputs(args.out)
+    translator = make_translator(args, generator, meta, total, existing)
+    torch.manual_seed(args.seed)
     with tqdm(total=total, unit="img", disable=args.quiet, dynamic_ncols=True) as bar:
         for name, pixels, reason in read_images(files, shard_lists, meta, args.max_pixels,
                                                 args.split_pair):

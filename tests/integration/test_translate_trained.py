@@ -1,6 +1,8 @@
 """translate.py with a generator the real trainer trained (tests/helpers/inference_runs.py):
 tiled output matches the whole image without seams, the CLI on files, folders and shards
-of odd sizes skipping a corrupt one, and a 4096 x 4096 image tiled on CPU."""
+of odd sizes skipping a corrupt one, and a 4096 x 4096 image tiled on CPU. These run at
+each input's own size (--input-size native), where sizes vary and big images are tiled;
+the default, the run's scale: tests/unit/test_translate.py."""
 import time
 
 import numpy as np
@@ -11,7 +13,8 @@ from PIL import Image
 from data_tools.make_demo import make_pair
 from pipeline.checkpoint import load_generator
 from pipeline.models import set_test_mode
-from pipeline.translate import main, make_forward, run_tiled, run_whole
+from pipeline.translate import main, make_forward
+from pipeline.translate_geometry import run_tiled, run_whole
 from tests.helpers.images import write_image
 
 # all on trained_run: the real trainer, 100 steps (15-90 s on 2 cores, by load)
@@ -65,7 +68,7 @@ def test_cli_translates_files_folders_and_shards_of_odd_sizes_skipping_a_corrupt
     out = tmp_path / "out"
     code = main(["--checkpoint", trained_run["checkpoint"], str(folder), big, trained_run["shards"],
                  "--out", str(out), "--dropout", "off", "--norm-stats", "running",
-                 "--max-whole-pixels", "50000", "--quiet"])
+                 "--max-whole-pixels", "50000", "--quiet", "--input-size", "native"])
     captured = capsys.readouterr()
     assert code == 2, captured  # something was skipped, all else written
     assert "skipped broken.jpg: corrupt_image" in captured.err
@@ -87,7 +90,8 @@ def test_a_4096_square_image_is_tiled_on_cpu(trained_run, tmp_path, capsys):
     Image.fromarray(pixels).save(image, quality=90)
     start = time.perf_counter()
     assert main(["--checkpoint", trained_run["checkpoint"], image, "--out", str(tmp_path / "out"),
-                 "--dropout", "off", "--norm-stats", "running", "--overlap", "0.25", "--quiet"]) == 0
+                 "--dropout", "off", "--norm-stats", "running", "--overlap", "0.25", "--quiet",
+                 "--input-size", "native"]) == 0
     print(f"4096x4096 tiled in {time.perf_counter() - start:.1f} s")
     assert "(1 tiled)" in capsys.readouterr().out
     assert Image.open(tmp_path / "out" / "huge.png").size == (4096, 4096)
