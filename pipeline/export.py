@@ -40,6 +40,12 @@ from pipeline.translate_geometry import AnySize
 
 log = logging.getLogger(__name__)
 
+
+def prog() -> str:
+    """The name the user called this tool by: p2p-export or export.py."""
+    return cli.prog_name("export.py")
+
+
 FORMATS = ("safetensors", "torch-export", "onnx")
 NEEDS = {"onnx": ("onnx", "onnxscript")}  # packages a format needs beyond the base install
 ONNX_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| accepted (measured ~1e-6 in fp32)
@@ -213,7 +219,7 @@ def choose_formats(asked: str) -> list[str]:
         return formats
     formats = [fmt for fmt in FORMATS if not missing_packages(fmt)]
     for fmt in sorted(set(FORMATS) - set(formats)):
-        log.warning(f"export.py: skipped {fmt}: {', '.join(missing_packages(fmt))} not installed "
+        log.warning(f"{prog()}: skipped {fmt}: {', '.join(missing_packages(fmt))} not installed "
                     "(pip install -e '.[export]' brings it)")
     return formats
 
@@ -226,20 +232,20 @@ def _main(argv: list[str]) -> int:
     torch.manual_seed(0)
     if "safetensors" in formats:
         export_safetensors(generator, meta, args.out)
-        log.info(f"export.py: {storage.join(args.out, 'generator.safetensors')} + generator.json")
+        log.info(f"{prog()}: {storage.join(args.out, 'generator.safetensors')} + generator.json")
     smallest = smallest_side(generator, meta) if {"torch-export", "onnx"} & set(formats) else 1
     if "torch-export" in formats:
         export_program(generator, meta, args.out, smallest)
-        log.info(f"export.py: {storage.join(args.out, 'generator.pt2')} (torch.export)")
+        log.info(f"{prog()}: {storage.join(args.out, 'generator.pt2')} (torch.export)")
     if "onnx" in formats:
         error = export_onnx(generator, meta, args.out, smallest)
         check = "onnxruntime not installed: unchecked" if error is None else \
             f"onnxruntime vs PyTorch max |diff| {error:.2e} (tolerance {ONNX_TOLERANCE:.0e})"
-        log.info(f"export.py: {storage.join(args.out, 'generator.onnx')}; {check}")
+        log.info(f"{prog()}: {storage.join(args.out, 'generator.onnx')}; {check}")
         if error is not None and error > ONNX_TOLERANCE:
             raise RunError(f"the ONNX export does not match PyTorch (max |diff| {error:.2e})")
     if {"torch-export", "onnx"} & set(formats):
-        log.info(f"export.py: {interface(meta, smallest)}")
+        log.info(f"{prog()}: {interface(meta, smallest)}")
     return 0
 
 

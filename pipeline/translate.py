@@ -77,6 +77,12 @@ from pipeline.translate_geometry import (
 log = logging.getLogger(__name__)
 
 
+def prog() -> str:
+    """The name the user called this tool by: p2p-translate or translate.py."""
+    return cli.prog_name("translate.py")
+
+
+
 def make_forward(generator: torch.nn.Module, device: torch.device, bf16: bool) -> Forward:
     """[-1, 1] float CPU batch -> float CPU output, on `device`, in bf16 if asked."""
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +193,7 @@ def read_images(files: list, shard_lists: list, meta: dict, max_pixels: int,
         yield name, pixels, reason
     if pairs:
         side = "left (A)" if meta["data"]["direction"] == "AtoB" else "right (B)"
-        log.info(f"translate.py: {pairs} image(s) were A|B pairs (width = 2 x height): translated "
+        log.info(f"{prog()}: {pairs} image(s) were A|B pairs (width = 2 x height): translated "
                  f"their {side} half, the generator's input; --split-pair no translates them whole")
     cfg = DataConfig(direction=meta["data"]["direction"], max_image_pixels=max_pixels)
     for shards in shard_lists:
@@ -262,7 +268,7 @@ class Translator:
         self.done += 1
 
     def skip(self, name: str, reason: str) -> None:
-        tqdm.write(f"translate.py: skipped {name}: {reason}", file=sys.stderr)  # under the bar
+        tqdm.write(f"{prog()}: skipped {name}: {reason}", file=sys.stderr)  # under the bar
         self.skipped[reason.split(" (")[0]] += 1
 
 
@@ -341,14 +347,14 @@ def make_translator(args: argparse.Namespace, generator: torch.nn.Module, meta: 
     keep_size = args.output_size == "input" and side is not None
     outputs = "outputs resized back to each input's own size" if keep_size else \
         f"outputs kept at {side}x{side}" if side else "outputs at each input's own size"
-    (log.warning if other_scale else log.info)(f"translate.py: {scale}; {outputs}")
+    (log.warning if other_scale else log.info)(f"{prog()}: {scale}; {outputs}")
     device = pick_device(args.device)
     mixed_precision, notice = precision.for_inference(args.bf16, device.type)
     if notice:
-        log.warning(f"translate.py: {notice}")
+        log.warning(f"{prog()}: {notice}")
     batch_stats, bf16 = args.norm_stats == "batch", mixed_precision == "bf16"
     set_test_mode(generator.to(device), args.dropout == "on", batch_stats)
-    log.info(f"translate.py: {total} images, {meta['model']['generator']} step {meta['step']} on "
+    log.info(f"{prog()}: {total} images, {meta['model']['generator']} step {meta['step']} on "
              f"{device}{' bf16' if bf16 else ''}; dropout {args.dropout}, {args.norm_stats} "
              f"statistics; tiles {tile}px, overlap {overlap}px")
     # batch statistics mix the images of a batch: one per forward keeps them per image
@@ -378,7 +384,7 @@ def _main(argv: list[str]) -> int:
         translator.flush()
     skipped = sum(translator.skipped.values())
     kept = f"kept {translator.kept} already there (--overwrite redoes them); " if translator.kept else ""
-    log.info(f"translate.py: wrote {translator.done} images to {args.out} ({translator.tiled} tiled); "
+    log.info(f"{prog()}: wrote {translator.done} images to {args.out} ({translator.tiled} tiled); "
              f"{kept}skipped {skipped}{' ' + str(dict(translator.skipped)) if skipped else ''}")
     if skipped:
         raise DataError(f"{skipped} input(s) could not be translated "

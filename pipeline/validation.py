@@ -67,7 +67,7 @@ class Evaluator:
             return None
         generator = self.engines.eval_generator()  # unwrapped, no DDP collectives: ranks differ in count
         loader = self._loader(max_images=self.cfg.eval.max_images)
-        bar = progress.Progress(loader.rank_images, desc=f"eval step {step}", unit="image",
+        bar = progress.Progress(loader.rank_images, desc=f"eval at step {step}:", unit="image",
                                 enabled=self.accelerator.is_main_process and self.cfg.log.progress)
         result = evaluate.evaluate(generator, (self._to_device(b) for b in loader),
                                    self.accelerator.device, self.engines.autocast,
