@@ -7,15 +7,22 @@ with structure at several scales (per-class colour, per-class texture, soft outl
 one global light), so pix2pix can learn it in a few hundred steps.
 
     python data_tools/make_demo.py demo_data            # train/ and val/ folders
+
+A run that finishes leaves DEST/.make_demo.json (hidden: shard.py lists no dot files)
+with its parameters and each file's digest; a run with the same parameters that finds
+every file as recorded says so in one line and writes nothing.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
 import os
 import sys
 
 import numpy as np
+import PIL
 from PIL import Image
 from tqdm import tqdm
 
@@ -31,6 +38,8 @@ CLASSES = {
     "sill": ((0, 255, 200), (240, 240, 235)),
 }
 NAMES = list(CLASSES)
+STAMP = ".make_demo.json"
+VERSION = 1  # of the generator: raise it when make_pair's pixels change
 
 
 def layout(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -106,15 +115,39 @@ def encode(pixels: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_split(out_dir: str, split: str, count: int, seed: int, size: int, fmt: str) -> None:
+def write_split(out_dir: str, split: str, count: int, seed: int, size: int, fmt: str) -> dict:
+    """Writes the split's images; returns {path relative to out_dir: sha256}."""
     split_dir = os.path.join(out_dir, split)
     os.makedirs(split_dir, exist_ok=True)
+    digests = {}
     for index in tqdm(range(count), desc=f"demo {split}", unit="pair", leave=False):
         data = encode(make_pair(seed, split, index, size), fmt)
-        path = os.path.join(split_dir, f"{index}.{fmt}")
-        with open(path + ".tmp", "wb") as f:  # aside, then rename: no half-written images
-            f.write(data)
-        os.replace(path + ".tmp", path)
+        _write(os.path.join(split_dir, f"{index}.{fmt}"), data)
+        digests[f"{split}/{index}.{fmt}"] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:  # aside, then rename: no half-written files
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def already_made(out_dir: str, parameters: dict) -> bool:
+    """Whether out_dir holds what a run with these parameters writes: a finished run's
+    stamp with the same parameters, and every file it lists with the same digest."""
+    try:
+        with open(os.path.join(out_dir, STAMP)) as f:
+            stamp = json.load(f)
+        if stamp["parameters"] != parameters:
+            return False
+        for rel, digest in stamp["files"].items():
+            with open(os.path.join(out_dir, rel), "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != digest:
+                    return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def _main(argv: list[str]) -> int:
@@ -130,10 +163,22 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.size < 32:
         parser.error(f"--size must be >= 32, got {args.size}")
+    what = (f"{args.train} train + {args.val} val pairs ({2 * args.size} wide x {args.size} "
+            f"high: input | target, {args.format})")
+    parameters = {"version": VERSION, "pillow": PIL.__version__, "train": args.train,
+                  "val": args.val, "size": args.size, "seed": args.seed, "format": args.format}
+    if already_made(args.out_dir, parameters):
+        print(f"demo data: {args.out_dir} already holds these {what}; nothing written")
+        return 0
+    os.makedirs(args.out_dir, exist_ok=True)
+    stamp = os.path.join(args.out_dir, STAMP)
+    if os.path.exists(stamp):
+        os.remove(stamp)  # first: a run cut short must not look finished
+    files = {}
     for split, count in (("train", args.train), ("val", args.val)):
-        write_split(args.out_dir, split, count, args.seed, args.size, args.format)
-    print(f"demo data: {args.train} train + {args.val} val pairs "
-          f"({2 * args.size} wide x {args.size} high: input | target, {args.format}) in {args.out_dir}")
+        files.update(write_split(args.out_dir, split, count, args.seed, args.size, args.format))
+    _write(stamp, (json.dumps({"parameters": parameters, "files": files}, indent=1) + "\n").encode())
+    print(f"demo data: {what} in {args.out_dir}")
     return 0
 
 

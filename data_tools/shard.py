@@ -14,33 +14,28 @@ manifest: it lets a later re-run or merge check the work without repacking.
 
 Members per sample: KEY.input.EXT + KEY.target.EXT, or KEY.pair.EXT for an A|B image
 kept whole (split at "split_x" of KEY.json by the reader), plus KEY.json. Original
-bytes are stored untouched unless --split-pairs, --resize or a size-mismatch resize asks
-for decoding; those re-encode as PNG (lossless) or JPEG at --jpeg-quality.
+bytes are stored untouched unless --load-size, --split-pairs, --resize or a size-mismatch
+resize asks for decoding; those re-encode as PNG (lossless) or JPEG at --jpeg-quality
+(data_tools/packing.py: the per-pair work and the processes that share it).
 """
 import argparse
 import dataclasses
 import hashlib
-import io
+import itertools
 import json
 import math
-import multiprocessing
-import os
 import random
-import re
 import signal
 import sys
 import tarfile
 import time
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from data_tools import sources
+from data_tools import packing, sources
 from pipeline import cli, faults, storage
-from pipeline.data.decode import MAX_IMAGE_PIXELS, scale_16bit
+from pipeline.data.decode import MAX_IMAGE_PIXELS
 from pipeline.data.format import (
-    EXT_OF_PIL_FORMAT,
     FORMAT_VERSION,
     Manifest,
     ShardInfo,
@@ -50,30 +45,11 @@ from pipeline.data.format import (
 )
 from pipeline.errors import DataError, UserError
 
-FORMATS = EXT_OF_PIL_FORMAT  # what the trainer decodes
 PARTS = "_parts"
-READ_AHEAD = 32  # pairs read at once while packing
-REASONS = ("read_error", "missing_input", "missing_target", "not_an_image",
-           "unsupported_format", "too_large", "size_mismatch", "decode_error")
 # options that change the shards' bytes: recorded in the plan, the parts and the manifest
 OUTPUT_OPTIONS = ("source", "layout", "split", "seed", "max_samples", "max_bytes",
                   "min_shards", "split_pairs", "resize", "encode", "jpeg_quality",
                   "on_size_mismatch", "max_pixels", "verify")
-
-
-def _detail(err: BaseException) -> str:
-    """An error's message for rejected.jsonl: PIL names in-memory files by their object
-    repr (`<_io.BytesIO object at 0x7f...>`), which says nothing and differs per run."""
-    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image", str(err))
-    return " ".join(text.split())[:200]
-
-
-class Rejected(Exception):
-    """A pair that cannot be packed: `reason` is one of REASONS."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 @dataclasses.dataclass
@@ -124,140 +100,25 @@ def in_slice(shards: list[Shard], slice_: tuple[int, int]) -> list[Shard]:
 
 # ------------------------------------------------------------------------------ packing
 
-def probe(data: bytes, options: dict) -> tuple[str, int, int]:
-    """(format, width, height) from the header only; a full decode with --verify."""
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # --max-pixels rules here
-    try:
-        im = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise Rejected("not_an_image", _detail(err)) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    with im:
-        if im.format not in FORMATS:
-            raise Rejected("unsupported_format", str(im.format))
-        width, height = im.size
-        if width * height > options["max_pixels"]:
-            raise Rejected("too_large", f"{width}x{height} > {options['max_pixels']} pixels")
-        if options["verify"]:
-            try:
-                im.load()
-            except Exception as err:  # noqa: BLE001 - PIL raises many types for broken data
-                raise Rejected("decode_error", _detail(err)) from None
-    return im.format, width, height
-
-
-def _read(fetched: dict, url: str | None, missing: str) -> bytes:
-    data = fetched.get(url, FileNotFoundError()) if url else FileNotFoundError()
-    if isinstance(data, FileNotFoundError):
-        raise Rejected(missing, url or "")
-    if isinstance(data, Exception):
-        raise Rejected("read_error", f"{type(data).__name__}: {_detail(data)}"[:200])
-    return data
-
-
-def pack_pair(pair: sources.Pair, fetched: dict, options: dict) -> tuple[dict, list]:
-    """(metadata, [(member suffix, bytes)]) for one pair whose files are in `fetched`
-    ({url: bytes or error}), or raises Rejected."""
-    meta = {"source": pair.name, "layout": pair.layout}
-    a = _read(fetched, pair.input, "missing_input")
-    fmt, width, height = probe(a, options)
-    if pair.layout == "pair":
-        halves_differ = width % 2 == 1
-        half_w = width // 2
-    else:
-        b = _read(fetched, pair.target, "missing_target")
-        b_fmt, b_width, b_height = probe(b, options)
-        halves_differ = (width, height) != (b_width, b_height)
-        half_w = width
-    if halves_differ and options["on_size_mismatch"] == "skip":
-        detail = f"{width}x{height} A|B" if pair.layout == "pair" else \
-            f"input {width}x{height}, target {b_width}x{b_height}"
-        raise Rejected("size_mismatch", detail)
-    too_big = options["resize"] and max(half_w, height) > options["resize"]
-    resized = options.get("load_size", 0) > 0
-    if halves_differ or too_big or resized or (pair.layout == "pair" and options["split_pairs"]):
-        return reencode(pair, a, None if pair.layout == "pair" else b, options)
-    meta.update(width=width, height=height, format=fmt.lower())
-    if pair.layout == "pair":
-        meta["split_x"] = half_w
-        return meta, [("pair." + FORMATS[fmt], a)]
-    return meta, [("input." + FORMATS[fmt], a), ("target." + FORMATS[b_fmt], b)]
-
-
-def reencode(pair, a: bytes, b: bytes | None, options: dict):
-    """Decode, split an A|B image, resize (target to input's size, then to --resize),
-    encode as PNG or JPEG; the only path that changes pixels, and only when asked."""
-    try:
-        input_im = _rgb(a)
-        if b is None:
-            half = input_im.width // 2
-            target_im = input_im.crop((half, 0, input_im.width, input_im.height))
-            input_im = input_im.crop((0, 0, half, input_im.height))
-        else:
-            target_im = _rgb(b)
-    except Exception as err:  # noqa: BLE001 - truncated data shows only now, without --verify
-        raise Rejected("decode_error", _detail(err)) from None
-    if options.get("load_size"):  # both halves to N x N, as the trainer would resize them
-        input_im, target_im = (to_load_size(im, options["load_size"]) for im in (input_im, target_im))
-    elif target_im.size != input_im.size:
-        target_im = target_im.resize(input_im.size, Image.BICUBIC)
-    if options["resize"] and max(input_im.size) > options["resize"]:
-        scale = options["resize"] / max(input_im.size)
-        size = (max(1, round(input_im.width * scale)), max(1, round(input_im.height * scale)))
-        input_im, target_im = (im.resize(size, Image.BICUBIC) for im in (input_im, target_im))
-    ext = "png" if options["encode"] == "png" else "jpg"
-    meta = {"source": pair.name, "layout": "separate", "source_layout": pair.layout,
-            "width": input_im.width, "height": input_im.height,
-            "format": "png" if ext == "png" else "jpeg",
-            "reencoded": "png" if ext == "png" else f"jpeg q{options['jpeg_quality']}"}
-    return meta, [("input." + ext, _encode(input_im, options)),
-                  ("target." + ext, _encode(target_im, options))]
-
-
-def to_load_size(im: Image.Image, size: int) -> Image.Image:
-    """`im` resized to size x size by the trainer's own resize (pipeline.data.resize_u8:
-    antialiased bicubic on uint8), so pre-resized shards hold exactly the pixels the
-    trainer would compute from the originals. (torch only here: shard.py's packing
-    processes start faster without it.)"""
-    import torch
-
-    from pipeline.data.augmentation import resize_u8
-    pixels = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None]
-    return Image.fromarray(resize_u8(pixels, size)[0].permute(1, 2, 0).contiguous().numpy())
-
-
-def _rgb(data: bytes) -> Image.Image:
-    """Decoded as RGB (gray and RGB halves then match), 16-bit grayscale scaled to 8 bits
-    by the trainer's own policy (pipeline.data.decode)."""
-    return scale_16bit(Image.open(io.BytesIO(data))).convert("RGB")
-
-
-def _encode(im: Image.Image, options: dict) -> bytes:
-    buffer = io.BytesIO()
-    if options["encode"] == "png":
-        im.save(buffer, "PNG")
-    else:
-        im.save(buffer, "JPEG", quality=options["jpeg_quality"])
-    return buffer.getvalue()
-
-
 def pack_shard(job: tuple) -> dict:
-    """Write one shard atomically, then its part file; returns the part."""
+    """Read, pack and write one shard in this process; returns its part."""
     dest, shard, options = job
+    return write_shard(dest, shard, ((pair, packing.outcome(pair, found, options))
+                                     for pair, found in packing.fetched(shard.pairs)))
+
+
+def write_shard(dest: str, shard: Shard, outcomes) -> dict:
+    """Write one shard atomically from its pairs' (pair, outcome) in plan order, then its
+    part file; returns the part."""
     samples, rejected = 0, []
     with storage.atomic_write(storage.join(dest, shard.name)) as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for i, pair in enumerate(shard.pairs):
-                if i % READ_AHEAD == 0:  # concurrent reads: S3 latency adds up otherwise
-                    batch = shard.pairs[i:i + READ_AHEAD]
-                    fetched = storage.read_many([u for p in batch for u in (p.input, p.target) if u])
-                try:
-                    meta, members = pack_pair(pair, fetched, options)
-                except Rejected as why:
+            for pair, result in outcomes:
+                if isinstance(result, packing.Rejected):
                     rejected.append({"split": shard.split, "key": pair.key, "source": pair.name,
-                                     "reason": why.reason, "detail": why.detail})
+                                     "reason": result.reason, "detail": result.detail})
                     continue
+                meta, members = result
                 for suffix, data in members:
                     write_member(tar, member_name(pair.key, suffix), data)
                 write_member(tar, member_name(pair.key, "json"), json.dumps(meta, sort_keys=True).encode())
@@ -304,26 +165,38 @@ def finished_part(dest: str, shard: Shard) -> dict | None:
 
 # ------------------------------------------------------------------------------ running
 
-def pack(dest: str, shards: list[Shard], options: dict, workers: int, progress: bool) -> dict:
-    """Pack every shard not finished yet; returns counts for the summary."""
+def pack(dest: str, shards: list[Shard], options: dict, workers, progress: bool) -> dict:
+    """Pack every shard not finished yet; returns counts for the summary. Re-encoding
+    (CPU-bound) is shared by `workers` processes pair by pair while this one reads and
+    writes the shards in order; copying, shard by shard (each process reads and writes
+    its own). The bytes are the same either way, and with one process."""
     todo = [s for s in shards if finished_part(dest, s) is None]
+    pairs = sum(len(s.pairs) for s in todo)
     stats = {"skipped": len(shards) - len(todo), "packed": 0, "pairs": 0, "bytes": 0}
     start = time.perf_counter()
-    bar = tqdm(total=sum(len(s.pairs) for s in todo), unit="pair", disable=not progress,
-               dynamic_ncols=True, file=sys.stderr)
-    jobs = [(dest, shard, options) for shard in todo]
-    # spawn, not fork: a fork of a process that runs threads (an S3 client's event loop,
-    # tqdm's monitor) can copy a held lock into a worker that then never starts.
-    pool = multiprocessing.get_context("spawn").Pool(workers, _worker_signals) \
-        if workers > 1 and len(jobs) > 1 else None
+    per_pair = packing.reencodes(options)
+    if workers == "auto":
+        workers = packing.auto_workers(per_pair, pairs)
+    workers = stats["workers"] = max(1, min(workers, pairs if per_pair else len(todo)))
+    with packing.interrupts_to_this_thread():
+        bar = tqdm(total=pairs, unit="pair", disable=not progress or not todo,
+                   dynamic_ncols=True, file=sys.stderr)
+    pool = packing.start_pool(workers, options) if workers > 1 else None
     try:
-        parts = pool.imap_unordered(pack_shard, jobs) if pool else map(pack_shard, jobs)
-        for part in parts:
-            stats["packed"] += 1
-            stats["pairs"] += part["planned"]
-            stats["bytes"] += part["bytes"]
-            bar.update(part["planned"])
-            bar.set_postfix_str(f"{stats['bytes'] / 2**20 / (time.perf_counter() - start):.1f} MB/s")
+        if pool and per_pair:
+            found = itertools.chain.from_iterable(packing.fetched(s.pairs) for s in todo)
+            outcomes = packing.outcomes_in_pool(pool, found, options, depth=4 * workers + packing.READ_AHEAD)
+            parts = (write_shard(dest, s, itertools.islice(outcomes, len(s.pairs))) for s in todo)
+        else:
+            jobs = [(dest, shard, options) for shard in todo]
+            parts = pool.imap_unordered(pack_shard, jobs) if pool else map(pack_shard, jobs)
+        with packing.one_torch_thread(not pool and bool(options.get("load_size"))):
+            for part in parts:
+                stats["packed"] += 1
+                stats["pairs"] += part["planned"]
+                stats["bytes"] += part["bytes"]
+                bar.update(part["planned"])
+                bar.set_postfix_str(f"{stats['bytes'] / 2**20 / (time.perf_counter() - start):.1f} MB/s")
         if pool:
             pool.close()  # all done: let the workers exit on their own
             pool.join()
@@ -337,17 +210,6 @@ def pack(dest: str, shards: list[Shard], options: dict, workers: int, progress: 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _worker_signals() -> None:
-    """Ctrl-C reaches the whole process group: the parent alone decides, then stops the
-    workers with SIGTERM, which must unwind atomic_write to remove its temp file."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _quiet_exit)
-
-
-def _quiet_exit(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like an exception, ends without a traceback
 
 
 def merge(dest: str, strict: bool = False) -> Manifest:
@@ -378,7 +240,7 @@ def merge(dest: str, strict: bool = False) -> Manifest:
             manifest.rejected[row["reason"]] = manifest.rejected.get(row["reason"], 0) + 1
     manifest.rejected = dict(sorted(manifest.rejected.items()))
     rejected_rows = [json.dumps(row, sort_keys=True) + "\n" for p in parts for row in p["rejected"]]
-    storage.write_bytes(storage.join(dest, "rejected.jsonl"), "".join(rejected_rows).encode())
+    _write_changed(storage.join(dest, "rejected.jsonl"), "".join(rejected_rows).encode())
     if strict and rejected_rows:
         report_rejected(manifest, dest)
         storage.remove(storage.join(dest, "manifest.json"))  # one from an earlier run
@@ -386,8 +248,25 @@ def merge(dest: str, strict: bool = False) -> Manifest:
                         f"was written (the trainer cannot use {dest}); fix or remove them and "
                         "run again (packed shards are kept), or drop --strict")
     faults.kill_point("shard.before_manifest")
-    manifest.write(dest)
+    try:  # as it is already: left alone
+        unchanged = json.loads(storage.read_bytes(storage.join(dest, "manifest.json"))) == \
+            dataclasses.asdict(manifest)
+    except (OSError, ValueError):
+        unchanged = False
+    if not unchanged:
+        manifest.write(dest)
     return manifest
+
+
+def _write_changed(url: str, data: bytes) -> None:
+    """Write unless `url` holds these bytes already: a re-run that finds its work done
+    leaves every file as it was."""
+    try:
+        if storage.read_bytes(url) == data:
+            return
+    except OSError:
+        pass
+    storage.write_bytes(url, data)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -414,18 +293,24 @@ def _run(args: argparse.Namespace) -> int:
     try:  # the plan is also the probe: an unwritable DEST fails here, before any work
         storage.makedirs(args.dest)
         drop_stale_manifest(args.dest, plan)
-        storage.write_bytes(storage.join(args.dest, PARTS, "plan.json"), _dumps(plan))
+        _write_changed(storage.join(args.dest, PARTS, "plan.json"), _dumps(plan))
     except OSError as err:
         raise UserError(f"cannot write to {args.dest}: {err.strerror or err}") from None
     mine = in_slice(shards, args.slice)
     stats = pack(args.dest, mine, options, args.workers, not args.quiet)
     counts = ", ".join(f"{split} {len(pairs)}" for split, pairs in pairs_by_split.items())
     mb = stats["bytes"] / 2**20
-    print(f"shard.py: {counts} pairs planned into {len(shards)} shards; this run packed "
-          f"{stats['packed']} shards ({stats['pairs']} pairs, {mb:.1f} MB) in "
-          f"{stats['seconds']:.1f} s = {stats['pairs'] / max(stats['seconds'], 1e-9):.0f} pairs/s,"
-          f" {mb / max(stats['seconds'], 1e-9):.1f} MB/s; {stats['skipped']} already done",
-          file=sys.stderr)
+    if stats["packed"] == 0:
+        print(f"shard.py: {counts} pairs planned into {len(shards)} shards; all "
+              f"{stats['skipped']} {'of this slice ' if args.slice[1] > 1 else ''}were packed "
+              f"already: nothing to do", file=sys.stderr)
+    else:
+        print(f"shard.py: {counts} pairs planned into {len(shards)} shards; this run packed "
+              f"{stats['packed']} shards ({stats['pairs']} pairs, {mb:.1f} MB) with {stats['workers']} "
+              f"process{'es' if stats['workers'] > 1 else ''} in {stats['seconds']:.1f} s = "
+              f"{stats['pairs'] / max(stats['seconds'], 1e-9):.0f} pairs/s, "
+              f"{mb / max(stats['seconds'], 1e-9):.1f} MB/s; {stats['skipped']} already done",
+              file=sys.stderr)
     if args.slice[1] > 1:
         print(f"shard.py: slice {args.slice[0]}/{args.slice[1]} done; when all slices are, run: "
               f"shard.py merge {args.dest}", file=sys.stderr)
@@ -479,6 +364,10 @@ def positive(text: str) -> int:
     return value
 
 
+def workers_arg(text: str) -> int | str:
+    return "auto" if text == "auto" else positive(text)
+
+
 SUBCOMMANDS = ("pack", "merge")
 
 
@@ -510,8 +399,9 @@ def add_pack_options(p: argparse.ArgumentParser) -> None:
                    help="source bytes per shard at most (accepts K, M, G)")
     p.add_argument("--min-shards", type=positive, default=8,
                    help="shards per split at least (a smaller split: one per pair)")
-    p.add_argument("--workers", type=positive, default=min(8, os.cpu_count() or 1),
-                   help="packing processes: min(8, CPU count) unless given")
+    p.add_argument("--workers", type=workers_arg, default="auto",
+                   help="packing processes; auto: every usable CPU when re-encoding "
+                        "(--load-size, --resize, --split-pairs), else at most 8")
     p.add_argument("--slice", type=parse_slice, default="0/1", metavar="I/N",
                    help="pack only part I of N of the shard plan (then `merge`)")
     p.add_argument("--split-pairs", action="store_true",

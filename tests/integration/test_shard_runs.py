@@ -112,6 +112,38 @@ def test_resume_after_real_kill(tmp_path, sig, workers):
     assert tree(dest) == reference
 
 
+@pytest.mark.timeout(120)
+def test_pre_resizing_in_processes_writes_one_process_bytes_and_resumes(tmp_path):
+    """--load-size: pairs packed by 2 processes pair by pair are the bytes one process
+    packs, and a Ctrl-C mid-run stops them cleanly; the re-run completes the same tree."""
+    make_aligned(tmp_path / "src", {None: 300}, size=(64, 32))
+    args = [str(tmp_path / "src"), "--load-size", "24", "--encode", "jpeg", "--max-samples", "10",
+            "--quiet"]
+    assert run_shard(args[0], tmp_path / "ref", *args[1:], "--workers", "1") == 0
+    reference = tree(tmp_path / "ref")
+    dest = tmp_path / "out"
+    process = subprocess.Popen(SHARD_PY + [args[0], str(dest), *args[1:], "--workers", "2"],
+                               stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    while not list((dest / "_parts").glob("*-*.json")):  # first finished shard
+        assert process.poll() is None, "finished before it could be interrupted"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr.decode()
+    assert stderr.decode().strip() == ("shard.py: interrupted; finished shards are kept, "
+                                       "run the same command again to resume")
+    interrupted = tree(dest)
+    tars = [n for n in interrupted if n.endswith(".tar")]
+    assert 0 < len(tars) < 30 and not list(dest.glob(".*.tmp"))
+    assert all(interrupted[name] == reference[name] for name in tars)
+    parts = [n for n in interrupted if n.startswith("_parts/") and "-" in n]
+    rerun = subprocess.run(SHARD_PY + [args[0], str(dest), *args[1:], "--workers", "2"],
+                           check=True, timeout=60, capture_output=True, text=True)
+    assert "with 2 processes" in rerun.stderr and f"; {len(parts)} already done" in rerun.stderr
+    assert tree(dest) == reference
+
+
 # -------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("case", ["empty", "unwritable", "pipe"])

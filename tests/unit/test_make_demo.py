@@ -34,6 +34,25 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     assert digest(tmp_path / "a") != digest(tmp_path / "c")
 
 
+def test_a_second_run_finds_its_data_made_and_writes_nothing(tmp_path, capsys):
+    args = [str(tmp_path), "--train", "3", "--val", "2", "--size", "32"]
+    assert make_demo(args) == 0
+    made = digest(tmp_path)
+    stats = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")}
+    capsys.readouterr()
+    assert make_demo(args) == 0
+    assert capsys.readouterr().out == (f"demo data: {tmp_path} already holds these 3 train + 2 val "
+                                       "pairs (64 wide x 32 high: input | target, jpg); nothing written\n")
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")} == stats
+    # a changed image, a run cut short (no stamp), other parameters: written again
+    for spoil in (lambda: (tmp_path / "val" / "1.jpg").write_bytes(b"x"),
+                  lambda: (tmp_path / ".make_demo.json").unlink()):
+        spoil()
+        assert make_demo(args) == 0 and "nothing written" not in capsys.readouterr().out
+        assert digest(tmp_path) == made
+    assert make_demo(args[:-1] + ["48"]) == 0 and "nothing written" not in capsys.readouterr().out
+
+
 def test_target_is_a_function_of_the_labels():
     pair = make_pair(0, "train", 7, 64)
     labels, target = pair[:, :64], pair[:, 64:]

@@ -8,9 +8,14 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
 from PIL import Image
 
-from data_tools import inspect_shards, shard
+from data_tools import inspect_shards, packing, shard
+from pipeline.data.augmentation import resize_u8
+from pipeline.data.decode import decode_image
 from tests.helpers.shard_trees import (
     assert_pairs_intact,
     make_aligned,
@@ -135,6 +140,68 @@ def test_workers_and_slices_give_identical_bytes(tmp_path):
     # a different seed reorders pairs across shards
     assert run_shard(src, tmp_path / "s1", "--seed", "1", "--max-samples", "3") == 0
     assert tree(tmp_path / "s1")["train-000000.tar"] != reference["train-000000.tar"]
+
+
+def test_pre_resized_pixels_are_the_trainers(tmp_path):
+    """--load-size stores what the trainer computes from the originals: its decoder, its
+    resize (one process here; the pair-by-pair processes write the same bytes:
+    tests/integration/test_shard_runs.py)."""
+    src = tmp_path / "src"
+    files = make_aligned(src, {"train": 4, "val": 1}, size=(64, 32))
+    gray = Image.open(io.BytesIO(noise_image(64, 32, seed=9))).convert("L")
+    extra = {"train/gray.jpg": gray, "train/cmyk.jpg": gray.convert("CMYK"),
+             "train/png.png": Image.open(io.BytesIO(noise_image(64, 32, "PNG", seed=8)))}
+    for rel, im in extra.items():
+        buffer = io.BytesIO()
+        im.save(buffer, "PNG" if rel.endswith("png") else "JPEG")
+        files[rel] = buffer.getvalue()
+    write_files(src, files)
+    assert run_shard(src, tmp_path / "out", "--load-size", "24", "--workers", "1") == 0
+    found = samples_by_tarfile(str(tmp_path / "out"))
+    assert len(found) == len(files)
+    for members in found.values():
+        name = json.loads(members["json"])["source"]
+        whole = decode_image(files[name], name.rsplit(".", 1)[1], 3)
+        halves = torch.from_numpy(np.stack([whole[:, :32], whole[:, 32:]])).permute(0, 3, 1, 2)
+        expected = resize_u8(halves, 24).permute(0, 2, 3, 1).numpy()
+        stored = [np.asarray(Image.open(io.BytesIO(members[f"{kind}.png"])).convert("RGB"))
+                  for kind in ("input", "target")]
+        assert (np.stack(stored) == expected).all(), name
+
+
+def test_decoding_for_reencoding_is_pils_even_where_simplejpeg_refuses():
+    """simplejpeg is a speed-up: the same pixels as PIL, and where it refuses a file
+    (CMYK, cut data) PIL decides, with the message rejected.jsonl has always recorded."""
+    im = Image.open(io.BytesIO(noise_image(48, 24, seed=3)))
+    for mode, options in (("RGB", {}), ("RGB", {"subsampling": 0}), ("RGB", {"progressive": True}),
+                          ("L", {}), ("CMYK", {})):
+        buffer = io.BytesIO()
+        im.convert(mode).save(buffer, "JPEG", quality=90, **options)
+        data = buffer.getvalue()
+        pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert (packing.decode_rgb(data, "JPEG") == pil).all(), (mode, options)
+    cut = noise_image(48, 24)[:300]
+    with pytest.raises(OSError) as pil:
+        Image.open(io.BytesIO(cut)).convert("RGB")
+    with pytest.raises(OSError, match=f"^{re.escape(str(pil.value))}$"):
+        packing.decode_rgb(cut, "JPEG")
+
+
+def test_auto_workers(monkeypatch):
+    monkeypatch.setattr(packing, "usable_cpus", lambda: 16)
+    assert packing.auto_workers(False, 10**6) == 8  # copying is I/O
+    assert packing.auto_workers(True, 10**6) == 16  # re-encoding: every usable CPU
+    assert packing.auto_workers(True, 150) == 2  # ... that has enough pairs to pay
+
+
+def test_a_rerun_finds_its_work_done_and_touches_nothing(tmp_path, capsys):
+    make_aligned(tmp_path / "src", {"train": 6, "val": 2})
+    assert run_shard(tmp_path / "src", tmp_path / "out", "--workers", "1") == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
+    capsys.readouterr()
+    assert run_shard(tmp_path / "src", tmp_path / "out", "--workers", "1") == 0
+    assert "all 8 were packed already: nothing to do" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == before
 
 
 def test_merge_refuses_missing_slices(tmp_path, capsys):
