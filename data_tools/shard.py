@@ -30,8 +30,6 @@ import sys
 import tarfile
 import time
 
-from tqdm import tqdm
-
 from data_tools import packing, sources
 from pipeline import cli, faults, storage
 from pipeline.data.decode import MAX_IMAGE_PIXELS
@@ -44,6 +42,7 @@ from pipeline.data.format import (
     write_member,
 )
 from pipeline.errors import DataError, UserError
+from pipeline.progress import Progress
 
 PARTS = "_parts"
 # options that change the shards' bytes: recorded in the plan, the parts and the manifest
@@ -179,8 +178,7 @@ def pack(dest: str, shards: list[Shard], options: dict, workers, progress: bool)
         workers = packing.auto_workers(per_pair, pairs)
     workers = stats["workers"] = max(1, min(workers, pairs if per_pair else len(todo)))
     with packing.interrupts_to_this_thread():
-        bar = tqdm(total=pairs, unit="pair", disable=not progress or not todo,
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = Progress(pairs, desc="shard", unit="pair", enabled=progress and bool(todo))
     pool = packing.start_pool(workers, options) if workers > 1 else None
     try:
         if pool and per_pair:
@@ -195,8 +193,8 @@ def pack(dest: str, shards: list[Shard], options: dict, workers, progress: bool)
                 stats["packed"] += 1
                 stats["pairs"] += part["planned"]
                 stats["bytes"] += part["bytes"]
-                bar.update(part["planned"])
-                bar.set_postfix_str(f"{stats['bytes'] / 2**20 / (time.perf_counter() - start):.1f} MB/s")
+                rate = stats["bytes"] / 2**20 / (time.perf_counter() - start)
+                bar.update(part["planned"], MB_per_s=f"{rate:.1f}")
         if pool:
             pool.close()  # all done: let the workers exit on their own
             pool.join()

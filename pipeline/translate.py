@@ -62,6 +62,7 @@ from pipeline.data.format import is_image_name
 from pipeline.errors import DataError, UserError
 from pipeline.evaluate import save_png, to_uint8
 from pipeline.models import set_test_mode, size_multiple
+from pipeline.progress import Progress
 from pipeline.translate_geometry import (
     Forward,
     check_tiling,
@@ -373,15 +374,15 @@ def _main(argv: list[str]) -> int:
     existing = set() if args.overwrite else existing_outputs(args.out)
     translator = make_translator(args, generator, meta, total, existing)
     torch.manual_seed(args.seed)
-    with tqdm(total=total, unit="img", disable=args.quiet, dynamic_ncols=True) as bar:
-        for name, pixels, reason in read_images(files, shard_lists, meta, args.max_pixels,
-                                                args.split_pair):
-            if reason is not None:
-                translator.skip(name, reason)
-            elif translator.wanted(name):
-                translator.add(name, pixels)
-            bar.update(1)
-        translator.flush()
+    bar = Progress(total, desc="translate", unit="image", enabled=not args.quiet)
+    for name, pixels, reason in read_images(files, shard_lists, meta, args.max_pixels, args.split_pair):
+        if reason is not None:
+            translator.skip(name, reason)
+        elif translator.wanted(name):
+            translator.add(name, pixels)
+        bar.update(1)
+    translator.flush()
+    bar.close()
     skipped = sum(translator.skipped.values())
     kept = f"kept {translator.kept} already there (--overwrite redoes them); " if translator.kept else ""
     log.info(f"{prog()}: wrote {translator.done} images to {args.out} ({translator.tiled} tiled); "
