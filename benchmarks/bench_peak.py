@@ -67,7 +67,7 @@ class _Recorder(TorchDispatchMode):
 
 def step_convolutions(generator: str, batch: int, size: int, recipe: str = "") -> Counter[ConvCall]:
     """Every convolution call of one training step of the trainer's models, counted."""
-    from bench_train import fp32_step
+    from train_setup import fp32_step
 
     with _Recorder() as recorder:
         fp32_step(generator, batch, size, recipe)
@@ -130,7 +130,7 @@ def parameter_bound_seconds(generator: str, precision: str, device: str, recipe:
     fused Adam update of G and one of D, and in bf16 the weight and gradient casts of
     WEIGHT_CASTS. Memory-bound (57 M parameters for unet_256 + PatchGAN): no batch size
     makes it smaller; the step's best fraction_of_peak is conv / (conv + this)."""
-    from bench_train import trainer_config
+    from train_setup import trainer_config
 
     from pipeline.engines import build_models
 

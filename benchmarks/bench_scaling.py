@@ -21,8 +21,8 @@ import subprocess
 import time
 
 import torch
-from bench_train import parse_variant
 from report import report  # benchmarks/ is on the path when run as a script
+from train_setup import parse_variant
 
 from pipeline.distributed import free_port
 
@@ -30,7 +30,7 @@ from pipeline.distributed import free_port
 def measure_world(args) -> dict | None:
     """Under a launcher: time steps of the trainer's engines, then the gradient all-reduce."""
     from accelerate import Accelerator
-    from bench_train import synthetic_pairs, trainer_config, trainer_step
+    from train_setup import synthetic_pairs, trainer_config, trainer_step
 
     from pipeline import data, host_memory
     from pipeline.engines import make_engines

@@ -23,7 +23,6 @@ import yaml
 from pipeline import cli, losses, models, realism, storage
 from pipeline.data.decode import MAX_IMAGE_PIXELS
 from pipeline.errors import UserError
-from pipeline.tracking import TRACKERS
 
 
 class ConfigError(UserError, ValueError):
@@ -179,6 +178,10 @@ class TrainConfig:
     allow_emulated_bf16: bool = opt(
         False, "keep bf16 (from the accelerate config) on a device that only emulates it, "
                "far slower than fp32; by default such a run trains in fp32 and says so")
+
+
+# log.tracker's choices; pipeline/tracking.py knows what each needs and does
+TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
 
 
 @dataclass

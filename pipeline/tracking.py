@@ -22,15 +22,13 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pipeline.config import Config, ConfigError
+
 if TYPE_CHECKING:
     import numpy as np
     from accelerate import Accelerator
 
-    from pipeline.config import Config
-
 log = logging.getLogger(__name__)
-
-TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
 
 # project (wandb) / experiment (mlflow) name when the environment names none
 PROJECT = "pix2pix-at-scale"
@@ -75,8 +73,6 @@ def require_installed(tracker: str) -> None:
 
     Called before the Accelerator is built: accelerate would silently train untracked.
     """
-    from pipeline.config import ConfigError  # config imports TRACKERS from here
-
     package = PACKAGES.get(tracker)
     if package is not None and not installed(package.module, package.distributions):
         others = "/".join(t for t in ("tensorboard", "none") if t != tracker)

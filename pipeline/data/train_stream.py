@@ -630,10 +630,6 @@ class TrainLoader:
         """In the epoch's tail: a stream ran dry, the rest of the others follows (Tail)."""
         return self._in_tail
 
-    @property
-    def step_in_epoch(self) -> int:
-        return self.consumed // self.window
-
     def _start_iterator(self):
         dataset = _EpochStream(self._plan(), self.consumed, self._positions,
                                self.cfg.augment_on == "device")
