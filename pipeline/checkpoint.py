@@ -40,20 +40,20 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from pipeline import digests, faults, storage, weights
+from pipeline import digests, faults, run_layout, storage, weights
 from pipeline.errors import CheckpointMismatch, RunError
 
 LATEST = "latest"
+TRAINER = run_layout.TRAINER
 BEST = "best"  # the checkpoint with the best train.best_metric so far (written like LATEST)
 TMP, OLD = ".tmp", ".old"  # suffixes of folders that are not (or no longer) checkpoints
 
 
 def checkpoints_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
+    return run_layout.checkpoints(run_dir)
 
 
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
+step_name = run_layout.step_name
 
 
 class CheckpointError(RunError):
@@ -177,8 +177,8 @@ def _write_staging(staging: str, step: int, ranks: Ranks, snapshot: Snapshot) ->
     faults.kill_point("checkpoint.after_models")
     if rank == 0:
         weights.write_generator(staging, snapshot.generator_state,
-                                weights.export_metadata(snapshot.config, step))
-        _write_json(os.path.join(staging, "trainer.json"),
+                                weights.GeneratorInfo.of_run(snapshot.config, step))
+        _write_json(os.path.join(staging, TRAINER),
                     {"step": step, "world_size": ranks.world_size, "config": snapshot.config,
                      "mixed_precision": snapshot.precision})
     as_json, tensors = rng_state()
@@ -323,7 +323,7 @@ def resolve(run_dir: str, resume: str) -> str | None:
             path += OLD
     else:
         path = resume
-    if not os.path.isfile(os.path.join(path, "trainer.json")):
+    if not os.path.isfile(os.path.join(path, TRAINER)):
         raise CheckpointMismatch(f"train.resume: {path} is not a complete checkpoint "
                                 "(no trainer.json); give a step_N folder or 'auto'")
     return path
@@ -351,7 +351,7 @@ def load(path: str, *, rank: int, world_size: int, load_models: Callable[[str], 
 
 def read_trainer(path: str) -> dict:
     """A checkpoint's trainer.json: step, world size, config, precision."""
-    return json.loads(storage.read_bytes(os.path.join(path, "trainer.json")))
+    return json.loads(storage.read_bytes(os.path.join(path, TRAINER)))
 
 
 # model keys that change the weights' names or shapes (norm: batch and syncbatch share them)
@@ -400,7 +400,7 @@ def generator_folder(path: str) -> str:
     return path
 
 
-def load_generator(path: str) -> tuple[torch.nn.Module, dict]:
+def load_generator(path: str) -> tuple[torch.nn.Module, weights.GeneratorInfo]:
     """(generator in eval mode, its generator.json) from anything generator_folder takes,
     local or s3://; no trainer needed."""
     return weights.read_generator(generator_folder(path))

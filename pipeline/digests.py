@@ -18,6 +18,7 @@ import json
 import os
 
 from pipeline import storage
+from pipeline.run_layout import TRAINER
 
 INDEX = "digests.json"
 DAMAGED = ".damaged"  # the suffix of a checkpoint folder set aside by a resume
@@ -70,7 +71,7 @@ def damage(folder: str) -> str | None:
 
 
 def _legacy_damage(folder: str) -> str | None:
-    for name in ["trainer.json"] + sorted(n for n in os.listdir(folder) if n.endswith(".json")):
+    for name in [TRAINER] + sorted(n for n in os.listdir(folder) if n.endswith(".json")):
         try:
             json.loads(storage.read_bytes(os.path.join(folder, name)))
         except FileNotFoundError:

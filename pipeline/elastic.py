@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 
-from pipeline import checkpoint, jsonl
+from pipeline import checkpoint, jsonl, run_layout
 from pipeline.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class KeyRecord:
     micro-batches cross an epoch's end has a line for each)."""
 
     def __init__(self, run_dir: str, rank: int):
-        self.path = os.path.join(run_dir, "keys", f"rank{rank}.jsonl")
+        self.path = run_layout.keys(run_dir, rank)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
 
     def cut(self, step: int) -> None:

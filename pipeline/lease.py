@@ -31,12 +31,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from pipeline import run_layout
 from pipeline.distributed import restart_count
 from pipeline.errors import RunError, UserError
 
 log = logging.getLogger(__name__)
 
-FILE = "lease.json"
+FILE = run_layout.LEASE
 
 
 class LeaseLost(RunError):
@@ -155,7 +156,7 @@ class Lease:
         return True
 
     def _lock(self) -> bool:
-        fd = os.open(os.path.join(self.run_dir, "lease.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(os.path.join(self.run_dir, run_layout.LEASE_LOCK), os.O_RDWR | os.O_CREAT, 0o666)
         try:
             # a POSIX lock, not flock(): flock's lock is shared with forked children (the
             # loader workers), which outlive a SIGKILLed trainer by seconds

@@ -18,14 +18,15 @@ import logging
 import os
 import time
 
-from pipeline import distributed
+from pipeline import distributed, run_layout
 from pipeline.errors import UserError
 from pipeline.lease import Lease
 
 log = logging.getLogger(__name__)
 
 # what a run leaves in its folder: any one of them means the folder holds a run
-RUN_MARKERS = ("checkpoints/latest", "config.yaml", "metrics.jsonl", "train_log.jsonl")
+RUN_MARKERS = (f"{run_layout.CHECKPOINTS}/latest", run_layout.CONFIG, run_layout.METRICS,
+               run_layout.TRAIN_LOG)
 
 
 def restarted_by_agent() -> bool:
@@ -40,7 +41,7 @@ def held_run(run_dir: str) -> list[str]:
 def has_checkpoint(run_dir: str) -> bool:
     """Whether the run in `run_dir` ever committed a checkpoint (its marker, or a step_N
     folder whose marker was lost)."""
-    folder = os.path.join(run_dir, "checkpoints")
+    folder = run_layout.checkpoints(run_dir)
     return os.path.exists(os.path.join(folder, "latest")) or (
         os.path.isdir(folder) and any(n.startswith("step_") for n in os.listdir(folder)))
 

@@ -22,6 +22,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pipeline import run_layout
 from pipeline.config import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def start(accelerator: Accelerator, cfg: Config, config: dict[str, Any]) -> None
     if tracker == "tensorboard":
         # no hparams through accelerate: SummaryWriter.add_hparams writes them into a new
         # timestamped sub-folder, an extra (empty) run in TensorBoard at every launch
-        accelerator.init_trackers("logs")
+        accelerator.init_trackers(run_layout.LOGS)
         if accelerator.is_main_process:
             table = "\n".join(f"    {key}: {value}" for key, value in config.items())
             accelerator.get_tracker("tensorboard", unwrap=True).add_text("config", table)

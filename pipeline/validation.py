@@ -7,11 +7,10 @@ request, its run folder, its progress display.
 from __future__ import annotations
 
 import logging
-import os
 
 from accelerate import Accelerator
 
-from pipeline import data, distributed, evaluate, faults, jsonl, progress, realism, tracking
+from pipeline import data, distributed, evaluate, faults, jsonl, progress, realism, run_layout, tracking
 from pipeline.config import Config, ConfigError
 from pipeline.engines import Engines
 
@@ -33,7 +32,7 @@ class Evaluator:
                  stop: distributed.StopRequest):
         self.cfg, self.accelerator, self.engines, self.stop = cfg, accelerator, engines, stop
         self.enabled = bool(cfg.data.val)
-        self.metrics_path = os.path.join(cfg.train.run_dir, "metrics.jsonl")
+        self.metrics_path = run_layout.metrics(cfg.train.run_dir)
         self.sample_batch = self._first_val_batch() if self.enabled else None
         self.names = metric_names(cfg) if self.enabled else []
         self.realism = realism.Realism(self.names, accelerator.device,
@@ -92,7 +91,7 @@ class Evaluator:
             return
         grid = evaluate.sample_grid(generator, *self.sample_batch, self.accelerator.device,
                                     self.engines.autocast, seed=self.cfg.train.seed)
-        png_path = os.path.join(self.cfg.train.run_dir, "samples", f"step_{step:08d}.png")
+        png_path = run_layout.sample_grid(self.cfg.train.run_dir, step)
         evaluate.save_png(png_path, grid)
         tracking.log_image(self.accelerator, self.cfg, grid, step, png_path)
 
