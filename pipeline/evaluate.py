@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import html
 import io
 import json
@@ -281,17 +282,17 @@ def _main(argv: list[str]) -> int:
         raise MetricsError(f"--metrics: {err}") from None
     if args.max_images < 0:
         raise UserError(f"--max-images: must be >= 0 (0: the whole split), got {args.max_images}")
-    generator, meta = load_generator(args.checkpoint)
+    generator, info = load_generator(args.checkpoint)
     force = "bf16" if args.bf16 else "no" if args.fp32 else None
     trained = trained_precision(args.checkpoint)
     used, why = precision.for_evaluation(force, precision.launch_device_type(), trained)
     accelerator = Accelerator(mixed_precision=used)
-    meta["precision"] = {"used": "bf16" if used == "bf16" else "fp32", "why": why}
+    chosen = {"used": "bf16" if used == "bf16" else "fp32", "why": why}
     if accelerator.is_main_process:
-        log.info(f"precision: {meta['precision']['used']} ({why})")
+        log.info(f"precision: {chosen['used']} ({why})")
     device = accelerator.device
     set_test_mode(generator.to(device), args.dropout == "on", args.norm_stats == "batch")
-    cfg, channels = eval_data(args, meta)
+    cfg, channels = eval_data(args, info)
     realism = Realism(names, device, root)
     loader = make_eval_loader(cfg, rank=accelerator.process_index, world_size=accelerator.num_processes,
                               max_images=args.max_images, seed=args.seed, **channels)
@@ -302,7 +303,7 @@ def _main(argv: list[str]) -> int:
     bar.close()
     if accelerator.is_main_process:
         first = next(iter(make_eval_loader(cfg, rank=0, world_size=1, batch_size=args.samples, **channels)))
-        write_report(args, meta, metrics, first, generator, device, accelerator, realism)
+        write_report(args, info.step, chosen, metrics, first, generator, device, accelerator, realism)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
@@ -313,32 +314,33 @@ def trained_precision(path: str) -> str | None:
     trainer.json; None for an export (it records none)."""
     from pipeline import checkpoint
     folder = checkpoint.generator_folder(path)
-    if not storage.exists(storage.join(folder, "trainer.json")):
+    if not storage.exists(storage.join(folder, checkpoint.TRAINER)):
         return None
     return checkpoint.read_trainer(folder).get("mixed_precision")
 
 
-def eval_data(args: argparse.Namespace, meta: dict) -> tuple:
-    """(the DataConfig of the split to evaluate, the generator's channel counts)."""
+def eval_data(args: argparse.Namespace, info) -> tuple:
+    """(the DataConfig of the split to evaluate, the generator's channel counts), from the
+    generator's weights.GeneratorInfo: its direction and sizes."""
     from pipeline.config import DataConfig
+    recorded = {k: v for k, v in dataclasses.asdict(info.data).items() if v is not None}
     cfg = DataConfig(val=args.data, val_split=args.split, num_workers=args.num_workers,
-                     batch_size=args.batch_size, **meta["data"])
-    return cfg, {"in_channels": meta["model"]["in_channels"],
-                 "out_channels": meta["model"]["out_channels"]}
+                     batch_size=args.batch_size, **recorded)
+    return cfg, {"in_channels": info.model.in_channels, "out_channels": info.model.out_channels}
 
 
 def _on(device: torch.device, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return batch["input"].to(device), batch["target"].to(device), batch["key"]
 
 
-def write_report(args, meta: dict, metrics: dict, first: dict, generator, device, accelerator,
-                 realism: Realism) -> None:
+def write_report(args, step: int | None, chosen: dict, metrics: dict, first: dict, generator, device,
+                 accelerator, realism: Realism) -> None:
     """OUT/samples.png, OUT/metrics.json and OUT/index.html (main process)."""
     grid, per_sample = sample_rows(generator, *_on(device, first), device, accelerator.autocast,
                                    args.seed, realism)
     names = [n for n in METRICS if n in metrics or value_key(n) in metrics]
-    summary = {"checkpoint": args.checkpoint, "step": meta["step"], "data": args.data,
-               "split": args.split, "max_images": args.max_images, "precision": meta["precision"],
+    summary = {"checkpoint": args.checkpoint, "step": step, "data": args.data,
+               "split": args.split, "max_images": args.max_images, "precision": chosen,
                "world_size": accelerator.num_processes, **metrics,
                "metrics": {n: METRICS[n].help for n in names},
                "test_mode": {"dropout": args.dropout, "norm_stats": args.norm_stats, "seed": args.seed},
@@ -349,7 +351,7 @@ def write_report(args, meta: dict, metrics: dict, first: dict, generator, device
     shown = ", ".join(f"{COLUMNS[k][0].split(' (')[0]} {metrics[k]:{COLUMNS[k][1]}}" for k in COLUMNS
                       if metrics.get(k) is not None and k != "kid_std")
     log.info(f"{cli.prog_name('evaluate.py')}: {shown} over {metrics['images']} images in "
-             f"{meta['precision']['used']}; report in {storage.join(args.out, 'index.html')}")
+             f"{chosen['used']}; report in {storage.join(args.out, 'index.html')}")
 
 
 main = cli.entry_point("evaluate.py", _main)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import sys
@@ -37,6 +38,7 @@ from pipeline.checkpoint import load_generator
 from pipeline.errors import RunError, UserError
 from pipeline.models import size_multiple
 from pipeline.translate_geometry import AnySize
+from pipeline.weights import GeneratorInfo
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +53,20 @@ NEEDS = {"onnx": ("onnx", "onnxscript")}  # packages a format needs beyond the b
 ONNX_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| accepted (measured ~1e-6 in fp32)
 
 
-def example_input(meta: dict, multiple: int, batch: int = 2, tiles: tuple = (2, 3)) -> torch.Tensor:
+def example_input(info: GeneratorInfo, multiple: int, batch: int = 2, tiles: tuple = (2, 3)) -> torch.Tensor:
     """A non-square example, so that H and W are traced as separate dimensions."""
     h, w = (multiple * t for t in tiles)
-    return torch.rand(batch, meta["model"]["in_channels"], h, w) * 2 - 1
+    return torch.rand(batch, info.model.in_channels, h, w) * 2 - 1
 
 
 MAX_SIDE = 16384  # pixels: the exported programs take any height and width up to this
 
 
-def smallest_side(generator: torch.nn.Module, meta: dict) -> int:
+def smallest_side(generator: torch.nn.Module, info: GeneratorInfo) -> int:
     """The smallest height and width the padded generator takes: 1 for a U-Net (it halves
     a multiple down to 1 x 1); the ResNets' residual blocks reflect-pad 1 px (and instance
     norm needs 2 px), so they need two multiples: sides above one multiple."""
-    multiple, channels = size_multiple(meta["model"]["generator"]), meta["model"]["in_channels"]
+    multiple, channels = size_multiple(info.model.generator), info.model.in_channels
     for k in (1, 2, 3, 4):
         try:
             with torch.no_grad():
@@ -81,21 +83,21 @@ def dynamic_shapes(smallest: int = 1) -> dict:
                   2: torch.export.Dim("height", **side), 3: torch.export.Dim("width", **side)}}
 
 
-def any_size(generator: torch.nn.Module, meta: dict) -> AnySize:
+def any_size(generator: torch.nn.Module, info: GeneratorInfo) -> AnySize:
     """The generator behind the in-graph padding to its size multiple (AnySize)."""
-    return AnySize(generator, size_multiple(meta["model"]["generator"])).eval()
+    return AnySize(generator, size_multiple(info.model.generator)).eval()
 
 
-def export_safetensors(generator: torch.nn.Module, meta: dict, out: str) -> None:
-    weights.write_generator(out, generator.state_dict(), meta)
+def export_safetensors(generator: torch.nn.Module, info: GeneratorInfo, out: str) -> None:
+    weights.write_generator(out, generator.state_dict(), info)
 
 
-def export_program(generator: torch.nn.Module, meta: dict, out: str,
+def export_program(generator: torch.nn.Module, info: GeneratorInfo, out: str,
                    smallest: int | None = None) -> torch.export.ExportedProgram:
-    multiple, smallest = size_multiple(meta["model"]["generator"]), smallest or smallest_side(generator, meta)
+    multiple, smallest = size_multiple(info.model.generator), smallest or smallest_side(generator, info)
     # size-oblivious: else a size-1 bottleneck (H or W = 2**num_downs) is guarded out
     with shape_config.patch(backed_size_oblivious=True):
-        program = torch.export.export(any_size(generator, meta), (example_input(meta, multiple),),
+        program = torch.export.export(any_size(generator, info), (example_input(info, multiple),),
                                       dynamic_shapes=dynamic_shapes(smallest))
     path = storage.join(out, "generator.pt2")
     storage.makedirs(out)
@@ -129,33 +131,32 @@ def exporter_quiet() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
-def onnx_metadata(meta: dict, smallest: int) -> dict[str, str]:
+def onnx_metadata(info: GeneratorInfo, smallest: int) -> dict[str, str]:
     """The run's settings a caller of the ONNX file needs, as its metadata_props."""
-    model, data = meta["model"], meta.get("data", {})
-    return {"generator": model["generator"], "step": str(meta["step"]),
-            "in_channels": str(model["in_channels"]), "out_channels": str(model["out_channels"]),
-            "size_multiple": str(size_multiple(model["generator"])), "min_side": str(smallest),
-            "value_range": "-1,1",
-            **{k: str(data[k]) for k in ("direction", "load_size", "crop_size") if k in data}}
+    model, data = info.model, dataclasses.asdict(info.data)
+    return {"generator": model.generator, "step": str(info.step),
+            "in_channels": str(model.in_channels), "out_channels": str(model.out_channels),
+            "size_multiple": str(size_multiple(model.generator)), "min_side": str(smallest),
+            "value_range": "-1,1", **{k: str(v) for k, v in data.items() if v is not None}}
 
 
-def export_onnx(generator: torch.nn.Module, meta: dict, out: str,
+def export_onnx(generator: torch.nn.Module, info: GeneratorInfo, out: str,
                 smallest: int | None = None) -> float | None:
     """Writes generator.onnx; returns max |onnxruntime - PyTorch| on an example input of
     an odd size (None when onnxruntime is not installed)."""
-    multiple, smallest = size_multiple(meta["model"]["generator"]), smallest or smallest_side(generator, meta)
-    model, path = any_size(generator, meta), storage.join(out, "generator.onnx")
+    multiple, smallest = size_multiple(info.model.generator), smallest or smallest_side(generator, info)
+    model, path = any_size(generator, info), storage.join(out, "generator.onnx")
     storage.makedirs(out)
     with exporter_quiet():
-        program = torch.onnx.export(model, (example_input(meta, multiple),), dynamo=True,
+        program = torch.onnx.export(model, (example_input(info, multiple),), dynamo=True,
                                     dynamic_shapes=dynamic_shapes(smallest), input_names=["x"],
                                     output_names=["y"], opset_version=18, verbose=False)
-    program.model.metadata_props.update(onnx_metadata(meta, smallest))
+    program.model.metadata_props.update(onnx_metadata(info, smallest))
     graph = program.model.graph
     x_shape, y_shape = graph.inputs[0].shape, graph.outputs[0].shape  # y's H, W named as x's
     graph.outputs[0].shape = type(y_shape)([x_shape[0], y_shape[1], x_shape[2], x_shape[3]])
     program.save(path, external_data=False)
-    return check_onnx(model, path, meta["model"]["in_channels"], multiple, smallest)
+    return check_onnx(model, path, info.model.in_channels, multiple, smallest)
 
 
 def check_onnx(model: torch.nn.Module, path: str, channels: int, multiple: int,
@@ -174,14 +175,14 @@ def check_onnx(model: torch.nn.Module, path: str, channels: int, multiple: int,
         return (torch.from_numpy(onnx_output) - model(x)).abs().max().item()
 
 
-def interface(meta: dict, smallest: int) -> str:
+def interface(info: GeneratorInfo, smallest: int) -> str:
     """One line on how to call the graph exports."""
-    model, crop = meta["model"], meta.get("data", {}).get("crop_size")
+    model, crop = info.model, info.data.crop_size
     colours = {1: "gray", 3: "RGB"}
     sides = "any H and W" + (f" >= {smallest}" if smallest > 1 else "")
-    return (f"input x: N x {model['in_channels']} ({colours.get(model['in_channels'], 'channels')}) "
+    return (f"input x: N x {model.in_channels} ({colours.get(model.in_channels, 'channels')}) "
             f"x H x W float32 in [-1, 1], {sides} (reflect-padded inside to multiples of "
-            f"{size_multiple(model['generator'])}); output y: N x {model['out_channels']} x H x W "
+            f"{size_multiple(model.generator)}); output y: N x {model.out_channels} x H x W "
             f"in [-1, 1]" + (f"; the run's scale: resize inputs to {crop}x{crop}" if crop else "")
             + " (docs/export.md)")
 
@@ -228,24 +229,24 @@ def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     cli.setup_logging()
     formats = choose_formats(args.format)
-    generator, meta = load_generator(args.checkpoint)
+    generator, info = load_generator(args.checkpoint)
     torch.manual_seed(0)
     if "safetensors" in formats:
-        export_safetensors(generator, meta, args.out)
+        export_safetensors(generator, info, args.out)
         log.info(f"{prog()}: {storage.join(args.out, 'generator.safetensors')} + generator.json")
-    smallest = smallest_side(generator, meta) if {"torch-export", "onnx"} & set(formats) else 1
+    smallest = smallest_side(generator, info) if {"torch-export", "onnx"} & set(formats) else 1
     if "torch-export" in formats:
-        export_program(generator, meta, args.out, smallest)
+        export_program(generator, info, args.out, smallest)
         log.info(f"{prog()}: {storage.join(args.out, 'generator.pt2')} (torch.export)")
     if "onnx" in formats:
-        error = export_onnx(generator, meta, args.out, smallest)
+        error = export_onnx(generator, info, args.out, smallest)
         check = "onnxruntime not installed: unchecked" if error is None else \
             f"onnxruntime vs PyTorch max |diff| {error:.2e} (tolerance {ONNX_TOLERANCE:.0e})"
         log.info(f"{prog()}: {storage.join(args.out, 'generator.onnx')}; {check}")
         if error is not None and error > ONNX_TOLERANCE:
             raise RunError(f"the ONNX export does not match PyTorch (max |diff| {error:.2e})")
     if {"torch-export", "onnx"} & set(formats):
-        log.info(f"{prog()}: {interface(meta, smallest)}")
+        log.info(f"{prog()}: {interface(info, smallest)}")
     return 0
 
 

@@ -35,6 +35,7 @@ from pipeline import (
     realism,
     resume,
     run_folder,
+    run_layout,
     storage,
     tracking,
     weights,
@@ -169,13 +170,13 @@ class Trainer:
         source_path = self.cfg.model.init_from
         if not source_path:
             return
-        source, meta = checkpoint.load_generator(source_path)
+        source, info = checkpoint.load_generator(source_path)
         try:
-            self.engines.initialise_generator(source, meta["model"]["generator"])
+            self.engines.initialise_generator(source, info.model.generator)
         except (ValueError, RuntimeError) as err:  # RuntimeError: load_state_dict's shapes
             raise ConfigError(f"model.init_from: {source_path}: {str(err).splitlines()[0]}") from None
-        log0(self.acc, f"G initialised from {source_path} (a {meta['model']['generator']} generator, "
-                       f"step {meta.get('step')})")
+        log0(self.acc, f"G initialised from {source_path} (a {info.model.generator} generator, "
+                       f"step {info.step})")
 
     def recorded_best(self) -> float | None:
         """The value metrics.jsonl holds for the checkpoint the `best` marker names."""
@@ -323,7 +324,7 @@ class Trainer:
             record = {"step": self.step, **scalars}
             if self.skipped:
                 record["skipped"] = self.skipped
-            jsonl.append(os.path.join(self.cfg.train.run_dir, "train_log.jsonl"), [record])
+            jsonl.append(run_layout.train_log(self.cfg.train.run_dir), [record])
 
     def run(self) -> int:
         cfg = self.cfg
@@ -451,7 +452,7 @@ def train(cfg: Config, stop: distributed.StopRequest, rank: int, held: lease.Lea
     trainer = Trainer(cfg, accelerator, stop, held)
     trainer.resume(resume_from)
     if accelerator.is_main_process:
-        storage.write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())
+        storage.write_bytes(run_layout.config(cfg.train.run_dir), to_yaml(cfg).encode())
         log0(accelerator, "config:\n" + to_yaml(cfg) + "environment: "
              + json.dumps({**environment(accelerator), **trainer.engines.describe()}))
     tracking.start(accelerator, cfg, _flat_config(cfg))

@@ -74,6 +74,7 @@ from pipeline.translate_geometry import (
     run_whole,
     to_network,
 )
+from pipeline.weights import GeneratorInfo
 
 log = logging.getLogger(__name__)
 
@@ -172,19 +173,19 @@ def input_half(pixels: np.ndarray, direction: str) -> np.ndarray:
     return pixels[:, :half] if direction == "AtoB" else pixels[:, half:]
 
 
-def read_images(files: list, shard_lists: list, meta: dict, max_pixels: int,
+def read_images(files: list, shard_lists: list, info: GeneratorInfo, max_pixels: int,
                 split_pair: str = "auto") -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     """(name, uint8 HxWxC network input, None) per image, or (name, None, reason) for one
     that cannot be used: bad data never raises out of here. An image file that is an A|B
     pair (is_pair_image) gives its input half; the count is logged at the end."""
-    channels, pairs = meta["model"]["in_channels"], 0
+    channels, pairs = info.model.in_channels, 0
     for url, name in files:
         pixels, reason = None, None
         try:
             pixels = decode_image(storage.read_bytes(url), url.rsplit(".", 1)[-1].lower(),
                                   channels, max_pixels)
             if is_pair_image(pixels, split_pair):
-                pixels, pairs = input_half(pixels, meta["data"]["direction"]), pairs + 1
+                pixels, pairs = input_half(pixels, info.data.direction), pairs + 1
         except BadSample as bad:
             reason = bad.reason
         except (OSError, storage.StorageError) as err:
@@ -193,17 +194,17 @@ def read_images(files: list, shard_lists: list, meta: dict, max_pixels: int,
             reason = f"decode_error ({type(err).__name__}: {err})"
         yield name, pixels, reason
     if pairs:
-        side = "left (A)" if meta["data"]["direction"] == "AtoB" else "right (B)"
+        side = "left (A)" if info.data.direction == "AtoB" else "right (B)"
         log.info(f"{prog()}: {pairs} image(s) were A|B pairs (width = 2 x height): translated "
                  f"their {side} half, the generator's input; --split-pair no translates them whole")
-    cfg = DataConfig(direction=meta["data"]["direction"], max_image_pixels=max_pixels)
+    cfg = DataConfig(direction=info.data.direction, max_image_pixels=max_pixels)
     for shards in shard_lists:
         for record in read_entries(shards):
             if isinstance(record, Skip):  # the rest of the shard is lost
                 yield "(shard)", None, record.reason
                 continue
             pair, reason = try_decode(record.key, record.parts, cfg, channels,
-                                      meta["model"]["out_channels"])
+                                      info.model.out_channels)
             yield record.key, None if pair is None else pair[0], reason
 
 
@@ -335,16 +336,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 REFERENCE_CROP = 256  # the default tile's base for a generator.json without data.crop_size
 
 
-def make_translator(args: argparse.Namespace, generator: torch.nn.Module, meta: dict,
+def make_translator(args: argparse.Namespace, generator: torch.nn.Module, info: GeneratorInfo,
                     total: int, existing: set[str]) -> Translator:
     """The Translator the options describe, the generator on its device and test mode;
     logs the scale (a warning when it is not the run's) and the run's settings."""
-    multiple = size_multiple(meta["model"]["generator"])
-    crop = meta.get("data", {}).get("crop_size")
+    multiple = size_multiple(info.model.generator)
+    crop = info.data.crop_size
     tile = args.tile or default_tile(crop or REFERENCE_CROP, multiple)
     overlap = round(args.overlap * tile)
     check_tiling(tile, overlap, crop or multiple, multiple)
-    side, scale, other_scale = input_side(meta, args.input_size)
+    side, scale, other_scale = input_side(info.data, args.input_size)
     keep_size = args.output_size == "input" and side is not None
     outputs = "outputs resized back to each input's own size" if keep_size else \
         f"outputs kept at {side}x{side}" if side else "outputs at each input's own size"
@@ -355,7 +356,7 @@ def make_translator(args: argparse.Namespace, generator: torch.nn.Module, meta: 
         log.warning(f"{prog()}: {notice}")
     batch_stats, bf16 = args.norm_stats == "batch", mixed_precision == "bf16"
     set_test_mode(generator.to(device), args.dropout == "on", batch_stats)
-    log.info(f"{prog()}: {total} images, {meta['model']['generator']} step {meta['step']} on "
+    log.info(f"{prog()}: {total} images, {info.model.generator} step {info.step} on "
              f"{device}{' bf16' if bf16 else ''}; dropout {args.dropout}, {args.norm_stats} "
              f"statistics; tiles {tile}px, overlap {overlap}px")
     # batch statistics mix the images of a batch: one per forward keeps them per image
@@ -368,14 +369,14 @@ def make_translator(args: argparse.Namespace, generator: torch.nn.Module, meta: 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     cli.setup_logging()
-    generator, meta = load_generator(args.checkpoint)
+    generator, info = load_generator(args.checkpoint)
     files, shard_lists, total = plan_inputs(args.inputs, args.split)
     check_out(args.out, args.inputs, files)
     existing = set() if args.overwrite else existing_outputs(args.out)
-    translator = make_translator(args, generator, meta, total, existing)
+    translator = make_translator(args, generator, info, total, existing)
     torch.manual_seed(args.seed)
     bar = Progress(total, desc="translate", unit="image", enabled=not args.quiet)
-    for name, pixels, reason in read_images(files, shard_lists, meta, args.max_pixels, args.split_pair):
+    for name, pixels, reason in read_images(files, shard_lists, info, args.max_pixels, args.split_pair):
         if reason is not None:
             translator.skip(name, reason)
         elif translator.wanted(name):

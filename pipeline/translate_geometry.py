@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from pipeline.data import chw, resize_u8, to_unit_range
 from pipeline.errors import UserError
+from pipeline.weights import TrainedOn
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -158,13 +159,12 @@ def parse_input_size(text: str) -> str | int:
     return side
 
 
-def input_side(meta: dict, asked: str | int) -> tuple[int | None, str, bool]:
+def input_side(data: TrainedOn, asked: str | int) -> tuple[int | None, str, bool]:
     """(the side each input is resized to, None for its own size; the log line saying
     so; whether that line is a warning: a scale other than the run's). The run's scale is
     its validation's: crop_size x crop_size, which evaluation measured; `train` is the
     load_size its random crops were cut from."""
-    data = meta.get("data", {})
-    crop, load = data.get("crop_size"), data.get("load_size")
+    crop, load = data.crop_size, data.load_size
     if crop is None or load is None:  # not written by this project's trainer
         side = asked if isinstance(asked, int) else None
         return side, ("generator.json records no data.crop_size and data.load_size (the "

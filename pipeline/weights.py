@@ -5,12 +5,14 @@ An export folder (also inside every checkpoint) holds:
     generator.json          {"format": EXPORT_FORMAT, "version": 1, "step", "model": the
                             ModelConfig fields, "data": direction, load_size, crop_size}
 checkpoint.py and export.py both write it through `write_generator`; `read_generator`
-rebuilds the generator from it without the trainer. Nothing else names these files.
+rebuilds the generator from it without the trainer, and hands out the metadata as a
+`GeneratorInfo` (typed: nothing else parses generator.json). Nothing else names these files.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
@@ -26,45 +28,75 @@ EXPORT_FORMAT = "pix2pix-at-scale/generator"
 WEIGHTS, META = "generator.safetensors", "generator.json"
 
 
-def export_metadata(config: dict, step: int) -> dict:
-    """generator.json: what rebuilding and using the generator needs, nothing more."""
-    return {"format": EXPORT_FORMAT, "version": 1, "step": step, "model": config["model"],
-            "data": {k: config["data"][k] for k in ("direction", "load_size", "crop_size")}}
+@dataclass(frozen=True)
+class TrainedOn:
+    """generator.json's "data": what the generator learned on (None: not recorded, in a
+    file this project's trainer did not write)."""
+    direction: str = "AtoB"
+    load_size: int | None = None
+    crop_size: int | None = None
+
+
+@dataclass(frozen=True)
+class GeneratorInfo:
+    """generator.json, typed: the one reader of the export format's metadata; translate,
+    evaluate, export and the trainer's init_from read it through this."""
+    step: int | None
+    model: ModelConfig
+    data: TrainedOn
+
+    @classmethod
+    def of_run(cls, config: dict, step: int) -> GeneratorInfo:
+        """What a run's config (to_dict) says about its generator at `step`."""
+        data = {k: config["data"][k] for k in ("direction", "load_size", "crop_size")}
+        return cls(step, ModelConfig(**config["model"]), TrainedOn(**data))
+
+    @classmethod
+    def from_json(cls, meta: dict, where: str) -> GeneratorInfo:
+        """Refuses (CheckpointMismatch, one line naming `where`) what this code cannot build."""
+        if meta.get("format") != EXPORT_FORMAT or meta.get("version") != 1:
+            raise CheckpointMismatch(f"{where} is not a {EXPORT_FORMAT} version 1 export (format "
+                                     f"{meta.get('format')!r}, version {meta.get('version')!r})")
+        try:
+            model = ModelConfig(**meta["model"])
+            data = TrainedOn(**meta.get("data", {}))
+        except (TypeError, KeyError) as err:
+            raise CheckpointMismatch(f"{where}: a model config this code cannot build: {err}") from None
+        return cls(meta.get("step"), model, data)
+
+    def to_json(self) -> dict:
+        data = {k: v for k, v in dataclasses.asdict(self.data).items() if v is not None}
+        return {"format": EXPORT_FORMAT, "version": 1, "step": self.step,
+                "model": dataclasses.asdict(self.model), "data": data}
 
 
 def contiguous(state: dict) -> dict:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def write_generator(folder: str, state: dict[str, torch.Tensor], meta: dict) -> None:
+def write_generator(folder: str, state: dict[str, torch.Tensor], info: GeneratorInfo) -> None:
     """The export: weights first, then the metadata that makes the folder loadable."""
     storage.write_bytes(storage.join(folder, WEIGHTS), save_safetensors(contiguous(state)))
-    storage.write_bytes(storage.join(folder, META), json.dumps(meta, indent=1, sort_keys=True).encode())
+    storage.write_bytes(storage.join(folder, META),
+                        json.dumps(info.to_json(), indent=1, sort_keys=True).encode())
 
 
 def has_generator(folder: str) -> bool:
     return storage.exists(storage.join(folder, META))
 
 
-def read_generator(folder: str) -> tuple[torch.nn.Module, dict]:
+def read_generator(folder: str) -> tuple[torch.nn.Module, GeneratorInfo]:
     """(generator in eval mode, its generator.json) from an export folder, local or s3://.
     Anything that is not this project's export fails with a one-line CheckpointMismatch."""
     meta_url = storage.join(folder, META)
     if not storage.exists(meta_url):
         raise CheckpointMismatch(f"{folder}: no {META} (give a checkpoint step_N folder, "
                                  "a run folder or an export folder)")
-    meta = json.loads(storage.read_bytes(meta_url))
-    if meta.get("format") != EXPORT_FORMAT or meta.get("version") != 1:
-        raise CheckpointMismatch(f"{meta_url} is not a {EXPORT_FORMAT} version 1 export (format "
-                                 f"{meta.get('format')!r}, version {meta.get('version')!r})")
-    try:
-        model_cfg = ModelConfig(**meta["model"])
-    except TypeError as err:
-        raise CheckpointMismatch(f"{meta_url}: a model config this code cannot build: {err}") from None
+    info = GeneratorInfo.from_json(json.loads(storage.read_bytes(meta_url)), meta_url)
     # checkpointing only matters in backward; inference and export want the plain graph
-    generator = build_generator(dataclasses.replace(model_cfg, activation_checkpointing=False))
+    generator = build_generator(dataclasses.replace(info.model, activation_checkpointing=False))
     load_weights(generator, storage.join(folder, WEIGHTS))
-    return generator.eval(), meta
+    return generator.eval(), info
 
 
 def load_weights(module: torch.nn.Module, path: str) -> None:

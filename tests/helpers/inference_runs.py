@@ -10,7 +10,7 @@ import pytest
 from pipeline.config import Config, to_dict
 from pipeline.export import export_safetensors
 from pipeline.models import build_generator
-from pipeline.weights import export_metadata
+from pipeline.weights import GeneratorInfo
 from tests.helpers.trainer_runs import cpu_env, explain, run, single, train_args
 
 
@@ -37,6 +37,6 @@ def make_export(folder: Path, **model) -> str:
     cfg = Config()
     cfg.model = dataclasses.replace(cfg.model, **{"generator": "unet_128", "g_filters": 8, **model})
     cfg.data.crop_size = 128
-    meta = export_metadata(to_dict(cfg), step=0)
-    export_safetensors(build_generator(cfg.model).eval(), meta, str(folder))
+    info = GeneratorInfo.of_run(to_dict(cfg), step=0)
+    export_safetensors(build_generator(cfg.model).eval(), info, str(folder))
     return str(folder)

@@ -36,7 +36,7 @@ def gradient_ratio(image: torch.Tensor, lines: list[int], period: int) -> float:
 
 @pytest.mark.parametrize("tile,overlap", [(256, 128), (128, 32)])
 def test_tiled_matches_whole_image_on_a_trained_generator(trained_run, tile, overlap):
-    generator, meta = load_generator(trained_run["checkpoint"])
+    generator, _ = load_generator(trained_run["checkpoint"])
     forward = make_forward(set_test_mode(generator, dropout=False, batch_stats=False),
                            torch.device("cpu"), bf16=False)
     size = 500  # a demo facade drawn at this size, not a multiple of anything
