@@ -12,7 +12,7 @@
 - In a multi-process run an error is said once: the ranks of a machine that fail alike
   (a config mistake, a missing path: every rank finds it) agree on that through small
   notes in a folder they share, and local rank 0 alone prints the line; an error only
-  some ranks hit is printed by each of them, `[rank R] PROG: error: ...` (`report`).
+  some ranks hit is printed by each of them; either way `[rank R] PROG: error: ...`.
   Printing once needs no launcher: it holds under p2p-train, accelerate launch, torchrun
   and Slurm alike (there one line per node: each node's ranks agree among themselves).
 - `setup_logging` (called by each entry point once its options are parsed): INFO lines
@@ -96,15 +96,13 @@ def fail(prog: str, err: BaseException, code: int) -> int:
 
 
 def say_error(prog: str, message: str) -> None:
-    """`PROG: error: MESSAGE` on stderr. In a multi-process run: once for the ranks of a
-    machine that all fail with it (by local rank 0), else `[rank R] ` first, by each."""
+    """`PROG: error: MESSAGE` on stderr. In a multi-process run `[rank R] ` first, like
+    every line there, and once for the ranks of a machine that all fail with it (local
+    rank 0 says it), else by each rank that failed."""
     line = f"{prog}: error: {message}"
-    if rank_prefix():
-        alike = ranks_fail_alike(line)
-        if alike and os.environ.get("LOCAL_RANK") != "0":
-            return
-        line = line if alike else rank_prefix() + line
-    print(line, file=sys.stderr, flush=True)
+    if rank_prefix() and ranks_fail_alike(line) and os.environ.get("LOCAL_RANK") != "0":
+        return
+    print(rank_prefix() + line, file=sys.stderr, flush=True)
 
 
 def one_line(err: BaseException) -> str:

@@ -81,11 +81,14 @@ def test_a_stop_during_evaluation_is_honoured_in_seconds_and_never_blocks_a_reru
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
     assert [(r["step"], r["images"]) for r in metrics(run_dir)] == [(0, 4)]  # capped, 6 in the split
 
-    # 3. it resumes from there and evaluates again
-    done = subprocess.run(single([*args, "--train.resume=auto", "--train.max_steps=4"]), cwd=ROOT,
-                          env=cpu_env(), capture_output=True, text=True, timeout=200)
+    # 3. it resumes from there and evaluates again, saying how far it is (output to a pipe:
+    # progress lines, not a bar)
+    done = subprocess.run(single([*args, "--train.resume=auto", "--train.max_steps=4",
+                                  "--log.progress=true"]), cwd=ROOT, env=cpu_env(),
+                          capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, explain(done)
     assert [(r["step"], r["images"]) for r in metrics(run_dir)] == [(0, 4), (4, 4)]
+    assert "step 4/4 (" in done.stdout and "eval at step 4: 4/4 (" in done.stdout, explain(done)
 
     # 4. p2p-evaluate given the run's cap takes the trainer's own subset: the same numbers,
     # in the precision the run validated in (its trainer.json), said in every output

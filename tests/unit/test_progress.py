@@ -183,7 +183,7 @@ cli.say_error("p2p-train", sys.argv[2])
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("messages,expected", [
-    (("no manifest", "no manifest"), [[], ["p2p-train: error: no manifest"]]),
+    (("no manifest", "no manifest"), [[], ["[rank 0] p2p-train: error: no manifest"]]),
     (("no manifest", "rank 1 has no GPU"), [["[rank 1] p2p-train: error: rank 1 has no GPU"],
                                             ["[rank 0] p2p-train: error: no manifest"]]),
 ])
