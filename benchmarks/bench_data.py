@@ -260,7 +260,7 @@ def loader_runs(cfg: DataConfig, device: str, suffix: str = "") -> dict:
 
 
 def summarise(by: dict[str, dict], shard_bytes: int, args: argparse.Namespace) -> dict:
-    """The figures the README quotes, from the rows by path."""
+    """The figures docs/performance.md quotes, from the rows by path."""
     figures = {"simplejpeg_vs_pil": by["jpeg_simplejpeg"]["pairs_per_cpu_s"] /
                by["jpeg_pil"]["pairs_per_cpu_s"],
                "decode_pairs_per_core_s": by["decode"]["pairs_per_cpu_s"],
