@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from pipeline import digests, faults, run_layout, storage, weights
+from pipeline.config import BatchLayout
 from pipeline.errors import CheckpointMismatch, RunError
 
 LATEST = "latest"
@@ -179,8 +180,7 @@ def _write_staging(staging: str, step: int, ranks: Ranks, snapshot: Snapshot) ->
         weights.write_generator(staging, snapshot.generator_state,
                                 weights.GeneratorInfo.of_run(snapshot.config, step))
         _write_json(os.path.join(staging, TRAINER),
-                    {"step": step, "world_size": ranks.world_size, "config": snapshot.config,
-                     "mixed_precision": snapshot.precision})
+                    TrainerInfo(step, ranks.world_size, snapshot.config, snapshot.precision).to_json())
     as_json, tensors = rng_state()
     _write_json(os.path.join(staging, f"rank_{rank:05d}.json"),
                 {"data": snapshot.data_state, "rng": as_json})
@@ -338,20 +338,40 @@ def load(path: str, *, rank: int, world_size: int, load_models: Callable[[str], 
     architecture fails in one line naming the keys, under DDP and DeepSpeed alike."""
     trainer = read_trainer(path)
     if model is not None:
-        check_architecture(trainer["config"]["model"], model, path)
+        check_architecture(trainer.config["model"], model, path)
     load_models(path)
     rank_file = lambda r: os.path.join(path, f"rank_{r:05d}.json")
-    per_rank = [json.loads(storage.read_bytes(rank_file(r))) for r in range(trainer["world_size"])]
-    if trainer["world_size"] == world_size:
+    per_rank = [json.loads(storage.read_bytes(rank_file(r))) for r in range(trainer.world_size)]
+    if trainer.world_size == world_size:
         set_rng_state(per_rank[rank]["rng"], load_tensors(os.path.join(path, f"rank_{rank:05d}_rng.pt")))
-    return TrainingState(step=trainer["step"], data_states=[r["data"] for r in per_rank],
-                         world_size=trainer["world_size"], precision=trainer.get("mixed_precision"),
-                         config=trainer["config"])
+    return TrainingState(step=trainer.step, data_states=[r["data"] for r in per_rank],
+                         world_size=trainer.world_size, precision=trainer.precision,
+                         config=trainer.config)
 
 
-def read_trainer(path: str) -> dict:
+@dataclass(frozen=True)
+class TrainerInfo:
+    """A checkpoint's trainer.json, typed: the one reader of what a checkpoint says about
+    the run that wrote it."""
+    step: int
+    world_size: int
+    config: dict  # the run's resolved config (config.to_dict's form)
+    precision: str | None  # "no" (fp32) or "bf16"; None: not recorded
+
+    @property
+    def layout(self) -> BatchLayout:
+        return BatchLayout(self.config["data"]["batch_size"], self.config["train"]["grad_accum"],
+                           self.world_size)
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "world_size": self.world_size, "config": self.config,
+                "mixed_precision": self.precision}
+
+
+def read_trainer(path: str) -> TrainerInfo:
     """A checkpoint's trainer.json: step, world size, config, precision."""
-    return json.loads(storage.read_bytes(os.path.join(path, TRAINER)))
+    saved = json.loads(storage.read_bytes(os.path.join(path, TRAINER)))
+    return TrainerInfo(saved["step"], saved["world_size"], saved["config"], saved.get("mixed_precision"))
 
 
 # model keys that change the weights' names or shapes (norm: batch and syncbatch share them)

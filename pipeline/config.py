@@ -222,6 +222,25 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """The one owner of the global batch: samples per optimiser update, over all ranks."""
+    batch_size: int  # data.batch_size, per process and micro-step
+    grad_accum: int  # train.grad_accum, micro-steps per update
+    world_size: int  # processes
+
+    @classmethod
+    def of(cls, cfg: Config, world_size: int) -> BatchLayout:
+        return cls(cfg.data.batch_size, cfg.train.grad_accum, world_size)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def __str__(self) -> str:
+        return f"{self.global_batch} ({self.batch_size} x {self.grad_accum} x {self.world_size} processes)"
+
+
 # --------------------------------------------------------------------------- conversion
 
 def _sections(cfg: Config) -> dict[str, Any]:

@@ -14,48 +14,56 @@ import logging
 import os
 
 from pipeline import checkpoint, jsonl, run_layout
-from pipeline.config import Config, ConfigError
+from pipeline.config import BatchLayout, Config, ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def keep_global_batch(cfg: Config, world_size: int, path: str | None, deepspeed: bool = False) -> None:
-    """Set cfg's batch so that a resume from checkpoint `path` (None: a fresh run) keeps
-    its global batch; ConfigError when it cannot and train.allow_batch_change is off, and
-    for a DeepSpeed checkpoint on another world size (ZeRO saves its optimiser state
-    partitioned by rank)."""
+def keep_global_batch(cfg: Config, world_size: int, path: str | None, deepspeed: bool = False) -> BatchLayout:
+    """The batch layout of this run: cfg's, or, on a resume from checkpoint `path` on
+    another world size, one that keeps the saved global batch (cfg's batch_size and
+    grad_accum are set to it). ConfigError when it cannot and train.allow_batch_change is
+    off, and for a DeepSpeed checkpoint on another world size (ZeRO saves its optimiser
+    state partitioned by rank)."""
+    layout = BatchLayout.of(cfg, world_size)
     if path is None:
-        return
+        return layout
     trainer = checkpoint.read_trainer(path)
-    if deepspeed and trainer["world_size"] != world_size:
-        raise ConfigError(f"train.resume: {path} is a DeepSpeed checkpoint of {trainer['world_size']} "
+    saved = trainer.layout
+    if deepspeed and saved.world_size != world_size:
+        raise ConfigError(f"train.resume: {path} is a DeepSpeed checkpoint of {saved.world_size} "
                           f"processes; ZeRO's optimiser partitions resume only on as many (this "
                           f"launch has {world_size})")
-    saved_b, saved_k = trainer["config"]["data"]["batch_size"], trainer["config"]["train"]["grad_accum"]
-    saved = saved_b * saved_k * trainer["world_size"]
-    b, k = cfg.data.batch_size, cfg.train.grad_accum
-    if b * k * world_size == saved:
-        return
-    if (b, k) == (saved_b, saved_k):  # only the world size changed: make it up here
-        if saved % (b * world_size) == 0:
-            cfg.train.grad_accum = saved // (b * world_size)
-        elif saved % (k * world_size) == 0:
-            cfg.data.batch_size = saved // (k * world_size)
-        if cfg.data.batch_size * cfg.train.grad_accum * world_size == saved:
-            log.info(f"resume on {world_size} processes (saved on {trainer['world_size']}): global batch "
-                     f"{saved} kept as data.batch_size={cfg.data.batch_size} x "
-                     f"train.grad_accum={cfg.train.grad_accum} x {world_size}")
-            return
-    now = cfg.data.batch_size * cfg.train.grad_accum * world_size
-    change = (f"the global batch would change from {saved} ({saved_b} x {saved_k} x "
-              f"{trainer['world_size']} processes) to {now} ({cfg.data.batch_size} x "
-              f"{cfg.train.grad_accum} x {world_size}) with optim.lr staying {cfg.optim.lr:g} "
-              f"(not scaled: each update averages {now} samples instead of {saved})")
+    if layout.global_batch == saved.global_batch:
+        return layout
+    if (layout.batch_size, layout.grad_accum) == (saved.batch_size, saved.grad_accum):
+        kept = _same_global_batch(layout, saved.global_batch)
+        if kept is not None:  # only the world size changed: made up here
+            cfg.data.batch_size, cfg.train.grad_accum = kept.batch_size, kept.grad_accum
+            log.info(f"resume on {world_size} processes (saved on {saved.world_size}): global batch "
+                     f"{saved.global_batch} kept as data.batch_size={kept.batch_size} x "
+                     f"train.grad_accum={kept.grad_accum} x {world_size}")
+            return kept
+    change = (f"the global batch would change from {saved} to {layout} with optim.lr staying "
+              f"{cfg.optim.lr:g} (not scaled: each update averages {layout.global_batch} samples "
+              f"instead of {saved.global_batch})")
     if not cfg.train.allow_batch_change:
         raise ConfigError(f"train.allow_batch_change: resuming {path}, {change}; pass "
                           "--train.grad_accum or --data.batch_size to keep it, or "
                           "--train.allow_batch_change=true to go on")
     log.warning(f"train.allow_batch_change: {change}")
+    return layout
+
+
+def _same_global_batch(layout: BatchLayout, saved: int) -> BatchLayout | None:
+    """`layout` on its world size with grad_accum (else batch_size) changed to make up
+    `saved` samples per update; None when neither divides."""
+    b, k, world = layout.batch_size, layout.grad_accum, layout.world_size
+    if saved % (b * world) == 0:
+        return BatchLayout(b, saved // (b * world), world)
+    if saved % (k * world) == 0:
+        return BatchLayout(saved // (k * world), k, world)
+    return None
 
 
 class KeyRecord:

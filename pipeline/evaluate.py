@@ -316,7 +316,7 @@ def trained_precision(path: str) -> str | None:
     folder = checkpoint.generator_folder(path)
     if not storage.exists(storage.join(folder, checkpoint.TRAINER)):
         return None
-    return checkpoint.read_trainer(folder).get("mixed_precision")
+    return checkpoint.read_trainer(folder).precision
 
 
 def eval_data(args: argparse.Namespace, info) -> tuple:

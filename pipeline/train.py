@@ -40,7 +40,7 @@ from pipeline import (
     tracking,
     weights,
 )
-from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
+from pipeline.config import BatchLayout, Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
 from pipeline.engines import make_engines
 from pipeline.errors import RunError
 from pipeline.gan import train_step, train_step_accumulated
@@ -113,10 +113,10 @@ def environment(accelerator: Accelerator) -> dict:
 
 class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator, stop: distributed.StopRequest,
-                 held: lease.Lease | None = None):
+                 layout: BatchLayout, held: lease.Lease | None = None):
         self.cfg, self.acc, self.lease = cfg, accelerator, held  # the run folder's lease: rank 0's
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.world  # samples per update
+        self.global_batch = layout.global_batch  # samples per update (elastic.keep_global_batch's)
         self.engines = make_engines(cfg, accelerator)
         self.objective = make_objective(cfg, accelerator.device)
         self.loader = data.make_train_loader(
@@ -447,9 +447,9 @@ def train(cfg: Config, stop: distributed.StopRequest, rank: int, held: lease.Lea
     accelerator = make_accelerator(cfg)
     distributed.check_shared_run_dir(cfg.train.run_dir, accelerator.process_index, accelerator.device)
     resume_from = distributed.from_rank0(lambda: resume.choose(cfg.train.run_dir, cfg.train.resume))
-    elastic.keep_global_batch(cfg, accelerator.num_processes, resume_from,
-                              deepspeed=launched_with_deepspeed())
-    trainer = Trainer(cfg, accelerator, stop, held)
+    layout = elastic.keep_global_batch(cfg, accelerator.num_processes, resume_from,
+                                       deepspeed=launched_with_deepspeed())
+    trainer = Trainer(cfg, accelerator, stop, layout, held)
     trainer.resume(resume_from)
     if accelerator.is_main_process:
         storage.write_bytes(run_layout.config(cfg.train.run_dir), to_yaml(cfg).encode())

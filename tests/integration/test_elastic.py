@@ -120,7 +120,7 @@ def test_a_global_batch_that_cannot_be_kept_is_refused(shards, whole, tmp_path):
     refused = run(args(), cpu_env())
     assert refused.returncode == 2, explain(refused)
     message = refused.stderr.strip().splitlines()[-1]
-    assert "the global batch would change from 4 (2 x 1 x 2 processes) to 3 (3 x 1 x 1)" in message
+    assert "the global batch would change from 4 (2 x 1 x 2 processes) to 3 (3 x 1 x 1 processes)" in message
     assert "--train.allow_batch_change=true" in message
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was written
     allowed = run(args("--train.allow_batch_change=true"), cpu_env())

@@ -1,6 +1,7 @@
 """pipeline.checkpoint in-process: a save that must not commit is refused, and the
 previous checkpoint stays the newest (the faults a real run meets:
 tests/integration/test_faults_train.py)."""
+import json
 import os
 
 import pytest
@@ -29,3 +30,45 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
         "checkpoint at step 2 refused: non-finite weights (generator.w); "
         f"the previous one (step 1, {tmp_path}/checkpoints/step_00000001) is intact")
     assert checkpoints(tmp_path) == ["latest", "step_00000001"]
+
+
+# ----------------------------------------------------------------------- the global batch
+
+def saved_on(tmp_path, world_size: int, batch_size: int, grad_accum: int) -> str:
+    """A checkpoint folder holding only its trainer.json, as checkpoint.save writes it."""
+    cfg = Config()
+    cfg.data.batch_size, cfg.train.grad_accum = batch_size, grad_accum
+    folder = tmp_path / "step_00000010"
+    folder.mkdir()
+    info = checkpoint.TrainerInfo(10, world_size, to_dict(cfg), "bf16")
+    (folder / checkpoint.TRAINER).write_text(json.dumps(info.to_json()))
+    assert checkpoint.read_trainer(str(folder)) == info
+    return str(folder)
+
+
+@pytest.mark.parametrize("saved,world,expected", [
+    ((4, 1, 2), 2, (1, 4)),  # 1 x 2 x 4 processes = 8 on 2: accumulation doubles
+    ((1, 2, 2), 2, (2, 1)),  # 2 x 2 x 1 = 4 on 2: accumulation halves
+    ((2, 3, 1), 3, (2, 1)),  # 3 x 1 x 2 = 6 on 3: not by accumulation (6 / 9), by the batch
+])
+def test_a_resume_on_another_world_keeps_the_global_batch(tmp_path, saved, world, expected):
+    from pipeline.elastic import keep_global_batch
+    saved_world, batch, accum = saved
+    path = saved_on(tmp_path, saved_world, batch, accum)
+    cfg = Config()
+    cfg.data.batch_size, cfg.train.grad_accum = batch, accum
+    layout = keep_global_batch(cfg, world, path)
+    assert layout.global_batch == saved_world * batch * accum and layout.world_size == world
+    assert (layout.batch_size, layout.grad_accum) == expected
+    assert (cfg.data.batch_size, cfg.train.grad_accum) == expected  # what the loaders read
+
+
+def test_a_global_batch_that_cannot_be_kept_is_refused_unless_allowed(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.elastic import keep_global_batch
+    path = saved_on(tmp_path, 2, 1, 1)  # 2 samples per update: 3 processes cannot make it
+    with pytest.raises(ConfigError, match=r"from 2 \(1 x 1 x 2 processes\) to 3 \(1 x 1 x 3 processes\)"):
+        keep_global_batch(Config(), 3, path)
+    allowed = Config()
+    allowed.train.allow_batch_change = True
+    assert keep_global_batch(allowed, 3, path).global_batch == 3
