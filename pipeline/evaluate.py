@@ -171,10 +171,19 @@ def sample_rows(generator: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ke
     return grid_image(x, output, y), rows
 
 
-# name in metrics.json -> (column heading, format)
+# name in metrics.json -> (column heading, format): the one place metrics get their names
+# and formats for people (the report's table, the console lines, the trainer's summary)
 COLUMNS = {"l1": ("L1 ([-1, 1] scale)", ".4f"), "psnr": ("PSNR (dB)", ".2f"), "ssim": ("SSIM", ".3f"),
            "fid": ("FID", ".2f"), "kid_mean": ("KID (mean)", ".4f"), "kid_std": ("KID (std)", ".4f"),
            "lpips": ("LPIPS", ".4f")}
+
+
+def shown(key: str, value: float, before: float | None = None) -> str:
+    """`PSNR 23.85 dB`, or with the value at step 0: `L1 0.1200 (untrained 0.3192, -62%)`."""
+    heading, fmt = COLUMNS[key]
+    unit = " dB" if "(dB)" in heading else ""
+    change = f" (untrained {before:{fmt}}, {value / before - 1:+.0%})" if before else ""
+    return f"{heading.split(' (')[0]} {value:{fmt}}{unit}{change}"
 
 
 def _cells(values: dict, tag: str = "td") -> str:
@@ -348,9 +357,8 @@ def write_report(args, step: int | None, chosen: dict, metrics: dict, first: dic
     save_png(storage.join(args.out, "samples.png"), grid)
     storage.write_bytes(storage.join(args.out, "metrics.json"), json.dumps(summary, indent=1).encode())
     storage.write_bytes(storage.join(args.out, "index.html"), report_html(summary).encode())
-    shown = ", ".join(f"{COLUMNS[k][0].split(' (')[0]} {metrics[k]:{COLUMNS[k][1]}}" for k in COLUMNS
-                      if metrics.get(k) is not None and k != "kid_std")
-    log.info(f"{cli.prog_name('evaluate.py')}: {shown} over {metrics['images']} images in "
+    said = ", ".join(shown(k, metrics[k]) for k in COLUMNS if metrics.get(k) is not None and k != "kid_std")
+    log.info(f"{cli.prog_name('evaluate.py')}: {said} over {metrics['images']} images in "
              f"{chosen['used']}; report in {storage.join(args.out, 'index.html')}")
 
 

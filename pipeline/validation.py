@@ -104,17 +104,9 @@ class Evaluator:
         """'L1 0.1200 (untrained 0.3192, -62%), PSNR ...': the metrics measured, each
         beside its value at step 0 of this run where that was logged."""
         untrained = self.recorded(0) or {}
-        parts = []
-        for name in self.names:
-            key = realism.value_key(name)
-            value, before = result.get(key), untrained.get(key)
-            if value is None:
-                continue
-            fmt = evaluate.COLUMNS[key][1]
-            change = f" (untrained {before:{fmt}}, {value / before - 1:+.0%})" if before else ""
-            unit = " dB" if name == "psnr" else ""
-            parts.append(f"{name.upper()} {value:{fmt}}{unit}{change}")
-        return ", ".join(parts)
+        keys = [realism.value_key(name) for name in self.names]
+        return ", ".join(evaluate.shown(key, result[key], untrained.get(key))
+                         for key in keys if result.get(key) is not None)
 
 
 
