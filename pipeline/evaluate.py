@@ -227,26 +227,33 @@ Test-time mode: dropout {esc(mode['dropout'])}, {esc(mode['norm_stats'])} statis
 """
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = cli.Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_generator_options(parser: argparse.ArgumentParser) -> None:
+    """The options p2p-evaluate and p2p-translate share: which generator, and how it runs
+    at test time (one definition, one help text)."""
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint step_N folder, run folder (latest checkpoint), a marker "
                              "(RUN/checkpoints/best or latest) or export folder")
-    parser.add_argument("--data", required=True, help="shards: folder or s3:// prefix with "
-                        "manifest.json, a manifest URL, or a brace pattern")
-    parser.add_argument("--split", default="val", help="manifest split (default: val)")
-    parser.add_argument("--out", required=True, help="report folder (local or s3://)")
     parser.add_argument("--dropout", choices=("on", "off"), default="on",
                         help="dropout at test time (default: on, the paper's protocol and the "
                              "trainer's metrics)")
     parser.add_argument("--norm-stats", choices=("batch", "running"), default="batch",
-                        help="BatchNorm statistics: each image's own (batch; one image per forward) "
-                             "or the running averages (default: batch)")
+                        help="BatchNorm statistics: each image's own (batch, the paper's; one "
+                             "image per forward) or the running averages from training "
+                             "(default: batch)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the dropout masks, with each sample's key (default: 0, the "
                              "trainer's train.seed default)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = cli.Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generator_options(parser)
+    parser.add_argument("--data", required=True, help="shards: folder or s3:// prefix with "
+                        "manifest.json, a manifest URL, or a brace pattern")
+    parser.add_argument("--split", default="val", help="manifest split (default: val)")
+    parser.add_argument("--out", required=True, help="report folder (local or s3://)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="images loaded at a time (each still gets its own forward; default: 16)")
     parser.add_argument("--samples", type=int, default=8, help="pairs in the grid (default: 8)")

@@ -60,7 +60,7 @@ from pipeline.data import (
 )
 from pipeline.data.format import is_image_name
 from pipeline.errors import DataError, UserError
-from pipeline.evaluate import save_png, to_uint8
+from pipeline.evaluate import add_generator_options, save_png, to_uint8
 from pipeline.models import set_test_mode, size_multiple
 from pipeline.progress import Progress
 from pipeline.translate_geometry import (
@@ -287,18 +287,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or shards "
                         "(a folder/prefix with manifest.json, a .tar, a brace pattern); local or s3://")
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint step_N folder, run folder (latest checkpoint), a marker "
-                             "(RUN/checkpoints/best or latest) or export folder")
+    add_generator_options(parser)
     parser.add_argument("--out", required=True, help="output folder (local or s3://): NAME.png per input")
     parser.add_argument("--split", default="val", help="manifest split to read from shards (default: val)")
-    parser.add_argument("--dropout", choices=("on", "off"), default="on",
-                        help="dropout at test time (default: on, as the paper)")
-    parser.add_argument("--norm-stats", choices=("batch", "running"), default="batch",
-                        help="BatchNorm statistics: each image's own (batch, the paper's; one "
-                             "image per forward) or the running averages from training "
-                             "(default: batch)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the dropout masks (default: 0)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--bf16", action="store_true", help=precision.BF16_FLAG_HELP)
     parser.add_argument("--batch-size", type=int, default=8,
