@@ -48,12 +48,12 @@ def worker(args) -> None:
 
     from pipeline import host_memory
     from pipeline.config import from_cli
+    from pipeline.distributed import launched_with_deepspeed
     from pipeline.engines import make_engines
     from pipeline.gan import train_step
     from pipeline.train import make_objective
 
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
-    group = {"backend": "gloo"} if deepspeed and not torch.cuda.is_available() else {}
+    group = {"backend": "gloo"} if launched_with_deepspeed() and not torch.cuda.is_available() else {}
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(**group)])
     cfg, _ = from_cli(["--config", args.recipe] if args.recipe else [])
     cfg.model.generator, cfg.data.crop_size = args.generator, args.crop

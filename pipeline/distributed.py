@@ -36,6 +36,13 @@ class StartupError(UserError, RuntimeError):
     """The launch itself is wrong (world size, run folder); the message says how to fix it."""
 
 
+def launched_with_deepspeed() -> bool:
+    """Whether this run's engines are DeepSpeed's: what `accelerate launch` tells its
+    processes when its config says `distributed_type: DEEPSPEED` (known before the
+    Accelerator exists; the one place the question is asked)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -31,10 +31,10 @@ from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
 from pipeline import checkpoint, precision
 from pipeline.config import Config, ConfigError
+from pipeline.distributed import launched_with_deepspeed
 from pipeline.errors import CheckpointMismatch
 from pipeline.gan import StepHooks, freeze_while, guard_updates
 from pipeline.models import build_discriminator, build_generator, initialise_from, update_ema
@@ -483,6 +483,6 @@ def _stage0_masters(optimizer, params: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def make_engines(cfg: Config, accelerator: Accelerator) -> Engines:
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if launched_with_deepspeed():
         return DeepSpeedEngines(cfg, accelerator)
     return DDPEngines(cfg, accelerator)

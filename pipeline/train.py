@@ -58,22 +58,17 @@ def log0(accelerator: Accelerator, message: str) -> None:
 
 # --------------------------------------------------------------------------- set-up
 
-def launched_with_deepspeed() -> bool:
-    """What `accelerate launch` tells its processes when the config says DEEPSPEED."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
 class NonFiniteError(RunError):
     """A NaN or inf in a step under train.on_nonfinite=stop; the message names the step."""
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    if launched_with_deepspeed() and cfg.train.on_nonfinite == "skip":
+    if distributed.launched_with_deepspeed() and cfg.train.on_nonfinite == "skip":
         raise ConfigError("train.on_nonfinite: 'skip' is not supported under DeepSpeed (its "
                           "engines step partitioned gradients the trainer cannot inspect); "
                           "use 'stop'")
     group = dict(timeout=timedelta(seconds=cfg.train.collective_timeout))
-    if launched_with_deepspeed() and not torch.cuda.is_available():
+    if distributed.launched_with_deepspeed() and not torch.cuda.is_available():
         # else accelerate reports world size 1 while the engines all-reduce across ranks
         group["backend"] = "gloo"
     mixed_precision, notice = precision.choose(precision.requested_precision(),
@@ -448,7 +443,7 @@ def train(cfg: Config, stop: distributed.StopRequest, rank: int, held: lease.Lea
     distributed.check_shared_run_dir(cfg.train.run_dir, accelerator.process_index, accelerator.device)
     resume_from = distributed.from_rank0(lambda: resume.choose(cfg.train.run_dir, cfg.train.resume))
     layout = elastic.keep_global_batch(cfg, accelerator.num_processes, resume_from,
-                                       deepspeed=launched_with_deepspeed())
+                                       deepspeed=distributed.launched_with_deepspeed())
     trainer = Trainer(cfg, accelerator, stop, layout, held)
     trainer.resume(resume_from)
     if accelerator.is_main_process:
