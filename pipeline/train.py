@@ -10,15 +10,12 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 import traceback
-from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
 
 from pipeline import (
     checkpoint,
@@ -27,25 +24,21 @@ from pipeline import (
     distributed,
     elastic,
     faults,
-    host_memory,
     jsonl,
     lease,
-    precision,
     progress,
     realism,
-    resume,
-    run_folder,
     run_layout,
+    startup,
     storage,
     tracking,
-    weights,
 )
-from pipeline.config import BatchLayout, Config, ConfigError, from_cli, to_dict, to_yaml, validate_runtime
+from pipeline.config import BatchLayout, Config, ConfigError, from_cli, to_dict, to_yaml
 from pipeline.engines import make_engines
 from pipeline.errors import RunError
 from pipeline.gan import train_step, train_step_accumulated
 from pipeline.losses import Pix2PixObjective, VGGLoss
-from pipeline.validation import Evaluator, metric_names
+from pipeline.validation import Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -60,48 +53,6 @@ def log0(accelerator: Accelerator, message: str) -> None:
 
 class NonFiniteError(RunError):
     """A NaN or inf in a step under train.on_nonfinite=stop; the message names the step."""
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    if distributed.launched_with_deepspeed() and cfg.train.on_nonfinite == "skip":
-        raise ConfigError("train.on_nonfinite: 'skip' is not supported under DeepSpeed (its "
-                          "engines step partitioned gradients the trainer cannot inspect); "
-                          "use 'stop'")
-    group = dict(timeout=timedelta(seconds=cfg.train.collective_timeout))
-    if distributed.launched_with_deepspeed() and not torch.cuda.is_available():
-        # else accelerate reports world size 1 while the engines all-reduce across ranks
-        group["backend"] = "gloo"
-    mixed_precision, notice = precision.choose(precision.requested_precision(),
-                                               cfg.train.allow_emulated_bf16)
-    distributed.raise_nccl_errors()
-    distributed.init_restarted_group(group["timeout"], group.get("backend"))
-    accelerator = Accelerator(log_with=tracking.log_with(cfg), project_dir=cfg.train.run_dir,
-                              mixed_precision=mixed_precision,
-                              kwargs_handlers=[InitProcessGroupKwargs(**group)])
-    log0(accelerator, precision.describe(accelerator.mixed_precision))
-    if notice:
-        log0(accelerator, notice)
-    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched_world:
-        raise distributed.StartupError(
-            f"accelerate sees {accelerator.num_processes} process(es) but the launcher started "
-            f"WORLD_SIZE={launched_world}: the ranks would train independently. On CPU use "
-            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N (DDP), or "
-            "an accelerate config with distributed_type: DEEPSPEED and no ACCELERATE_USE_CPU")
-    if accelerator.mixed_precision not in ("no", "bf16"):
-        raise ConfigError(f"mixed precision {accelerator.mixed_precision!r} is not supported: use "
-                          "'no' or 'bf16' (fp16 would share one grad scaler between G and D)")
-    validate_runtime(cfg, accelerator.device.type, accelerator.num_processes)
-    host_memory.apply(cfg, accelerator.device.type)
-    return accelerator
-
-
-def environment(accelerator: Accelerator) -> dict:
-    import accelerate
-    return {"torch": torch.__version__, "accelerate": accelerate.__version__,
-            "python": platform.python_version(), "world_size": accelerator.num_processes,
-            "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
-            "distributed_type": accelerator.distributed_type.value}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -420,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = distributed.StopRequest()
     cfg, _ = from_cli(argv, prog="train.py", description=__doc__.split("\n\n")[0])
     cli.setup_logging(cfg.log.level)
-    tracking.require_installed(cfg.log.tracker)  # accelerate would train untracked
-    check_inputs(cfg)  # before anything is created: a wrong path or metric fails in one line
+    startup.check_before_launch(cfg)  # before anything is created: one line for what is wrong
     rank = int(os.environ.get("RANK", "0"))
     held = lease.Lease(cfg.train.run_dir, cfg.train.lease_seconds) if rank == 0 else None
     if held:
@@ -435,21 +385,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: Config, stop: distributed.StopRequest, rank: int, held: lease.Lease | None) -> int:
     """main() with the run folder held (by rank 0)."""
-    cfg.train.resume = run_folder.prepare(cfg.train.run_dir, cfg.train.resume,
-                                          cfg.train.overwrite, rank, held)
-    if cfg.train.mirror:  # a mirror that cannot be written fails now, in one line
-        storage.check_writable(cfg.train.mirror)
-    accelerator = make_accelerator(cfg)
-    distributed.check_shared_run_dir(cfg.train.run_dir, accelerator.process_index, accelerator.device)
-    resume_from = distributed.from_rank0(lambda: resume.choose(cfg.train.run_dir, cfg.train.resume))
-    layout = elastic.keep_global_batch(cfg, accelerator.num_processes, resume_from,
-                                       deepspeed=distributed.launched_with_deepspeed())
-    trainer = Trainer(cfg, accelerator, stop, layout, held)
-    trainer.resume(resume_from)
+    accelerator, plan = startup.start(cfg, rank, held)
+    trainer = Trainer(cfg, accelerator, stop, plan.layout, held)
+    trainer.resume(plan.resume_from)
     if accelerator.is_main_process:
         storage.write_bytes(run_layout.config(cfg.train.run_dir), to_yaml(cfg).encode())
         log0(accelerator, "config:\n" + to_yaml(cfg) + "environment: "
-             + json.dumps({**environment(accelerator), **trainer.engines.describe()}))
+             + json.dumps({**startup.environment(accelerator), **trainer.engines.describe()}))
     tracking.start(accelerator, cfg, _flat_config(cfg))
     try:
         code = trainer.run()
@@ -468,26 +410,6 @@ def make_objective(cfg: Config, device: torch.device) -> Pix2PixObjective:
         perceptual = VGGLoss(features).to(device)
     return Pix2PixObjective(cfg.loss.gan, cfg.loss.lambda_l1, cfg.loss.lambda_feat,
                             cfg.loss.lambda_vgg, perceptual)
-
-
-def check_inputs(cfg: Config) -> None:
-    """The shards named by data.train (and data.val) exist and hold their splits; what
-    this launch cannot do is refused."""
-    data.list_shards(cfg.data.train, cfg.data.train_split, key="data.train")
-    source = cfg.model.init_from
-    if source and not weights.has_generator(checkpoint.generator_folder(source)):
-        raise ConfigError(f"model.init_from: {source} holds no generator (give a run folder, a "
-                          "checkpoint step_N folder, a marker such as RUN/checkpoints/best, or an export)")
-    packed = data.packed_load_size(cfg.data.train)
-    if packed and packed != cfg.data.load_size:
-        raise ConfigError(f"data.load_size: {cfg.data.load_size}, but {cfg.data.train} holds pairs "
-                          f"already resized to {packed} x {packed} (shard.py --load-size {packed}): "
-                          f"pass --data.load_size={packed}, or use shards of the original images")
-    if cfg.data.val:
-        data.list_shards(cfg.data.val, cfg.data.val_split, key="data.val")
-        metric_names(cfg)
-    if cfg.loss.lambda_vgg and (why := realism.missing_vgg19(realism.weights_dir(cfg.eval.weights_dir))):
-        raise realism.MetricsError(why)  # before any process starts; the trainer loads it once
 
 
 def _flat_config(cfg: Config) -> dict:
