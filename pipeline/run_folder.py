@@ -52,7 +52,7 @@ def move_aside(run_dir: str, held: Lease | None, why: str) -> None:
     os.replace(run_dir, aside)
     if held:
         held.moved(aside)
-    log.warning(f"{why}: moved {run_dir} to {aside}, starting fresh")
+    log.warning(f"{why}: {run_dir} was moved to {aside}, starting fresh")
 
 
 def prepare(run_dir: str, resume: str, overwrite: bool, rank: int, held: Lease | None = None) -> str:
