@@ -22,11 +22,7 @@ import yaml
 
 from pipeline import cli, losses, models, realism, storage
 from pipeline.data.decode import MAX_IMAGE_PIXELS
-from pipeline.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config mistake; the message is one line and names the key."""
+from pipeline.errors import ConfigError
 
 
 def opt(default: Any, help: str, choices: Any = None) -> Any:

@@ -19,6 +19,10 @@ class RunError(Exception):
     """The run stopped for a reason its one-line message gives (not a user mistake)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config mistake; the message is one line and names the key."""
+
+
 class DataError(UserError, ValueError):
     """Shards or images that cannot be used as given (missing, empty, too few, refused)."""
 

@@ -112,7 +112,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
                                                cfg.train.allow_emulated_bf16)
     distributed.raise_nccl_errors()
     distributed.init_restarted_group(group["timeout"], group.get("backend"))
-    accelerator = Accelerator(log_with=tracking.log_with(cfg), project_dir=cfg.train.run_dir,
+    accelerator = Accelerator(log_with=tracking.log_with(cfg.log.tracker), project_dir=cfg.train.run_dir,
                               mixed_precision=mixed_precision,
                               kwargs_handlers=[InitProcessGroupKwargs(**group)])
     if accelerator.is_main_process:

@@ -23,7 +23,7 @@ import os
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pipeline import run_layout
-from pipeline.config import Config, ConfigError
+from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -81,12 +81,12 @@ def require_installed(tracker: str) -> None:
                           f"(or choose {others})")
 
 
-def log_with(cfg: Config) -> str | None:
+def log_with(tracker: str) -> str | None:
     """The Accelerator's `log_with` for this config (None: no tracker)."""
-    return None if cfg.log.tracker == "none" else cfg.log.tracker
+    return None if tracker == "none" else tracker
 
 
-def start(accelerator: Accelerator, cfg: Config, config: dict[str, Any]) -> None:
+def start(accelerator: Accelerator, tracker: str, run_dir: str, config: dict[str, Any]) -> None:
     """Start the chosen tracker, writing under the run folder; `config` is its hparams.
 
     TensorBoard writes RUN/logs/ (accelerate joins project_dir and the name "logs");
@@ -95,7 +95,7 @@ def start(accelerator: Accelerator, cfg: Config, config: dict[str, Any]) -> None
     (WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME override it), the run is named after RUN.
     accelerate starts trackers on the main process only.
     """
-    tracker, run_dir = cfg.log.tracker, os.path.abspath(cfg.train.run_dir)
+    run_dir = os.path.abspath(run_dir)
     name = os.path.basename(run_dir.rstrip(os.sep))
     if tracker == "tensorboard":
         # no hparams through accelerate: SummaryWriter.add_hparams writes them into a new
@@ -143,7 +143,7 @@ def mlflow_store(run_dir: str) -> None:
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
-def log_image(accelerator: Accelerator, cfg: Config, grid: np.ndarray, step: int,
+def log_image(accelerator: Accelerator, name: str, grid: np.ndarray, step: int,
               png_path: str) -> None:
     """Send a sample grid (HxWx3 uint8, already saved as `png_path`) to the tracker.
 
@@ -151,12 +151,12 @@ def log_image(accelerator: Accelerator, cfg: Config, grid: np.ndarray, step: int
     no image call, gets the PNG as an artifact under samples/ (its name holds the step).
     Main process only, as the trackers are.
     """
-    if not accelerator.is_main_process or cfg.log.tracker == "none":
+    if not accelerator.is_main_process or name == "none":
         return
-    tracker = accelerator.get_tracker(cfg.log.tracker)
-    if cfg.log.tracker == "tensorboard":
+    tracker = accelerator.get_tracker(name)
+    if name == "tensorboard":
         tracker.tracker.add_image("samples", grid, step, dataformats="HWC")
-    elif cfg.log.tracker == "wandb":
+    elif name == "wandb":
         tracker.log_images({"samples": [grid]}, step=step)
-    elif cfg.log.tracker == "mlflow":
+    elif name == "mlflow":
         tracker.log_artifact(png_path, artifact_path="samples")

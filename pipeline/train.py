@@ -392,7 +392,7 @@ def train(cfg: Config, stop: distributed.StopRequest, rank: int, held: lease.Lea
         storage.write_bytes(run_layout.config(cfg.train.run_dir), to_yaml(cfg).encode())
         log0(accelerator, "config:\n" + to_yaml(cfg) + "environment: "
              + json.dumps({**startup.environment(accelerator), **trainer.engines.describe()}))
-    tracking.start(accelerator, cfg, _flat_config(cfg))
+    tracking.start(accelerator, cfg.log.tracker, cfg.train.run_dir, _flat_config(cfg))
     try:
         code = trainer.run()
     except BaseException:

@@ -93,7 +93,7 @@ class Evaluator:
                                     self.engines.autocast, seed=self.cfg.train.seed)
         png_path = run_layout.sample_grid(self.cfg.train.run_dir, step)
         evaluate.save_png(png_path, grid)
-        tracking.log_image(self.accelerator, self.cfg, grid, step, png_path)
+        tracking.log_image(self.accelerator, self.cfg.log.tracker, grid, step, png_path)
 
     def recorded(self, step: int) -> dict | None:
         """The val metrics metrics.jsonl holds for `step`, if any (main process)."""
