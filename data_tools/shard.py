@@ -61,6 +61,11 @@ class Shard:
 
 # ----------------------------------------------------------------------------- planning
 
+
+def say(text: str) -> None:
+    """A summary line on stderr, named as the user called the tool (p2p-shard or shard.py)."""
+    print(f"{cli.prog_name('shard.py')}: {text}", file=sys.stderr)
+
 def plan_shards(pairs_by_split: dict, options: dict) -> list[Shard]:
     """Seeded order per split, cut into near-equal runs (at least min_shards, or one per
     pair when fewer; at most max_samples each), runs then cut again by source bytes."""
@@ -140,8 +145,8 @@ def drop_stale_manifest(dest: str, plan: dict) -> None:
     if storage.exists(old_plan) and json.loads(storage.read_bytes(old_plan)) == plan:
         return
     storage.remove(manifest)
-    print(f"shard.py: {dest} held shards of another plan: its manifest.json is removed until "
-          "this run writes the new one", file=sys.stderr)
+    say(f"{dest} held shards of another plan: its manifest.json is removed until "
+          "this run writes the new one")
 
 
 def _part_url(dest: str, shard_name: str) -> str:
@@ -299,24 +304,23 @@ def _run(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{split} {len(pairs)}" for split, pairs in pairs_by_split.items())
     mb = stats["bytes"] / 2**20
     if stats["packed"] == 0:
-        print(f"shard.py: {counts} pairs planned into {len(shards)} shards; all "
+        say(f"{counts} pairs planned into {len(shards)} shards; all "
               f"{stats['skipped']} {'of this slice ' if args.slice[1] > 1 else ''}were packed "
-              f"already: nothing to do", file=sys.stderr)
+              f"already: nothing to do")
     else:
-        print(f"shard.py: {counts} pairs planned into {len(shards)} shards; this run packed "
+        say(f"{counts} pairs planned into {len(shards)} shards; this run packed "
               f"{stats['packed']} shards ({stats['pairs']} pairs, {mb:.1f} MB) with {stats['workers']} "
               f"process{'es' if stats['workers'] > 1 else ''} in {stats['seconds']:.1f} s = "
               f"{stats['pairs'] / max(stats['seconds'], 1e-9):.0f} pairs/s, "
-              f"{mb / max(stats['seconds'], 1e-9):.1f} MB/s; {stats['skipped']} already done",
-              file=sys.stderr)
+              f"{mb / max(stats['seconds'], 1e-9):.1f} MB/s; {stats['skipped']} already done")
     if args.slice[1] > 1:
-        print(f"shard.py: slice {args.slice[0]}/{args.slice[1]} done; when all slices are, run: "
-              f"shard.py merge {args.dest}", file=sys.stderr)
+        say(f"slice {args.slice[0]}/{args.slice[1]} done; when all slices are, run: "
+            f"shard.py merge {args.dest}")
         return 0
     manifest = merge(args.dest, strict=args.strict)
     report_rejected(manifest, args.dest)
     samples = sum(s.samples for s in manifest.splits.values())
-    print(f"shard.py: {samples} samples in {storage.join(args.dest, 'manifest.json')}", file=sys.stderr)
+    say(f"{samples} samples in {storage.join(args.dest, 'manifest.json')}")
     return 0
 
 
@@ -325,12 +329,12 @@ def report_rejected(manifest: Manifest, dest: str) -> None:
     total = sum(manifest.rejected.values())
     if total:
         why = ", ".join(f"{reason} {n}" for reason, n in manifest.rejected.items())
-        print(f"shard.py: rejected {total} pairs ({why}); listed in "
-              f"{storage.join(dest, 'rejected.jsonl')}", file=sys.stderr)
+        say(f"rejected {total} pairs ({why}); listed in "
+              f"{storage.join(dest, 'rejected.jsonl')}")
     empty = [s.name for info in manifest.splits.values() for s in info.shards if s.samples == 0]
     if empty:
-        print(f"shard.py: {len(empty)} shards hold no sample, every pair planned for them was "
-              f"rejected (first: {empty[0]}); the trainer skips them", file=sys.stderr)
+        say(f"{len(empty)} shards hold no sample, every pair planned for them was "
+              f"rejected (first: {empty[0]}); the trainer skips them")
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -440,8 +444,8 @@ def _main(argv: list[str]) -> int:
     try:
         return run(args)
     except KeyboardInterrupt:
-        print("shard.py: interrupted; finished shards are kept, run the same command again "
-              "to resume", file=sys.stderr)
+        say("interrupted; finished shards are kept, run the same command again "
+              "to resume")
         return 130
 
 
