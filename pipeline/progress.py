@@ -72,7 +72,8 @@ class Progress:
         self.last_line = self.start  # when the last line was written (lines mode)
         self.bar = None
         if enabled and on_terminal():
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, **_width())
+            # tqdm adds ": " after the description itself
+            self.bar = tqdm(total=total, initial=initial, desc=desc.rstrip(":"), unit=unit, **_width())
 
     def update(self, n: int = 1, **postfix) -> None:
         if self.closed:
