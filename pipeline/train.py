@@ -38,15 +38,9 @@ from pipeline.engines import make_engines
 from pipeline.errors import RunError
 from pipeline.gan import train_step, train_step_accumulated
 from pipeline.losses import Pix2PixObjective, VGGLoss
-from pipeline.validation import Evaluator
+from pipeline.validation import Evaluator, log0
 
 log = logging.getLogger(__name__)
-
-
-def log0(accelerator: Accelerator, message: str) -> None:
-    """An INFO line from the main process only (the run's own narrative)."""
-    if accelerator.is_main_process:
-        log.info(message)
 
 
 # --------------------------------------------------------------------------- set-up

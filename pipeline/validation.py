@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def log0(accelerator: Accelerator, message: str) -> None:
+    """An INFO line from the main process only (the run's own narrative; train.py's too)."""
     if accelerator.is_main_process:
         log.info(message)
 
