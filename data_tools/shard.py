@@ -32,9 +32,9 @@ import time
 
 from data_tools import packing, sources
 from pipeline import cli, faults, storage
-from pipeline.data.decode import MAX_IMAGE_PIXELS
 from pipeline.data.format import (
     FORMAT_VERSION,
+    MAX_IMAGE_PIXELS,
     Manifest,
     ShardInfo,
     SplitInfo,

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline import cli, losses, models, realism, storage
-from pipeline.data.decode import MAX_IMAGE_PIXELS
+from pipeline.data.format import MAX_IMAGE_PIXELS
 from pipeline.errors import ConfigError
 
 

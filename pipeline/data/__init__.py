@@ -4,7 +4,7 @@ The package follows the data's stages, one module each:
     format        the shard format: member names, the manifest, Entry/Skip records (the
                   one owner; shard.py, inspect_shards.py, translate.py import it)
     shards        which shards to read (manifest, brace pattern) and reading them
-    decode        bytes -> uint8 images: one policy, one max-pixels default
+    decode        bytes -> uint8 images: one policy (the max-pixels default is format's)
     augmentation  resize, the same crop and flip for both halves, seeded per sample
     train_stream  the training stream: world-size-independent streams, resumable anywhere
     eval_stream   the val split, every sample once across ranks
@@ -17,10 +17,10 @@ import importlib
 _EXPORTS = {
     "augmentation": ("augment", "augment_params", "chw", "derive_seed", "resize_u8",
                      "resize_u8_via_float", "to_unit_range"),
-    "decode": ("MAX_IMAGE_PIXELS", "BadSample", "decode_image", "decode_sample", "scale_16bit",
+    "decode": ("BadSample", "decode_image", "decode_sample", "scale_16bit",
                "try_decode"),
     "eval_stream": ("make_eval_loader",),
-    "format": ("IMAGE_EXTS", "MANIFEST_MISMATCH", "Entry", "Manifest", "Skip"),
+    "format": ("IMAGE_EXTS", "MAX_IMAGE_PIXELS", "MANIFEST_MISMATCH", "Entry", "Manifest", "Skip"),
     "shards": ("Shard", "count_samples", "expand_braces", "list_shards", "packed_load_size",
                "read_entries", "read_range"),
     "train_stream": ("STATE_VERSION", "EpochPlan", "Segment", "StreamPosition", "StreamReader",

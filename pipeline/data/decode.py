@@ -23,13 +23,10 @@ import logging
 import numpy as np
 from PIL import Image, JpegImagePlugin
 
-from pipeline.data.format import image_members
+from pipeline.data.format import MAX_IMAGE_PIXELS, image_members
 
 log = logging.getLogger(__name__)
 
-# PIL's own decompression-bomb limit: shard.py rejects above it, the trainer skips above
-# it, so nothing packed with the defaults is skipped by a training run with the defaults
-MAX_IMAGE_PIXELS = 89_478_485
 
 
 class BadSample(Exception):

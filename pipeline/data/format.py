@@ -34,6 +34,9 @@ KINDS = ("input", "target", "pair")  # the image members a sample may have
 META = "json"
 TAR_MTIME = 946684800  # 2000-01-01: a fixed stamp keeps shards byte-identical across runs
 MANIFEST_MISMATCH = "manifest_mismatch"  # a shard holding another count than listed
+# PIL's own decompression-bomb limit: shard.py rejects above it, the trainer skips above
+# it, so nothing packed with the defaults is skipped by a training run with the defaults
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 def is_image_name(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""shard.py and the trainer share one pixel limit (pipeline.data.decode.MAX_IMAGE_PIXELS):
+"""shard.py and the trainer share one pixel limit (pipeline.data.format.MAX_IMAGE_PIXELS):
 an image shard.py packs with its defaults is never skipped as too_large by a training run
 with the defaults (they used to be 89,478,485 and 64,000,000)."""
 import numpy as np
@@ -6,8 +6,7 @@ import pytest
 from PIL import Image
 
 from data_tools.shard import main as shard
-from pipeline.data.decode import MAX_IMAGE_PIXELS
-from pipeline.data.format import Manifest
+from pipeline.data.format import MAX_IMAGE_PIXELS, Manifest
 from tests.helpers.trainer_runs import cpu_env, explain, run, single, step_log
 
 
