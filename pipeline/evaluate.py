@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 from PIL import Image
-from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
 from pipeline import cli, storage
 from pipeline.data import derive_seed, make_eval_loader
@@ -46,6 +45,7 @@ from pipeline.realism import (
     value_key,
     weights_dir,
 )
+from pipeline.similarity import ssim
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def per_image_metrics(output: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     out8, tgt8 = to_uint8(output).float(), to_uint8(target).float()
     mse = (out8 - tgt8).square().flatten(1).mean(1)
     psnr = (10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).clamp_max(100.0)
-    structure = ssim(out8, tgt8, data_range=255.0, reduction="none")
+    structure = ssim(out8, tgt8, data_range=255.0)
     return torch.stack([l1, psnr, structure], 1)
 
 

@@ -63,7 +63,7 @@ METRICS = {
     "kid": Metric("kernel Inception distance, torch-fidelity's (kid_mean, kid_std)",
                   needs=("torch_fidelity", "torchvision"), weights=INCEPTION_FILE, key="kid_mean"),
     "lpips": Metric("LPIPS (AlexNet, v0.1) between each output and its target, averaged",
-                    needs=("torchvision",), weights=ALEXNET_FILE),
+                    needs=("torchmetrics", "torchvision"), weights=ALEXNET_FILE),
 }
 PAIRWISE = ("l1", "psnr", "ssim")  # evaluate.py's own, always available
 
