@@ -146,11 +146,6 @@ class DDPEngines(Engines):
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
-        if accelerator.device.type == "cpu":
-            # accelerate's unwrap_model imports DeepSpeed wherever it is installed, whose
-            # import then warns "Setting accelerator to CPU..." into a run that never uses
-            # it; naming the accelerator it would pick is the same choice without the line
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.channels_last = precision.channels_last(cfg.train.channels_last, accelerator.mixed_precision,
                                                      accelerator.device.type, cfg.data.batch_size)
         G, D = build_models(cfg, self.channels_last)
@@ -167,10 +162,13 @@ class DDPEngines(Engines):
         if cfg.train.ema_decay > 0:  # a deepcopy drops the compiled call: a plain module
             self.ema = copy.deepcopy(G).requires_grad_(False)
         self.autocast = accelerator.autocast
-        # D in the G step through the unwrapped module: frozen, it needs no all-reduce
+        # D in the G step through the plain module: frozen, it needs no all-reduce. Not
+        # accelerator.unwrap_model: it imports DeepSpeed wherever it is installed (and
+        # DeepSpeed mlflow), 2-4 s into every rank's first step
+        plain = {id(self.G): G, id(self.D): D}
         self.hooks = StepHooks(backward=lambda loss, model: accelerator.backward(loss),
                                step=self._clip_and_step, autocast=accelerator.autocast,
-                               frozen_view=accelerator.unwrap_model, no_sync=accelerator.no_sync)
+                               frozen_view=lambda model: plain[id(model)], no_sync=accelerator.no_sync)
 
     def _clip_and_step(self, optimizer, model) -> None:
         if self.cfg.optim.grad_clip > 0:
