@@ -32,8 +32,9 @@ def test_bench_train_compares_variants_in_a_table_then_one_json_line():
     # against this machine's own limits, in its precision (bench_peak)
     assert all(row["conv_bound_s"] > 0 and row["fraction_of_peak"] == pytest.approx(
         row["conv_bound_s"] / row["s_per_step"]) and row["gemm_fraction"] > 0 for row in record["rows"])
-    # bf16 adds autocast's weight and gradient casts to the parameter-bound work
-    assert fast["param_bound_s"] > fp32["param_bound_s"] > 0
+    # the parameter-bound work is measured for both (bf16's also holds autocast's casts, but
+    # which takes longer is a timing, no test: under load fp32's Adam alone took longer)
+    assert fast["param_bound_s"] > 0 and fp32["param_bound_s"] > 0
     assert all(0 < row["attainable_fraction"] < 1 for row in record["rows"])
 
 
