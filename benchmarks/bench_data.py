@@ -125,8 +125,9 @@ def run_loader(cfg: DataConfig, device: str = "cpu") -> int:
                                     out_channels=3)
     pairs = 0
     for _ in range(loader.steps_per_epoch):
-        x, y = data.to_device(next(loader), device, cfg=cfg, channels_last=False)
-        pairs += len(x)
+        for batch in next(loader).batches:
+            x, y = data.to_device(batch, device, cfg=cfg, channels_last=False)
+            pairs += len(x)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return pairs

@@ -1,6 +1,7 @@
 """The training stream's start-up cost and buffer memory against the dataset size.
 
     python benchmarks/bench_streams.py --samples 100000 1000000 --streams 12
+    python benchmarks/bench_streams.py --local --boundary --samples 2400 --shard-samples 200 --batch 16
 
 Writes shards of small synthetic pairs (two 8x8 PNGs a sample, --shard-samples a shard),
 puts them on a moto S3 server on loopback (--local: a local folder), then for each size
@@ -21,6 +22,14 @@ a shard early) is read for a whole epoch, and the row says:
                 round of streams at a time by the loader workers; here num_workers=0)
   tail_samples  how many the tail held; tail_mb the resident memory it added (its
                 read-ahead and one update: not the tail's size)
+With --boundary, only the epoch boundaries: --epochs epochs of the dataset read by a
+null model (no network: --step-ms of sleep an update, 0 included) with each of
+--workers loader workers, and the row says:
+  update_wait_ms  the median wait for an update inside an epoch
+  first_update_s  the wait for the run's first update (workers forked, streams opened)
+  boundary_wait_s the mean wait for the first update of each later epoch
+  lost_per_boundary_s  that, less an ordinary update's wait: the seconds each epoch
+                boundary costs the trainer
 """
 from __future__ import annotations
 
@@ -97,17 +106,40 @@ def measure_tail(url: str, samples: int, lost: int, args) -> dict:
                               in_channels=3, out_channels=3, have_batch_all_ranks=None)
     handed, start, times = 0, time.perf_counter(), {}
     while loader.epoch == 0:
-        batch = next(loader)
-        if batch["epoch"] != 0:
+        update = next(loader)
+        if update.epoch != 0:
             break
         if loader.in_tail and "tail" not in times:
             times["tail"], at, before = time.perf_counter(), handed, rss_mb()
-        handed += len(batch["key"])
+        handed += sum(len(batch["key"]) for batch in update.batches)
     end = time.perf_counter()
     return {"samples": samples, "good": samples - lost, "handed_out": handed,
             "before_sps": round(at / (times["tail"] - start), 1), "tail_samples": handed - at,
             "tail_sps": round((handed - at) / (end - times["tail"]), 1),
             "tail_mb": round(rss_mb() - before, 1)}
+
+
+def measure_boundary(url: str, samples: int, args) -> dict:
+    """Seconds the trainer waits for the first update of an epoch, beyond an ordinary
+    update's wait, with a null model (args.step_ms of sleep an update, no compute)."""
+    cfg = DataConfig(train=url, batch_size=args.batch, num_workers=args.workers, streams=args.streams,
+                     shuffle_buffer=args.shuffle_buffer, load_size=8, crop_size=8, flip=False)
+    loader = data.TrainLoader(cfg, data.list_shards(url, "train"), rank=0, world_size=1, seed=0,
+                              in_channels=3, out_channels=3, have_batch_all_ranks=None)
+    waits = []  # (epoch of the update, seconds waited for it)
+    for _ in range(args.epochs * loader.steps_per_epoch + 1):
+        start = time.perf_counter()
+        epoch = next(loader).epoch
+        waits.append((epoch, time.perf_counter() - start))
+        time.sleep(args.step_ms / 1000)
+    firsts = [w for i, (e, w) in enumerate(waits) if i and e != waits[i - 1][0]]
+    steady = sorted(w for i, (e, w) in enumerate(waits) if i and e == waits[i - 1][0])
+    median = steady[len(steady) // 2]
+    return {"samples": samples, "workers": args.workers, "step_ms": args.step_ms,
+            "steps_per_epoch": loader.steps_per_epoch, "boundaries": len(firsts),
+            "first_update_s": round(waits[0][1], 3), "update_wait_ms": round(median * 1000, 2),
+            "boundary_wait_s": round(sum(firsts) / len(firsts), 3),
+            "lost_per_boundary_s": round(sum(firsts) / len(firsts) - median, 3)}
 
 
 def rss_mb() -> float:
@@ -139,6 +171,12 @@ def measure(url: str, samples: int, args) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def boundary_rows(url: str, samples: int, source: str, args) -> list[dict]:
+    return [{"source": source, **measure_boundary(url, samples, argparse.Namespace(
+        **{**vars(args), "workers": workers, "step_ms": step_ms}))}
+        for workers in args.workers for step_ms in args.step_ms]
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -150,6 +188,12 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--local", action="store_true", help="read a local folder, not S3")
     parser.add_argument("--tail", action="store_true", help="also read an epoch with one shard cut")
+    parser.add_argument("--boundary", action="store_true",
+                        help="only the seconds lost per epoch boundary, with a null model")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="--boundary's num_workers")
+    parser.add_argument("--epochs", type=int, default=4, help="--boundary's epochs")
+    parser.add_argument("--step-ms", type=float, nargs="+", default=[0.0, 20.0],
+                        help="--boundary: the null model's milliseconds an update")
     return parser.parse_args(argv)
 
 
@@ -168,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                 url = str(folder) if args.local else upload(folder, bucket, f"n{samples}")
                 print(f"{samples} samples written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
                 source = "local" if args.local else "s3 (moto, loopback)"
+                if args.boundary:
+                    rows += boundary_rows(url, samples, source, args)
+                    continue
                 rows.append({"source": source, **measure(url, samples, args)})
                 if args.tail:
                     lost = cut_one_shard(folder)

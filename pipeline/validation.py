@@ -27,7 +27,8 @@ class Evaluator:
     """Val metrics across ranks, logged and appended to RUN/metrics.jsonl, and sample
     grids from a fixed val batch on the main process. Each evaluation measures
     eval.max_images of the split (a subset fixed by train.seed), shows its progress, and
-    is abandoned on every rank when a stop is requested (`abandoned`)."""
+    is abandoned on every rank when a stop is requested (`abandoned`). One loader serves
+    every evaluation: its workers are forked once and wait between evaluations."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator, engines: Engines,
                  stop: distributed.StopRequest):
@@ -39,15 +40,17 @@ class Evaluator:
         self.realism = realism.Realism(self.names, accelerator.device,
                                        realism.weights_dir(cfg.eval.weights_dir))
         self.abandoned = False  # the last evaluation was stopped part-way (on every rank)
+        self.loader = None  # every evaluation's, made at the first (persistent workers)
 
     def _loader(self, batch_size: int | None = None, rank: int | None = None,
-                world_size: int | None = None, max_images: int = 0):
+                world_size: int | None = None, max_images: int = 0, persistent: bool = False):
         acc = self.accelerator
         return data.make_eval_loader(
             self.cfg.data, rank=acc.process_index if rank is None else rank,
             world_size=acc.num_processes if world_size is None else world_size,
             in_channels=self.cfg.model.in_channels, out_channels=self.cfg.model.out_channels,
-            batch_size=batch_size, max_images=max_images, seed=self.cfg.train.seed)
+            batch_size=batch_size, max_images=max_images, seed=self.cfg.train.seed,
+            persistent=persistent)
 
     def _first_val_batch(self):
         if not self.accelerator.is_main_process:
@@ -66,7 +69,9 @@ class Evaluator:
         if not self.enabled:
             return None
         generator = self.engines.eval_generator()  # unwrapped, no DDP collectives: ranks differ in count
-        loader = self._loader(max_images=self.cfg.eval.max_images)
+        if self.loader is None:
+            self.loader = self._loader(max_images=self.cfg.eval.max_images, persistent=True)
+        loader = self.loader
         bar = progress.Progress(loader.rank_images, desc=f"eval at step {step}:", unit="image",
                                 enabled=self.accelerator.is_main_process and self.cfg.log.progress)
         result = evaluate.evaluate(generator, (self._to_device(b) for b in loader),

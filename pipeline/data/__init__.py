@@ -6,7 +6,9 @@ The package follows the data's stages, one module each:
     shards        which shards to read (manifest, brace pattern) and reading them
     decode        bytes -> uint8 images: one policy (the max-pixels default is format's)
     augmentation  resize, the same crop and flip for both halves, seeded per sample
-    train_stream  the training stream: world-size-independent streams, resumable anywhere
+    stream/       the training stream: world-size-independent streams, resumable
+                  anywhere, one optimiser update at a time (its own package: plan,
+                  reader, batch, tail, worker, state, loader)
     eval_stream   the val split, every sample once across ranks
 The names below are the package's interface; the trainer imports `pipeline.data`. They
 load on first use (PEP 562), so a tool that needs only the format (shard.py, whose packing
@@ -23,10 +25,14 @@ _EXPORTS = {
     "format": ("IMAGE_EXTS", "MAX_IMAGE_PIXELS", "MANIFEST_MISMATCH", "Entry", "Manifest", "Skip"),
     "shards": ("Shard", "count_samples", "expand_braces", "list_shards", "packed_load_size",
                "read_entries", "read_range"),
-    "train_stream": ("STATE_VERSION", "EpochPlan", "Segment", "StreamPosition", "StreamReader",
-                     "TrainLoader", "WorkerLoader", "auto_streams", "epoch_shards",
-                     "TailStatus", "make_train_loader", "stream_segments", "tail_walk", "to_device",
-                     "worker_parts"),
+    "stream.batch": ("to_device",),
+    "stream.loader": ("TrainLoader", "Update", "make_train_loader"),
+    "stream.plan": ("EpochPlan", "Segment", "StreamLayout", "auto_streams", "epoch_shards",
+                    "stream_segments"),
+    "stream.reader": ("Sample", "StreamPosition", "StreamReader"),
+    "stream.state": ("STATE_VERSION", "LoaderState"),
+    "stream.tail": ("TailStatus", "tail_walk"),
+    "stream.worker": ("WorkerLoader",),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_HOME)

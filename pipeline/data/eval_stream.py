@@ -18,11 +18,12 @@ from collections.abc import Iterator
 
 import torch
 
+from pipeline.config import DataConfig
 from pipeline.data.augmentation import chw, derive_seed, resize_u8, to_unit_range
 from pipeline.data.decode import try_decode
 from pipeline.data.format import Entry
-from pipeline.data.shards import list_shards, read_entries
-from pipeline.data.train_stream import WorkerLoader
+from pipeline.data.shards import Shard, list_shards, read_entries
+from pipeline.data.stream.worker import WorkerLoader
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ class _EvalStream(torch.utils.data.IterableDataset):
     is one worker of one rank): disjoint, complete, deterministic, unpadded. Every reader
     reads every shard but decodes only its own samples."""
 
-    def __init__(self, cfg, shards, rank, world_size, in_channels, out_channels, batch_size,
+    def __init__(self, cfg: DataConfig, shards: list[Shard], rank: int, world_size: int, in_channels: int,
+                 out_channels: int, batch_size: int,
                  subset: list[int] | None = None):
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
         self.in_channels, self.out_channels, self.batch_size = in_channels, out_channels, batch_size
@@ -92,21 +94,22 @@ def rank_share(images: int, rank: int, world_size: int, workers: int) -> int:
     return sum(1 for i in range(images) if i % readers // max(workers, 1) == rank)
 
 
-def make_eval_loader(cfg, *, rank: int, world_size: int, in_channels: int,
+def make_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, in_channels: int,
                      out_channels: int, batch_size: int | None = None,
-                     max_images: int = 0, seed: int = 0):
+                     max_images: int = 0, seed: int = 0, persistent: bool = False) -> WorkerLoader:
     """The val split (at most `max_images` of it, chosen by `seed`: eval_subset) for this
     rank: every sample exactly once across ranks (ranks may get different counts; sum
     metrics across ranks). Reference test protocol: bicubic resize to crop_size, no crop,
     no flip, direction applied. Re-iterable; batches are float [-1, 1] {"input", "target",
     "key"} (no "aug": to_device only moves them); `.images` is how many the split gives
-    (by its manifest) and `.rank_images` this rank's share."""
+    (by its manifest) and `.rank_images` this rank's share. `persistent`: its workers
+    stay for the next iteration (the trainer's evaluations reuse one loader: no fork each)."""
     shards = list_shards(cfg.val, cfg.val_split, key="data.val")
     total = sum(s.samples for s in shards)
     subset = eval_subset(total, max_images, seed)
     dataset = _EvalStream(cfg, shards, rank, world_size, in_channels, out_channels,
                           batch_size or cfg.batch_size, subset)
-    loader = WorkerLoader(dataset, cfg.num_workers, seed=0)
+    loader = WorkerLoader(dataset, cfg.num_workers, seed=0, persistent=persistent)
     loader.images = total if subset is None else len(subset)
     loader.rank_images = rank_share(loader.images, rank, world_size, cfg.num_workers)
     return loader

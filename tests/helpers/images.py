@@ -76,16 +76,23 @@ def config(folder, **overrides) -> DataConfig:
 
 
 def epoch_batches(loader) -> list[dict]:
-    """The batches of the loader's current epoch (stops at the first batch of the next);
-    sets loader.epoch_skipped to the skip counts as the epoch ended."""
+    """The batches of the loader's current epoch, every update's (stops at the first
+    update of the next); sets loader.epoch_skipped to the skip counts as the epoch ended."""
     epoch, batches = loader.epoch, []
     while True:
         skipped = loader.skipped
-        batch = next(loader)
-        if loader.epoch != epoch:
+        update = next(loader)
+        if update.epoch != epoch:
             loader.epoch_skipped = skipped
             return batches
-        batches.append(batch)
+        batches += update.batches
+
+
+def next_batch(loader) -> dict:
+    """The one batch of a loader's next update (train.grad_accum 1)."""
+    update = next(loader)
+    assert len(update.batches) == 1
+    return update.batches[0]
 
 
 def keys_of(batches) -> list[str]:

@@ -3,6 +3,7 @@ and skips (loader workers included); real ranks, shard.py output and S3 are in
 tests/integration/test_data_streams.py."""
 import io
 import json
+import multiprocessing
 import struct
 import tarfile
 import threading
@@ -22,6 +23,7 @@ from tests.helpers.images import (
     config,
     image_bytes,
     keys_of,
+    next_batch,
     sample_pixels,
     write_dataset,
 )
@@ -72,8 +74,8 @@ def test_streams_cut_the_epoch_into_equal_ranges_read_alike_by_any_layout():
     assert data.epoch_shards(list(range(9)), 1, 0) != data.epoch_shards(list(range(9)), 1, 1)
     cfg = DataConfig(batch_size=2)
     for world, workers in [(1, 1), (2, 2), (4, 2), (8, 1), (1, 8)]:
-        plans = [data.EpochPlan(cfg, [], 0, 0, rank, world, workers, streams, 3, 3) for rank in range(world)]
-        assert sorted(s for p in plans for w in range(workers) for s in p.streams_of(p.rank, w)) == \
+        plans = [data.StreamLayout(cfg, (), 0, rank, world, workers, streams, 3, 3) for rank in range(world)]
+        assert sorted(s for p in plans for w in range(workers) for s in p.streams_of(w)) == \
             list(range(streams))
         for start in (0, 2, 5, 13):  # any start: a resume on another world size starts anywhere
             parts = [list(p.rank_samples(start)) for p in plans]
@@ -177,10 +179,10 @@ def test_augmentation_keeps_pairs_aligned_in_worker_and_on_device(tmp_path):
     write_dataset(tmp_path, [8])
     worker = config(tmp_path, load_size=24, crop_size=16, batch_size=8)
     device = replace(worker, augment_on="device")
-    batch = next(data.make_train_loader(worker, rank=0, world_size=1, seed=3,
-                                        in_channels=3, out_channels=3))
-    raw = next(data.make_train_loader(device, rank=0, world_size=1, seed=3,
-                                      in_channels=3, out_channels=3))
+    batch = next_batch(data.make_train_loader(worker, rank=0, world_size=1, seed=3,
+                                              in_channels=3, out_channels=3))
+    raw = next_batch(data.make_train_loader(device, rank=0, world_size=1, seed=3,
+                                            in_channels=3, out_channels=3))
     x, y = data.to_device(raw, "cpu", cfg=device, channels_last=True)
     assert x.shape == (8, 3, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
     assert raw["key"] == batch["key"] and raw["input"].dtype == torch.uint8
@@ -213,9 +215,13 @@ def test_eval_loader_every_sample_once_across_ranks(tmp_path):
     seen = []
     for rank in range(2):
         loader = data.make_eval_loader(cfg, rank=rank, world_size=2, in_channels=3,
-                                       out_channels=1, batch_size=3)
+                                       out_channels=1, batch_size=3, persistent=rank == 1)
+        others = {p.pid for p in multiprocessing.active_children()}
         batches = list(loader)
+        workers = {p.pid for p in multiprocessing.active_children()} - others
         assert keys_of(batches) == keys_of(list(loader))  # deterministic, re-iterable
+        if rank == 1:  # the trainer's: one set of workers for every evaluation
+            assert len(workers) == 2 and workers <= {p.pid for p in multiprocessing.active_children()}
         assert batches[0]["input"].shape[1:] == (3, 8, 8)
         assert batches[0]["target"].shape[1:] == (1, 8, 8)
         seen += keys_of(batches)
@@ -261,15 +267,15 @@ def test_resume_equals_uninterrupted_stream(tmp_path, workers, mode, rank, world
                                           in_channels=3, out_channels=3,
                                           have_batch_all_ranks=bool)
     straight = make()
-    reference = [next(straight) for _ in range(total)]  # crosses into epoch 1
+    reference = [next_batch(straight) for _ in range(total)]  # crosses into epoch 1
     assert straight.epoch == 1
     for k in stops:
         first = make()
-        consumed = [next(first) for _ in range(k)]
+        consumed = [next_batch(first) for _ in range(k)]
         state = json.loads(json.dumps(first.state_dict()))
         resumed = make()
         resumed.load_state_dict(state)
-        batches = consumed + [next(resumed) for _ in range(total - k)]
+        batches = consumed + [next_batch(resumed) for _ in range(total - k)]
         assert [b["key"] for b in batches] == [b["key"] for b in reference]
         for got, want in zip(batches, reference):
             assert torch.equal(got["input"], want["input"])
@@ -286,14 +292,14 @@ def test_resume_deep_in_a_shard_decodes_nothing_skipped(tmp_path, monkeypatch):
         next(first)
     state = first.state_dict()
     assert state["positions"]["0"]["offset"] > 0  # a block start deep inside the shard
-    expected = next(first)["key"]
+    expected = next_batch(first)["key"]
     decoded, reads = [], []
     real_decode, real_open = data_decode.decode_image, storage.open_read
     monkeypatch.setattr(data_decode, "decode_image", lambda *a: decoded.append(1) or real_decode(*a))
     monkeypatch.setattr(storage, "open_read", lambda url: reads.append(url) or real_open(url))
     resumed = make()
     resumed.load_state_dict(state)
-    assert next(resumed)["key"] == expected
+    assert next_batch(resumed)["key"] == expected
     assert len(decoded) == 4  # 2 samples x 2 images: the 50 consumed ones were not decoded
     assert len(reads) == 1
 
@@ -318,10 +324,76 @@ def test_loaders_leave_the_global_torch_rng_alone(tmp_path, workers):
     before = torch.get_rng_state()
     loader = data.make_train_loader(cfg, rank=0, world_size=1, seed=0, in_channels=3,
                                     out_channels=3)
-    for _ in range(loader.steps_per_epoch + 1):  # into the next epoch: a new DataLoader
+    for _ in range(loader.steps_per_epoch + 1):  # into the next epoch
         next(loader)
     list(data.make_eval_loader(cfg, rank=0, world_size=1, in_channels=3, out_channels=3))
     assert torch.equal(torch.get_rng_state(), before)  # the trainer's dropout RNG
+
+
+def test_an_update_is_grad_accum_batches_of_the_one_sample_order(tmp_path):
+    """With train.grad_accum 3 the loader hands out updates of 3 batches: the batches a
+    loader with 1 hands out one at a time, the epoch ending on a whole update (30 of 32
+    samples here), the next epoch starting from its own beginning."""
+    write_dataset(tmp_path, [8, 8, 8, 8])
+    cfg = config(tmp_path, batch_size=2, num_workers=2, streams=4)
+    make = lambda k: data.make_train_loader(cfg, rank=0, world_size=1, seed=0, in_channels=3,
+                                            out_channels=3, accumulate=k)
+    single, loader = make(1), make(3)
+    assert (single.steps_per_epoch, loader.steps_per_epoch) == (16, 5)
+    singles = [next_batch(single) for _ in range(19)]  # epoch 0, then epoch 1's first 3
+    updates = [next(loader) for _ in range(6)]
+    assert [u.epoch for u in updates] == [0] * 5 + [1] and {len(u.batches) for u in updates} == {3}
+    batches = [b for u in updates for b in u.batches]
+    assert [b["key"] for b in batches] == [b["key"] for b in singles[:15] + singles[16:]]
+    assert all(torch.equal(a["input"], b["input"]) for a, b in zip(batches, singles[:15] + singles[16:]))
+
+
+def test_one_set_of_loader_workers_serves_the_whole_run(tmp_path):
+    """The workers are forked once: the same two processes read every epoch and the
+    tail of each (a stream with bad samples runs dry early), handing out exactly what a
+    loader without workers does."""
+    write_dataset(tmp_path, [8, 8, 8, 8], corrupt=("s01n000", "s01n001", "s01n002"))
+    cfg = config(tmp_path, batch_size=2, streams=4, shuffle_buffer=3)
+    make = lambda workers: data.make_train_loader(replace(cfg, num_workers=workers), rank=0,
+                                                  world_size=1, seed=0, in_channels=3, out_channels=3)
+    reference, loader = make(0), make(2)
+    others = {p.pid for p in multiprocessing.active_children()}
+    pids, tails, epochs = set(), 0, set()
+    for _ in range(40):
+        want, got = next(reference), next(loader)
+        assert [b["key"] for b in got.batches] == [b["key"] for b in want.batches]
+        assert torch.equal(got.batches[0]["input"], want.batches[0]["input"])
+        pids |= {p.pid for p in multiprocessing.active_children()} - others
+        tails, epochs = tails + loader.in_tail, epochs | {got.epoch}
+    assert len(pids) == 2 and tails > 0 and epochs == {0, 1, 2}
+
+
+# the state a checkpoint of the code before the stream package held (rank_00000.json's
+# "data"), less "data" and "tail", which checkpoints older still lack
+SAVED = {"version": 2, "epoch": 0, "consumed": 9, "streams": 4, "positions": {
+    "0": {"segment": 0, "offset": 0, "index": 0, "taken": 3, "good": 3, "skipped": {}, "mismatched": []},
+    **{str(s): {"segment": 0, "offset": 3072, "index": 1, "taken": 2, "good": 2, "skipped": {},
+                "mismatched": []} for s in (1, 2, 3)}},
+    "skipped_before": {}, "seed": 5, "mode": "exact", "shuffle_buffer": 4, "rank": 0,
+    "world_size": 1, "num_workers": 1, "batch_size": 3}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_old_checkpoints_stream_position_still_resumes(tmp_path, workers):
+    write_dataset(tmp_path, [7, 6, 5, 6])
+    cfg = config(tmp_path, batch_size=3, streams=4, num_workers=workers)
+    make = lambda: data.make_train_loader(cfg, rank=0, world_size=1, seed=5, in_channels=3,
+                                          out_channels=3)
+    loader = make()
+    loader.load_state_dict([SAVED])
+    assert [next_batch(loader)["key"] for _ in range(2)] == [["s01n002", "s03n003", "s00n002"],
+                                                             ["s02n001", "s01n001", "s03n002"]]
+    state = loader.state_dict()  # the same JSON shape, "tail" and "data" recorded again
+    assert set(state) == set(SAVED) | {"tail", "data"} and state["consumed"] == 15
+    assert set(state["positions"]["0"]) == set(SAVED["positions"]["0"])
+    old = make()
+    old.load_state_dict({"version": 1, "epoch": 3})  # before the streams: the epoch restarts
+    assert (old.epoch, old.consumed) == (3, 0)
 
 
 def test_the_tail_walks_on_over_the_streams_that_still_have_samples():
@@ -365,8 +437,9 @@ def run_together(loaders, steps: int, record) -> list[list]:
 
 
 def global_batches(loaders, steps: int) -> list[dict]:
-    """`steps` global batches of loaders (one per rank) run together: {key: input}."""
-    out = run_together(loaders, steps, lambda _, batch: dict(zip(batch["key"], batch["input"])))
+    """`steps` global updates of loaders (one per rank) run together: {key: input}."""
+    out = run_together(loaders, steps, lambda _, update: {k: x for batch in update.batches
+                                                          for k, x in zip(batch["key"], batch["input"])})
     return [{k: v for rank in out for k, v in rank[i].items()} for i in range(steps)]
 
 
@@ -407,10 +480,7 @@ def resumed_batches(cfg, first, then, stop: int, steps: int) -> list[dict]:
     after = worlds(cfg, *then)
     for loader in after:
         loader.load_state_dict([b.state_dict() for b in before])
-    accumulate = then[2] if len(then) > 2 else 1
-    rest = global_batches(after, (steps - stop) * accumulate)
-    return done + [{k: v for part in rest[i:i + accumulate] for k, v in part.items()}
-                   for i in range(0, len(rest), accumulate)]
+    return done + global_batches(after, steps - stop)
 
 
 @pytest.mark.timeout(120)
