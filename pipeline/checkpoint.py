@@ -213,10 +213,9 @@ def _prefixed(prefix: str, state: dict) -> dict:
 
 def _intact(root: str) -> str:
     """What a failed save leaves: the checkpoint the marker names, untouched."""
-    marker = os.path.join(root, LATEST)
-    if not os.path.exists(marker):
+    name = marked(root, LATEST)
+    if name is None:
         return "no earlier checkpoint exists in this run"
-    name = storage.read_bytes(marker).decode().strip()
     return f"the previous one (step {int(name.removeprefix('step_'))}, {os.path.join(root, name)}) is intact"
 
 
@@ -308,37 +307,46 @@ def rotate(root: str, keep_last: int, keep: set) -> None:
 
 # --------------------------------------------------------------------------- resume
 
+def latest(run_dir: str) -> str | None:
+    """The checkpoint folder the run's `latest` marker names (None before its first): the
+    one place "the latest checkpoint" is found. resume.choose starts from it (and verifies),
+    generator_folder, resolve and the trainer's messages take it as it is."""
+    return _marked_folder(checkpoints_dir(run_dir), LATEST)
+
+
+def _marked_folder(root: str, marker: str) -> str | None:
+    name = marked(root, marker)
+    return None if name is None else folder(root, name)
+
+
+def folder(root: str, name: str) -> str:
+    """Checkpoint `name` in `root`: its folder, or the `.old` copy a crash in _commit left."""
+    path = os.path.join(root, name)
+    if not os.path.isdir(path) and os.path.isdir(path + OLD):
+        path += OLD
+    return path
+
+
 def resolve(run_dir: str, resume: str) -> str | None:
     """The checkpoint folder `resume` names: 'auto' = latest in run_dir (None if the run
     has none yet), else a path to a checkpoint folder."""
-    if not resume:
-        return None
-    if resume == "auto":
-        marker = os.path.join(checkpoints_dir(run_dir), LATEST)
-        if not os.path.exists(marker):
-            return None
-        name = storage.read_bytes(marker).decode().strip()
-        path = os.path.join(checkpoints_dir(run_dir), name)
-        if not os.path.isdir(path) and os.path.isdir(path + OLD):  # a crash in _commit
-            path += OLD
-    else:
-        path = resume
+    path = latest(run_dir) if resume == "auto" else resume or None
+    return None if path is None else _complete(path)
+
+
+def _complete(path: str) -> str:
     if not os.path.isfile(os.path.join(path, TRAINER)):
         raise CheckpointMismatch(f"train.resume: {path} is not a complete checkpoint "
                                 "(no trainer.json); give a step_N folder or 'auto'")
     return path
 
 
-def load(path: str, *, rank: int, world_size: int, load_models: Callable[[str], None],
-         model: dict | None = None) -> TrainingState:
-    """Restore a checkpoint: the models' training state through `load_models(path)`
-    (engines.load), then this rank's RNG if the world size is the same; every rank's data
-    position comes back (a resume on another world size merges them).
-    `model` (this run's model config) is checked first against the checkpoint's: another
-    architecture fails in one line naming the keys, under DDP and DeepSpeed alike."""
+def load(path: str, *, rank: int, world_size: int, load_models: Callable[[str], None]) -> TrainingState:
+    """Restore a checkpoint the start-up gate has checked (check_architecture; the engine
+    kind): the models' training state through `load_models(path)` (engines.load), then this
+    rank's RNG if the world size is the same; every rank's data position comes back (a
+    resume on another world size merges them)."""
     trainer = read_trainer(path)
-    if model is not None:
-        check_architecture(trainer.config["model"], model, path)
     load_models(path)
     rank_file = lambda r: os.path.join(path, f"rank_{r:05d}.json")
     per_rank = [json.loads(storage.read_bytes(rank_file(r))) for r in range(trainer.world_size)]
@@ -413,11 +421,11 @@ def generator_folder(path: str) -> str:
     """The folder holding the generator export that `path` names: a checkpoint step_N
     folder, a marker (RUN/checkpoints/latest or best), a run folder (its latest
     checkpoint) or an export folder."""
-    if os.path.basename(path.rstrip("/")) in (LATEST, BEST) and os.path.isfile(path):
-        return os.path.join(os.path.dirname(path), marked(os.path.dirname(path), os.path.basename(path)))
-    if os.path.exists(os.path.join(checkpoints_dir(path), LATEST)):
-        return resolve(path, "auto")
-    return path
+    name = os.path.basename(path.rstrip("/"))
+    if name in (LATEST, BEST) and os.path.isfile(path):
+        return _marked_folder(os.path.dirname(path), name)
+    newest = latest(path)  # a run folder: its latest checkpoint
+    return path if newest is None else _complete(newest)
 
 
 def load_generator(path: str) -> tuple[torch.nn.Module, weights.GeneratorInfo]:

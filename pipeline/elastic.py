@@ -1,6 +1,6 @@
 """Resuming on another number of processes: the global batch, and a record of the data order.
 
-The data stream itself continues mid-epoch on any world size (pipeline/data/train_stream.py);
+The data stream itself continues mid-epoch on any world size (pipeline/data/stream/);
 what the trainer must add is the global batch (per-process batch x train.grad_accum x
 processes): a resume keeps it, as the lr and the schedule were set for it, by changing
 train.grad_accum (or else data.batch_size) when only the world size changed, and refuses
@@ -13,23 +13,23 @@ from __future__ import annotations
 import logging
 import os
 
-from pipeline import checkpoint, jsonl, run_layout
+from pipeline import checkpoint, jsonl
 from pipeline.config import BatchLayout, Config, ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def keep_global_batch(cfg: Config, world_size: int, path: str | None, deepspeed: bool = False) -> BatchLayout:
+def keep_global_batch(cfg: Config, world_size: int, path: str | None, deepspeed: bool = False,
+                      trainer: checkpoint.TrainerInfo | None = None) -> BatchLayout:
     """The batch layout of this run: cfg's, or, on a resume from checkpoint `path` on
     another world size, one that keeps the saved global batch (cfg's batch_size and
     grad_accum are set to it). ConfigError when it cannot and train.allow_batch_change is
     off, and for a DeepSpeed checkpoint on another world size (ZeRO saves its optimiser
-    state partitioned by rank)."""
+    state partitioned by rank). `trainer`: path's trainer.json where the caller read it."""
     layout = BatchLayout.of(cfg, world_size)
     if path is None:
         return layout
-    trainer = checkpoint.read_trainer(path)
-    saved = trainer.layout
+    saved = (trainer or checkpoint.read_trainer(path)).layout
     if deepspeed and saved.world_size != world_size:
         raise ConfigError(f"train.resume: {path} is a DeepSpeed checkpoint of {saved.world_size} "
                           f"processes; ZeRO's optimiser partitions resume only on as many (this "
@@ -70,8 +70,8 @@ class KeyRecord:
     """RUN/keys/rank{R}.jsonl: {"step", "epoch", "keys"} per step and epoch (a step whose
     micro-batches cross an epoch's end has a line for each)."""
 
-    def __init__(self, run_dir: str, rank: int):
-        self.path = run_layout.keys(run_dir, rank)
+    def __init__(self, path: str):
+        self.path = path  # run_layout.keys(run_dir, rank): the run plan's paths.keys
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
 
     def cut(self, step: int) -> None:

@@ -5,7 +5,8 @@ only emulated (CPUs without AVX512-BF16 or AMX, GPUs before Ampere), and there i
 far slower than fp32: convolutions ~75x on an AVX2-only CPU (measured on this
 project's 2-core CI machine kind). Such a run falls back to fp32 and says so, unless
 train.allow_emulated_bf16 keeps bf16 (tests of bf16 itself, or to reproduce a run).
-The memory format follows the same hardware facts (channels_last()).
+The memory format follows the same hardware facts (channels_last()). A training run
+decides its precision once (for_training: the start-up gate's RunPlan.precision).
 """
 from __future__ import annotations
 
@@ -136,7 +137,24 @@ def source() -> str:
             "accelerate_config.yaml` asks for bf16)")
 
 
-def describe(used: str) -> str:
-    """`precision: bf16 autocast (requested bf16 by ...)`, one line."""
-    name = "bf16 autocast" if used == "bf16" else "fp32"
-    return f"precision: {name} (requested {requested_precision()} by {source()})"
+@dataclass(frozen=True)
+class Precision:
+    """A training run's precision, decided once at start-up (the run plan's): what it
+    computes in, what the launcher asked for and where that came from, and the line
+    saying why they differ (None where they do not)."""
+    used: str  # "no" (fp32) or "bf16"
+    requested: str  # the launcher's request: "no", "bf16", or what the trainer refuses
+    source: str  # where the request came from (source())
+    notice: str | None = None
+
+    def describe(self) -> str:
+        """`precision: bf16 autocast (requested bf16 by ...)`, one line."""
+        name = "bf16 autocast" if self.used == "bf16" else "fp32"
+        return f"precision: {name} (requested {self.requested} by {self.source})"
+
+
+def for_training(allow_emulated: bool) -> Precision:
+    """What a training process of this launch computes in: choose() on the launcher's request."""
+    requested = requested_precision()
+    used, notice = choose(requested, allow_emulated)
+    return Precision(used, requested, source(), notice)

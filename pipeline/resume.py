@@ -4,7 +4,8 @@
 marker names, else (the marker missing, naming nothing, or naming a damaged folder) the
 newest intact `step_*` folder, said in one line. A damaged one (digests.damage: a missing
 or cut file, a flipped bit) is set aside as `step_N.damaged`, never deleted, with one line
-naming the file and why. A path given explicitly must be intact. Rank 0 decides (every
+naming the file and why. A path given explicitly must be intact. The marker is read by
+checkpoint.latest, the one place the latest checkpoint is found. Rank 0 decides (every
 rank would read every checkpoint file otherwise); distributed.from_rank0 shares it.
 """
 from __future__ import annotations
@@ -31,21 +32,20 @@ def choose(run_dir: str, resume: str) -> str | None:
                                      "give another step_N folder or 'auto'")
         return resume
     root = checkpoint.checkpoints_dir(run_dir)
-    named = checkpoint.marked(root, checkpoint.LATEST)
-    names = ([named] if named else []) + [n for n in reversed(checkpoint.committed(root)) if n != named]
-    for name in names:
-        path = os.path.join(root, name)
-        if not os.path.isdir(path) and os.path.isdir(path + checkpoint.OLD):  # a crash in _commit
-            path += checkpoint.OLD
+    named = checkpoint.latest(run_dir)  # the marker's first, then the step_* folders, newest first
+    newer = (checkpoint.folder(root, name) for name in reversed(checkpoint.committed(root)))
+    paths = ([named] if named else []) + [path for path in newer if path != named]
+    for path in paths:
         why = digests.damage(path)
         if why is None:
-            if name != named:
-                marker = f"names {named}, which is not intact" if named else "is missing"
+            if path != named:
+                marker = (f"names {os.path.basename(named).removesuffix(checkpoint.OLD)}, which is "
+                          "not intact" if named else "is missing")
                 log.warning(f"{os.path.join(root, checkpoint.LATEST)} {marker}: resuming from {path}, "
                             "the newest intact checkpoint")
             return path
         _set_aside(path, why)
-    if names:
+    if paths:
         raise CheckpointMismatch(f"train.resume=auto: no intact checkpoint in {root} (the damaged "
                                  f"ones are set aside as *{digests.DAMAGED}); resume a copy you trust "
                                  "with --train.resume=PATH")

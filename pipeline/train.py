@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 import traceback
@@ -28,12 +27,11 @@ from pipeline import (
     lease,
     progress,
     realism,
-    run_layout,
     startup,
     storage,
     tracking,
 )
-from pipeline.config import BatchLayout, Config, ConfigError, from_cli, to_dict, to_yaml
+from pipeline.config import Config, ConfigError, from_cli, to_dict, to_yaml
 from pipeline.engines import make_engines
 from pipeline.errors import RunError
 from pipeline.gan import train_step, train_step_accumulated
@@ -53,11 +51,12 @@ class NonFiniteError(RunError):
 
 class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator, stop: distributed.StopRequest,
-                 layout: BatchLayout, held: lease.Lease | None = None):
+                 plan: startup.RunPlan, held: lease.Lease | None = None):
         self.cfg, self.acc, self.lease = cfg, accelerator, held  # the run folder's lease: rank 0's
+        self.plan = plan  # what the start-up gate decided: read here, never decided again
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.global_batch = layout.global_batch  # samples per update (elastic.keep_global_batch's)
-        self.engines = make_engines(cfg, accelerator)
+        self.global_batch = plan.layout.global_batch  # samples per update (elastic.keep_global_batch's)
+        self.engines = make_engines(cfg, accelerator, plan.engine)
         self.objective = make_objective(cfg, accelerator.device)
         self.loader = data.make_train_loader(
             cfg.data, rank=self.rank, world_size=self.world, seed=cfg.train.seed,
@@ -74,25 +73,20 @@ class Trainer:
             self.hooks = self.engines.freeze(self.hooks, self.engines.generator.frozen_part(),
                                              lambda: self.step < cfg.train.freeze_global_steps)
         self.best: float | None = None  # train.best_metric's best value so far (main process)
-        self.keys = elastic.KeyRecord(cfg.train.run_dir, self.rank) if cfg.data.record_keys else None
+        self.keys = elastic.KeyRecord(plan.paths.keys) if cfg.data.record_keys else None
         self.step_batches: list[tuple[int, list[str]]] = []  # this step's (epoch, keys), for self.keys
 
-    def resume(self, path: str | None) -> None:
-        """From `path` (checkpoint.choose's), or a fresh start where it is None."""
+    def resume(self) -> None:
+        """From the plan's checkpoint (the gate chose and checked it), or a fresh start."""
+        path = self.plan.resume_from
         if path is None:
-            if self.cfg.train.resume:
-                log0(self.acc, f"resume: no checkpoint in {self.cfg.train.run_dir} yet, starting fresh")
+            if self.plan.resume:
+                log0(self.acc, f"resume: no checkpoint in {self.plan.paths.run_dir} yet, starting fresh")
             self.initialise()
             return
-        state = checkpoint.load(path, rank=self.rank, world_size=self.world,
-                                load_models=self.engines.load, model=to_dict(self.cfg)["model"])
+        state = checkpoint.load(path, rank=self.rank, world_size=self.world, load_models=self.engines.load)
         self.step = self.resumed_step = state.step
         self.best = self.recorded_best()
-        if state.precision not in (None, self.acc.mixed_precision) and self.acc.is_main_process:
-            names = {"no": "fp32", "bf16": "bf16"}
-            log.warning(f"{path} was trained in {names.get(state.precision, state.precision)}, this "
-                        f"run continues in {names.get(self.acc.mixed_precision)}: the losses will "
-                        "not continue exactly as they would have")
         self.loader.load_state_dict(state.data_states)
         if self.keys:
             self.keys.cut(self.step)
@@ -120,7 +114,7 @@ class Trainer:
 
     def recorded_best(self) -> float | None:
         """The value metrics.jsonl holds for the checkpoint the `best` marker names."""
-        name = checkpoint.marked(checkpoint.checkpoints_dir(self.cfg.train.run_dir), checkpoint.BEST)
+        name = checkpoint.marked(self.plan.paths.checkpoints, checkpoint.BEST)
         if not (name and self.cfg.train.best_metric and self.acc.is_main_process):
             return None
         record = self.evaluator.recorded(int(name.removeprefix("step_")))
@@ -157,7 +151,7 @@ class Trainer:
         snapshot = checkpoint.Snapshot(
             save_models=e.save, generator_state=e.generator_state_fp32(),
             discriminator_state=e.discriminator.state_dict(), data_state=self.loader.state_dict(),
-            config=to_dict(self.cfg), precision=self.acc.mixed_precision)
+            config=to_dict(self.cfg), precision=self.plan.precision.used)
         ranks = checkpoint.Ranks(self.rank, self.world, distributed.barrier,
                                  lambda flag: distributed.any_rank(flag, self.acc.device))
         path = checkpoint.save(self.cfg.train.run_dir, self.step, snapshot, ranks,
@@ -180,11 +174,11 @@ class Trainer:
         return every > 0 and self.step % every == 0 and self.step < self.cfg.train.max_steps
 
     def next_batches(self, batch_iter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """train.grad_accum batches, on the device: (inputs, targets)."""
-        xs, ys, self.step_batches = [], [], []
-        for _ in range(self.cfg.train.grad_accum):
-            batch = next(batch_iter)
-            self.step_batches.append((batch["epoch"], batch["key"]))
+        """The next update's train.grad_accum batches (the loader's), on the device:
+        (inputs, targets)."""
+        update = next(batch_iter)
+        xs, ys, self.step_batches = [], [], [(update.epoch, batch["key"]) for batch in update.batches]
+        for batch in update.batches:
             x, y = data.to_device(batch, self.acc.device, cfg=self.cfg.data,
                                   channels_last=self.engines.channels_last)
             if faults.triggered("train.nonfinite_batch"):  # tests: NaN through the real step
@@ -246,7 +240,7 @@ class Trainer:
                        "(train.on_nonfinite=skip)")
 
     def newest_checkpoint(self) -> str:
-        path = checkpoint.resolve(self.cfg.train.run_dir, "auto")
+        path = checkpoint.latest(self.plan.paths.run_dir)
         return f"the newest checkpoint is {path}" if path else "no checkpoint written yet"
 
     def log(self, losses: dict, waited: float, elapsed: float) -> None:
@@ -264,7 +258,7 @@ class Trainer:
             record = {"step": self.step, **scalars}
             if self.skipped:
                 record["skipped"] = self.skipped
-            jsonl.append(run_layout.train_log(self.cfg.train.run_dir), [record])
+            jsonl.append(self.plan.paths.train_log, [record])
 
     def run(self) -> int:
         cfg = self.cfg
@@ -359,34 +353,42 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The trainer process: set up, train, return the exit code. A user mistake raises a
+    """The trainer process: parse, check, build, run; the exit code. A user mistake raises a
     UserError (a bad key, path, bucket or checkpoint: one line, exit 2), a failed run a
     RunError (one line, exit 1); see pipeline/cli.py."""
-    stop = distributed.StopRequest()
+    stop = distributed.StopRequest()  # first: a signal during start-up is kept too
+    cfg = parse(argv)
+    launch = startup.check_before_launch(cfg)  # before anything is created: one line for what is wrong
+    with startup.hold_run_folder(cfg) as held:  # rank 0's lease, before anything is written there
+        accelerator, plan = startup.start(cfg, launch, held)
+        trainer = build(cfg, accelerator, plan, stop, held)
+        return run(trainer)
+
+
+def parse(argv: list[str] | None) -> Config:
+    """The config from the command line, and the log level it names."""
     cfg, _ = from_cli(argv, prog="train.py", description=__doc__.split("\n\n")[0])
     cli.setup_logging(cfg.log.level)
-    startup.check_before_launch(cfg)  # before anything is created: one line for what is wrong
-    rank = int(os.environ.get("RANK", "0"))
-    held = lease.Lease(cfg.train.run_dir, cfg.train.lease_seconds) if rank == 0 else None
-    if held:
-        held.acquire()  # before anything is written into the run folder
-    try:
-        return train(cfg, stop, rank, held)
-    finally:
-        if held:
-            held.release()
+    return cfg
 
 
-def train(cfg: Config, stop: distributed.StopRequest, rank: int, held: lease.Lease | None) -> int:
-    """main() with the run folder held (by rank 0)."""
-    accelerator, plan = startup.start(cfg, rank, held)
-    trainer = Trainer(cfg, accelerator, stop, plan.layout, held)
-    trainer.resume(plan.resume_from)
+def build(cfg: Config, accelerator: Accelerator, plan: startup.RunPlan, stop: distributed.StopRequest,
+          held: lease.Lease | None) -> Trainer:
+    """The trainer at the plan's step (resumed, or initialised); the config it runs with
+    written into the run folder and logged."""
+    trainer = Trainer(cfg, accelerator, stop, plan, held)
+    trainer.resume()
     if accelerator.is_main_process:
-        storage.write_bytes(run_layout.config(cfg.train.run_dir), to_yaml(cfg).encode())
+        storage.write_bytes(plan.paths.config, to_yaml(cfg).encode())
         log0(accelerator, "config:\n" + to_yaml(cfg) + "environment: "
              + json.dumps({**startup.environment(accelerator), **trainer.engines.describe()}))
-    tracking.start(accelerator, cfg.log.tracker, cfg.train.run_dir, _flat_config(cfg))
+    return trainer
+
+
+def run(trainer: Trainer) -> int:
+    """The training itself, its tracker's run ended as failed by any exception."""
+    accelerator, cfg = trainer.acc, trainer.cfg
+    tracking.start(accelerator, cfg.log.tracker, trainer.plan.paths.run_dir, _flat_config(cfg))
     try:
         code = trainer.run()
     except BaseException:

@@ -1,8 +1,10 @@
 """pipeline.checkpoint in-process: a save that must not commit is refused, and the
 previous checkpoint stays the newest (the faults a real run meets:
-tests/integration/test_faults_train.py)."""
+tests/integration/test_faults_train.py); the global batch a resume keeps; the latest
+checkpoint found in one place; what the start-up gate checks of a checkpoint to resume."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -72,3 +74,63 @@ def test_a_global_batch_that_cannot_be_kept_is_refused_unless_allowed(tmp_path):
     allowed = Config()
     allowed.train.allow_batch_change = True
     assert keep_global_batch(allowed, 3, path).global_batch == 3
+
+
+# ----------------------------------------------------------------------- the latest, found once
+
+def test_every_reader_finds_the_same_latest_checkpoint(tmp_path):
+    """checkpoint.latest is the one place `latest` is read: a resume (which also verifies
+    it), resolve, generator_folder (a run folder or its marker) and the trainer's messages
+    all take it, the `.old` copy that a crash inside the commit leaves included."""
+    from pipeline import resume
+
+    ranks = checkpoint.Ranks(rank=0, world_size=1, barrier=lambda: None, any_rank=lambda flag: flag)
+    for step in (1, 2):
+        snapshot = checkpoint.Snapshot(
+            save_models=lambda staging, rank: None, generator_state={"w": torch.ones(2)},
+            discriminator_state={"v": torch.ones(2)}, data_state={}, config=to_dict(Config()))
+        checkpoint.save(str(tmp_path), step, snapshot, ranks, keep_last=3)
+    root = tmp_path / "checkpoints"
+    os.replace(root / "step_00000002", root / "step_00000002.old")  # the crash, mid-commit
+    newest = str(root / "step_00000002.old")
+    assert checkpoint.latest(str(tmp_path)) == newest
+    assert checkpoint.resolve(str(tmp_path), "auto") == newest
+    assert checkpoint.generator_folder(str(tmp_path)) == newest
+    assert checkpoint.generator_folder(str(root / "latest")) == newest
+    assert resume.choose(str(tmp_path), "auto") == newest
+    assert checkpoint.latest(str(tmp_path / "elsewhere")) is None
+
+
+# ----------------------------------------------------------------------- what a resume must match
+
+def launch(engine: str = "ddp", used: str = "no"):
+    from pipeline import precision, startup
+    return startup.Launch(engine, precision.Precision(used, used, "a test"), ())
+
+
+@pytest.mark.parametrize("engine,deepspeed_folders,message", [
+    ("deepspeed", False, "no DeepSpeed checkpoint (saved without DeepSpeed? resume it without DeepSpeed)"),
+    ("ddp", True, "is a DeepSpeed checkpoint: resume it with DeepSpeed"),
+])
+def test_a_checkpoint_of_the_other_engine_kind_is_refused_at_start_up(tmp_path, engine,
+                                                                       deepspeed_folders, message):
+    from pipeline import startup
+    from pipeline.errors import CheckpointMismatch
+    path = saved_on(tmp_path, 1, 1, 1)
+    if deepspeed_folders:
+        os.makedirs(os.path.join(path, "G"))
+    with pytest.raises(CheckpointMismatch, match=re.escape(message)):
+        startup.check_resume(Config(), path, launch(engine), main_process=True)
+
+
+def test_another_architecture_is_refused_and_another_precision_warned_at_start_up(tmp_path, caplog):
+    from pipeline import startup
+    from pipeline.errors import CheckpointMismatch
+    path = saved_on(tmp_path, 1, 1, 1)  # trained in bf16
+    other = Config()
+    other.model.g_filters = 32
+    with pytest.raises(CheckpointMismatch, match="model.g_filters 64 -> 32"):
+        startup.check_resume(other, path, launch(), main_process=True)
+    with caplog.at_level("WARNING", logger="pipeline.startup"):
+        saved = startup.check_resume(Config(), path, launch(used="no"), main_process=True)
+    assert saved.step == 10 and "was trained in bf16, this run continues in fp32" in caplog.text

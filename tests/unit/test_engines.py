@@ -1,4 +1,7 @@
-"""pipeline.engines in-process: the DDP engines under bf16 autocast on CPU."""
+"""pipeline.engines in-process: the DDP engines under bf16 autocast on CPU; what DeepSpeed
+cannot do, refused by the start-up gate before anything is built."""
+import json
+
 import pytest
 import torch
 
@@ -98,3 +101,32 @@ def test_evaluation_runs_a_copy_without_sync_batchnorm(demo_shards, tmp_path):
     assert all(torch.equal(value, state[name]) for name, value in evaluated.state_dict().items())
     with torch.no_grad():
         assert torch.isfinite(evaluated(torch.rand(1, 3, 128, 128) * 2 - 1)).all()
+
+
+DEEPSPEED_JSON = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
+
+
+@pytest.mark.parametrize("setting,json_change,message", [
+    ("compile", {}, "train.compile: not supported under DeepSpeed"),
+    ("channels_last", {}, "train.channels_last: not supported under DeepSpeed"),
+    ("on_nonfinite", {}, "train.on_nonfinite: 'skip' is not supported under DeepSpeed"),
+    ("", {"optimizer": {"type": "Adam"}}, "DeepSpeed config: remove 'optimizer'"),
+    ("", {"zero_optimization": {"stage": 3}}, "DeepSpeed config: zero_optimization.stage 3 is not supported"),
+])
+def test_what_deepspeed_cannot_do_is_refused_before_launch(tmp_path, monkeypatch, setting,
+                                                           json_change, message):
+    """From the launch's own DeepSpeed JSON (what accelerate would hand the engines), before
+    a process group, a run folder or an engine exists; none of it imports DeepSpeed."""
+    from pipeline import startup
+    from pipeline.config import Config, ConfigError
+
+    (tmp_path / "ds.json").write_text(json.dumps({**DEEPSPEED_JSON, **json_change}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    cfg = Config()
+    cfg.log.tracker = "none"
+    cfg.data.train = str(tmp_path / "no-shards")  # never reached: the DeepSpeed checks come first
+    if setting:
+        setattr(cfg.train, setting, {"compile": True, "channels_last": True, "on_nonfinite": "skip"}[setting])
+    with pytest.raises(ConfigError, match=message):
+        startup.check_before_launch(cfg)
