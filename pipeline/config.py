@@ -3,10 +3,13 @@
 Nested dataclasses (model, loss, data, optim, train, log, eval), loaded from YAML and overridden
 on the command line with `--section.key=value`. Defaults are the reference pix2pix's
 (junyanz/pytorch-CycleGAN-and-pix2pix) wherever it has one. Any mistake (unknown key,
-wrong type, a choice that does not exist, an inconsistent combination) raises ConfigError
-with a one-line message naming the key, at start-up rather than hours into a run.
-Fields with a registry (generators, discriminators, norms, inits, GAN losses) take their
-choices from the module that defines them, never from a list of their own here.
+wrong type, a choice that does not exist, a value out of its range, an inconsistent
+combination) raises ConfigError with a one-line message naming the key, at start-up rather
+than hours into a run. Every numeric field declares its range here, with the field
+(`opt(..., range="[0, 1)")`); pipeline/config_checks.py tests ranges and the rules between
+fields, and freezes the config. Fields with a registry (generators, discriminators, norms,
+inits, GAN losses) take their choices from the module that defines them, never from a list
+of their own here. YAML files and `--section.key=value` read values alike.
 """
 from __future__ import annotations
 
@@ -20,15 +23,21 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline import cli, losses, models, realism, storage
+from pipeline import cli, losses, models, realism
+from pipeline.config_checks import Freezable, Range, validate
+from pipeline.config_checks import freeze as freeze  # re-exported: the trainer's, from here
+from pipeline.config_checks import validate_runtime as validate_runtime
 from pipeline.data.format import MAX_IMAGE_PIXELS
 from pipeline.errors import ConfigError
 
 
-def opt(default: Any, help: str, choices: Any = None) -> Any:
+def opt(default: Any, help: str, choices: Any = None, range: str | None = None) -> Any:
     """A config field with its help text (shown by --help) and, for registry-backed
-    fields, the registry (a tuple or dict of names) it must be one of."""
-    metadata = {"help": help}
+    fields, the registry (a tuple or dict of names) it must be one of; for numeric fields,
+    the interval it must lie in ('[0, 1)', '(0, inf)': NaN and inf are never in one)."""
+    metadata: dict[str, Any] = {"help": help}
+    if range is not None:
+        metadata["range"] = Range.parse(range)
     if choices is not None:
         metadata["choices"] = tuple(choices)
         if isinstance(choices, dict):  # name -> its help (a string, or an object's .help)
@@ -38,20 +47,22 @@ def opt(default: Any, help: str, choices: Any = None) -> Any:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Freezable):
     generator: str = opt("unet_256", "the generator network", choices=models.GENERATORS)
-    in_channels: int = opt(3, "channels of the input image (after direction is applied)")
-    out_channels: int = opt(3, "channels of the output image")
-    g_filters: int = opt(64, "generator filters in the outermost layer (ngf)")
+    # 1 or 3: the data pipeline decodes images as grey or RGB (pipeline/data/decode.py)
+    in_channels: Literal[1, 3] = opt(3, "channels of the input image (after direction is applied)")
+    out_channels: Literal[1, 3] = opt(3, "channels of the output image")
+    g_filters: int = opt(64, "generator filters in the outermost layer (ngf)", range="[1, inf)")
     discriminator: str = opt("patch", "the discriminator network", choices=models.DISCRIMINATORS)
-    d_layers: int = opt(3, "strided conv layers of the PatchGAN (3 = 70x70 receptive field)")
-    d_filters: int = opt(64, "discriminator filters in the first layer (ndf)")
-    num_d: int = opt(2, "scales of the multiscale discriminator (pix2pixHD's num_D)")
+    d_layers: int = opt(3, "strided conv layers of the PatchGAN (3 = 70x70 receptive field)",
+                        range="[0, inf)")  # the crop bounds it: config_checks
+    d_filters: int = opt(64, "discriminator filters in the first layer (ndf)", range="[1, inf)")
+    num_d: int = opt(2, "scales of the multiscale discriminator (pix2pixHD's num_D)", range="[1, inf)")
     norm: str = opt("batch", "normalisation layer; syncbatch needs >= 2 CUDA processes",
                     choices=models.NORMS)
     dropout: bool = opt(True, "dropout 0.5 in the inner decoder blocks (pix2pix's noise)")
     init: str = opt("normal", "weight initialisation", choices=models.INITS)
-    init_gain: float = opt(0.02, "std of normal init / gain of xavier init")
+    init_gain: float = opt(0.02, "std of normal init / gain of xavier init", range="(0, inf)")
     activation_checkpointing: bool = opt(
         False, "recompute parts of G in backward instead of keeping their activations (the U-Net's "
                "outer blocks, the ResNet generators' residual blocks): less memory, more time")
@@ -66,17 +77,19 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(Freezable):
     gan: str = opt("vanilla", "GAN loss", choices=losses.GAN_LOSSES)
-    lambda_l1: float = opt(100.0, "weight of the L1 term in the generator loss")
+    lambda_l1: float = opt(100.0, "weight of the L1 term in the generator loss (0: the GAN alone)",
+                           range="[0, inf)")
     lambda_feat: float = opt(0.0, "weight of pix2pixHD's feature matching (10 there; 0: off); "
-                                  "needs model.discriminator=multiscale")
+                                  "needs model.discriminator=multiscale", range="[0, inf)")
     lambda_vgg: float = opt(0.0, "weight of pix2pixHD's VGG19 perceptual loss (10 there; 0: off); "
-                                 "its ImageNet weights from eval.weights_dir (never downloaded)")
+                                 "its ImageNet weights from eval.weights_dir (never downloaded)",
+                            range="[0, inf)")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Freezable):
     train: str = opt("", "training shards: a folder or s3:// prefix with manifest.json, "
                          "a manifest.json URL, or a brace pattern like dir/train-{000000..000007}.tar")
     val: str = opt("", "validation shards, same forms as data.train (empty: no evaluation)")
@@ -84,69 +97,77 @@ class DataConfig:
     val_split: str = opt("val", "split name to read from the manifest for evaluation")
     direction: Literal["AtoB", "BtoA"] = opt(
         "AtoB", "AtoB translates the stored input into the target; BtoA the reverse")
-    load_size: int = opt(286, "resize both images to this size before cropping")
-    crop_size: int = opt(256, "random crop size (the size the networks see)")
+    load_size: int = opt(286, "resize both images to this size before cropping", range="[1, inf)")
+    crop_size: int = opt(256, "random crop size (the size the networks see)", range="[1, inf)")
     flip: bool = opt(True, "random horizontal flip (the same for input and target)")
-    batch_size: int = opt(1, "batch size per process; global batch = this x processes")
-    num_workers: int = opt(2, "DataLoader worker processes per training process")
+    batch_size: int = opt(1, "batch size per process; global batch = this x processes",
+                          range="[1, inf)")
+    num_workers: int = opt(2, "DataLoader worker processes per training process", range="[0, inf)")
     mode: Literal["exact", "resampled"] = opt(
         "exact", "exact: each sample at most once per epoch; resampled: shards drawn with "
                  "replacement, epochs sized from the manifest")
     shuffle_buffer: int = opt(64, "samples per shuffle block of each stream (a worker holds "
-                                  "streams / (processes x workers) blocks)")
+                                  "streams / (processes x workers) blocks)", range="[1, inf)")
     streams: int = opt(0, "virtual streams the epoch is cut into; the sample order depends on "
                           "(seed, epoch, streams) only, so a run resumes mid-epoch on any "
                           "processes x workers dividing it (0: the checkpoint's on resume, else "
                           "lcm(processes x workers, 12) with >= 1000 samples each, else one "
-                          "stream per process x worker)")
+                          "stream per process x worker)", range="[0, inf)")
     record_keys: bool = opt(False, "write every step's sample keys to RUN/keys/rank{R}.jsonl "
                                    "(for checking the data order across resumes)")
     augment_on: Literal["worker", "device"] = opt(
         "worker", "where resize/crop/flip run: in the loader workers or batched on the device")
     max_image_pixels: int = opt(
         MAX_IMAGE_PIXELS, "skip images with more pixels than this (decompression-bomb guard; "
-                          "shard.py --max-pixels has the same default)")
+                          "shard.py --max-pixels has the same default)", range="[1, inf)")
 
 
 @dataclass
-class OptimConfig:
-    lr: float = opt(2e-4, "Adam learning rate for G and D (not scaled with the batch)")
-    beta1: float = opt(0.5, "Adam beta1")
-    beta2: float = opt(0.999, "Adam beta2")
+class OptimConfig(Freezable):
+    lr: float = opt(2e-4, "Adam learning rate for G and D (not scaled with the batch)",
+                    range="(0, inf)")
+    beta1: float = opt(0.5, "Adam beta1", range="[0, 1)")
+    beta2: float = opt(0.999, "Adam beta2", range="[0, 1)")
     constant_steps: int = opt(0, "steps at the initial lr before the linear decay "
-                                 "(0 with decay_steps 0: constant lr)")
-    decay_steps: int = opt(0, "steps of linear decay to zero after constant_steps")
-    grad_clip: float = opt(0.0, "clip gradient norm to this (0: no clipping, as pix2pix)")
+                                 "(0 with decay_steps 0: constant lr)", range="[0, inf)")
+    decay_steps: int = opt(0, "steps of linear decay to zero after constant_steps", range="[0, inf)")
+    grad_clip: float = opt(0.0, "clip gradient norm to this (0: no clipping, as pix2pix)",
+                           range="[0, inf)")
     adam_impl: Literal["auto", "foreach", "fused"] = opt(
         "fused", "Adam kernel: fused (one kernel for all parameters; measured faster), foreach, "
                  "or auto (torch's choice: foreach on CUDA, a per-tensor loop on CPU)")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Freezable):
     run_dir: str = opt("runs/pix2pix", "run folder: config, logs, checkpoints, samples")
-    max_steps: int = opt(1000, "optimisation steps to train (one D and one G update each)")
-    seed: int = opt(0, "seed for init, data order and augmentation")
-    ckpt_every: int = opt(500, "save a checkpoint every N steps (and at the end)")
-    keep_last: int = opt(3, "checkpoints to keep (older ones removed after a new one commits)")
+    max_steps: int = opt(1000, "optimisation steps to train (one D and one G update each)",
+                         range="[1, inf)")
+    # < 2**47: the trainer seeds torch with seed x 100003 + rank x 7919 + step, at most 2**64 - 1
+    seed: int = opt(0, "seed for init, data order and augmentation", range=f"[0, {2 ** 47})")
+    ckpt_every: int = opt(500, "save a checkpoint every N steps (and at the end)", range="[1, inf)")
+    keep_last: int = opt(3, "checkpoints to keep (older ones removed after a new one commits)",
+                         range="[1, inf)")
     resume: str = opt("", "'auto' (latest in run_dir), a checkpoint path, or empty (a fresh "
                           "run: refused when run_dir already holds one)")
     overwrite: bool = opt(False, "start fresh in a run_dir that holds a run, moving that run "
                                  "aside to RUN_DIR.old-TIME first (it is never deleted)")
-    eval_every: int = opt(500, "evaluate on the val split every N steps (0: only at the end)")
+    eval_every: int = opt(500, "evaluate on the val split every N steps (0: only at the end)",
+                          range="[0, inf)")
     eval_at_start: bool = opt(True, "evaluate the untrained G at step 0 (the baseline the final "
                                     "line compares with); false: the first evaluation is at "
                                     "train.eval_every")
     ema_decay: float = opt(0.0, "exponential moving average of G's weights (e.g. 0.999; 0: off): "
                                 "evaluation, sample grids and the export use it, training goes "
                                 "on with the raw G (under ZeRO each rank averages its own "
-                                "partition)")
+                                "partition)", range="[0, 1)")
     freeze_global_steps: int = opt(0, "with model.generator=local: train only the enhancer for "
                                       "the first N steps, then the global part too (pix2pixHD's "
-                                      "niter_fix_global)")
+                                      "niter_fix_global)", range="[0, inf)")
     grad_accum: int = opt(1, "micro-batches of data.batch_size per update: K D micro-steps and "
                              "one D update, then K G micro-steps and one G update (global batch: "
-                             "batch_size x K x processes; DeepSpeed: its own accumulation, fp32 sums)")
+                             "batch_size x K x processes; DeepSpeed: its own accumulation, fp32 sums)",
+                          range="[1, inf)")
     allow_batch_change: bool = opt(False, "resume even when the global batch cannot be kept (a resume on "
                                           "another world size keeps it through grad_accum or batch_size "
                                           "where it can, and refuses otherwise)")
@@ -155,9 +176,11 @@ class TrainConfig:
                                "empty: off)", choices=("", *realism.METRICS))
     mirror: str = opt("", "copy each committed checkpoint to this s3:// prefix (empty: off)")
     lease_seconds: float = opt(60.0, "the run folder's lease: a holder whose heartbeat is older "
-                               "is taken as dead and its folder taken over (pipeline/lease.py)")
+                               "is taken as dead and its folder taken over (pipeline/lease.py); "
+                               "renewed every lease_seconds / 4", range="[1, inf)")
     collective_timeout: int = opt(
-        600, "seconds a rank waits in a collective before failing (a dead peer ends the run)")
+        600, "seconds a rank waits in a collective before failing (a dead peer ends the run)",
+        range="[1, 1000000000]")  # torch counts it in int64 microseconds: ~9e12 s overflow
     on_nonfinite: Literal["stop", "skip"] = opt(
         "stop", "a step with NaN/inf losses or gradients: 'stop' exits with code 1 before "
                 "applying it (the last checkpoint stays the newest); 'skip' applies no update "
@@ -181,13 +204,14 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
 
 
 @dataclass
-class LogConfig:
-    every: int = opt(20, "log scalars every N steps")
+class LogConfig(Freezable):
+    every: int = opt(20, "log scalars every N steps", range="[1, inf)")
     tracker: Literal[TRACKERS] = opt(
         "tensorboard", "experiment tracker, files under train.run_dir (wandb, mlflow: "
                        "pip install -e '.[tracking]')")
-    sample_every: int = opt(500, "write a sample grid every N steps (0: only at the end)")
-    samples: int = opt(4, "val pairs shown in the sample grid")
+    sample_every: int = opt(500, "write a sample grid every N steps (0: only at the end)",
+                            range="[0, inf)")
+    samples: int = opt(4, "val pairs shown in the sample grid", range="[1, inf)")
     progress: bool = opt(True, "show progress on the main process: a live bar at a terminal, "
                                "else a line every 30 s (P2P_PROGRESS_INTERVAL seconds)")
     level: str = opt("", f"log level: one of {', '.join(cli.LOG_LEVELS)} (empty: "
@@ -195,7 +219,7 @@ class LogConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Freezable):
     metrics: str = opt("auto", "validation metrics, a comma list of " + ", ".join(realism.METRICS)
                        + " (auto: l1, psnr, ssim plus every metric whose package and weights "
                        "are here; the trainer never downloads: see evaluate.py --help)")
@@ -204,11 +228,11 @@ class EvalConfig:
     max_images: int = opt(200, "images each validation measures: a fixed subset of the val split "
                                "drawn with train.seed, the same on any number of processes "
                                "(p2p-evaluate --max-images N --seed SEED takes the same one); "
-                               "0: the whole split")
+                               "0: the whole split", range="[0, inf)")
 
 
 @dataclass
-class Config:
+class Config(Freezable):
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -255,7 +279,8 @@ def _closest(name: str, choices: list[str]) -> str:
 
 def _coerce(key: str, value: Any, expected: Any, choices: tuple | None = None) -> Any:
     """Check `value` against the field's annotation (and registry); ints are accepted for
-    floats."""
+    floats, and so are the strings float() reads (YAML 1.1 reads 2e-4 and nan as strings, from
+    a file and from the command line alike). Ranges are checked by validate()."""
     if choices is not None:
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}"
@@ -268,6 +293,11 @@ def _coerce(key: str, value: Any, expected: Any, choices: tuple | None = None) -
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass  # refused below, as the string the user wrote
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
         raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
     return value
@@ -296,7 +326,12 @@ def from_dict(tree: dict) -> Config:
     if not isinstance(tree, dict):
         raise ConfigError(f"config must be a mapping of sections, got {type(tree).__name__}")
     for section_name, values in tree.items():
+        if values is None:  # `model:` with every key commented out: an empty section
+            values = {}
         if not isinstance(values, dict):
+            if section_name in _sections(cfg):
+                raise ConfigError(f"config section '{section_name}' must be a mapping of its keys "
+                                  f"({section_name}.KEY: VALUE), got {values!r}")
             set_value(cfg, str(section_name), values)  # raises: a bare key is not a section
         for key, value in values.items():
             set_value(cfg, f"{section_name}.{key}", value)
@@ -312,103 +347,21 @@ def to_yaml(cfg: Config) -> str:
 
 
 def load_yaml(path: str) -> Config:
+    """A YAML config file on top of the defaults; any fault of the file is one line naming it."""
     try:
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                          f"at offset {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return from_dict(tree)
-
-
-# --------------------------------------------------------------------------- validation
-
-def validate(cfg: Config) -> Config:
-    """Cross-field checks that need no runtime information."""
-    factor = cfg.model.size_multiple
-    if cfg.data.crop_size % factor:
-        raise ConfigError(f"data.crop_size: {cfg.data.crop_size} is not divisible by "
-                          f"{factor} as model.generator={cfg.model.generator} needs")
-    if cfg.data.load_size < cfg.data.crop_size:
-        raise ConfigError(f"data.load_size: {cfg.data.load_size} is smaller than "
-                          f"data.crop_size {cfg.data.crop_size}")
-    positive = {"data.batch_size": cfg.data.batch_size, "train.max_steps": cfg.train.max_steps,
-                "train.ckpt_every": cfg.train.ckpt_every, "train.keep_last": cfg.train.keep_last,
-                "log.every": cfg.log.every, "log.samples": cfg.log.samples,
-                "train.collective_timeout": cfg.train.collective_timeout, "optim.lr": cfg.optim.lr,
-                "model.num_d": cfg.model.num_d, "train.grad_accum": cfg.train.grad_accum,
-                "data.shuffle_buffer": cfg.data.shuffle_buffer}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
-    non_negative = {"data.num_workers": cfg.data.num_workers, "data.streams": cfg.data.streams,
-                    "optim.constant_steps": cfg.optim.constant_steps,
-                    "optim.decay_steps": cfg.optim.decay_steps,
-                    "optim.grad_clip": cfg.optim.grad_clip,
-                    "train.eval_every": cfg.train.eval_every,
-                    "eval.max_images": cfg.eval.max_images,
-                    "train.freeze_global_steps": cfg.train.freeze_global_steps,
-                    "log.sample_every": cfg.log.sample_every}
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
-    _validate_hd(cfg)
-    _validate_metrics(cfg)
-    if cfg.train.mirror and not cfg.train.mirror.startswith("s3://"):
-        raise ConfigError(f"train.mirror: {cfg.train.mirror!r} is not an s3:// prefix")
-    for key in ("data.train", "data.val"):
-        try:
-            storage.check_url(getattr(cfg.data, key.split(".")[1]) or ".")
-        except storage.StorageError as err:
-            raise ConfigError(f"{key}: {err}") from None
-    return cfg
-
-
-def _validate_hd(cfg: Config) -> None:
-    """The pix2pixHD options: each only where it means something."""
-    m = cfg.model
-    if m.discriminator == "multiscale":
-        coarsest = -(-cfg.data.crop_size // 2 ** (m.num_d - 1))  # each pooling rounds up
-        if coarsest // 2 ** m.d_layers < 3:  # its last norm needs > 1 pixel, its logits >= 1
-            raise ConfigError(f"model.num_d: {m.num_d} scales of a {m.d_layers}-layer PatchGAN need "
-                              f"crops of at least {3 * 2 ** (m.d_layers + m.num_d - 1)} px "
-                              f"(data.crop_size is {cfg.data.crop_size}): lower num_d or d_layers")
-    if cfg.loss.lambda_feat and cfg.model.discriminator != "multiscale":
-        raise ConfigError(f"loss.lambda_feat: feature matching compares a multiscale D's features; "
-                          f"set model.discriminator=multiscale (now {cfg.model.discriminator})")
-    for key in ("lambda_feat", "lambda_vgg"):
-        if getattr(cfg.loss, key) < 0:
-            raise ConfigError(f"loss.{key}: must be >= 0, got {getattr(cfg.loss, key)}")
-    if cfg.loss.lambda_vgg and cfg.model.out_channels not in (1, 3):
-        raise ConfigError(f"loss.lambda_vgg: VGG19 sees RGB (or grey) images; model.out_channels is "
-                          f"{cfg.model.out_channels}: set loss.lambda_vgg=0")
-    if cfg.train.freeze_global_steps and cfg.model.generator != "local":
-        raise ConfigError(f"train.freeze_global_steps: only a local generator has a global part "
-                          f"to freeze (model.generator is {cfg.model.generator})")
-    if not 0 <= cfg.train.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
-
-
-def _validate_metrics(cfg: Config) -> None:
-    """eval.metrics names known metrics; train.best_metric is one of them, with a val split."""
-    try:
-        names = realism.parse(cfg.eval.metrics)
-    except realism.MetricsError as err:
-        raise ConfigError(f"eval.metrics: {err}") from None
-    best = cfg.train.best_metric
-    if best and names is not None and best not in names:
-        raise ConfigError(f"train.best_metric: {best} is not among eval.metrics ({cfg.eval.metrics}); "
-                          f"add it there")
-    if best and not cfg.data.val:
-        raise ConfigError(f"train.best_metric: {best} needs a validation split: set data.val")
-
-
-def validate_runtime(cfg: Config, device_type: str, world_size: int) -> None:
-    """Checks that depend on where the run happens (called by the trainer at start-up)."""
-    if cfg.model.norm == "syncbatch" and (device_type != "cuda" or world_size < 2):
-        raise ConfigError(f"model.norm: syncbatch needs >= 2 CUDA processes, this run has "
-                          f"{world_size} {device_type} process(es); use batch or instance")
+    if tree is not None and not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections (model:, data:, ...), "
+                          f"got a {type(tree).__name__}")
+    return from_dict(tree or {})
 
 
 # --------------------------------------------------------------------------- command line
@@ -438,22 +391,18 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         for f in dataclasses.fields(section):
             annotation = _field_types(section)[f.name]
             metavar = _type_name(annotation, f.metadata.get("choices"))
+            allowed = f.metadata.get("range")
+            text = f.metadata["help"] + (f" [{allowed.describe(annotation is float)}]" if allowed else "")
             group.add_argument(f"--{section_name}.{f.name}", metavar=metavar,
-                               default=getattr(section, f.name), help=f.metadata["help"],
+                               default=getattr(section, f.name), help=text,
                                dest=f"override.{section_name}.{f.name}")
     return parser
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value as YAML reads it: 3 -> int, 1e-4 -> float, true -> bool."""
-    value = yaml.safe_load(text) if text != "" else ""
-    # YAML reads 2e-4 as a string (no dot); take it as the float the user meant.
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    """A command-line value as YAML reads it: 3 -> int, 1.5 -> float, true -> bool; 2e-4 is
+    a string to YAML 1.1, made a float by the field's coercion, as in a file."""
+    return yaml.safe_load(text) if text != "" else ""
 
 
 def from_cli(argv: list[str] | None, prog: str = "train.py",
