@@ -5,26 +5,26 @@
 Streams every shard listed in the manifest: sample counts and bytes must match it, as
 must the splits' totals; no .tar may be left unlisted, no name point outside DEST; every
 sample must be complete (KEY.json + KEY.pair.EXT or KEY.input.EXT and KEY.target.EXT);
-the first N samples of each split are decoded (A|B pairs split at "split_x") and their
-sizes reported. Exits 2 on any unreadable or inconsistent shard (each problem listed).
+the first N samples of each split are decoded by the trainer's policy (A|B pairs split
+at "split_x") and their sizes reported. Exits 2 on any unreadable or inconsistent shard
+(each problem listed), and on a manifest the trainer refuses (a shard listed twice, an
+unknown format_version, a count that is no whole number: format.Manifest.read).
 """
 import argparse
-import io
 import json
 import sys
 import tarfile
 
-from PIL import Image
-
 from pipeline import cli, storage
-from pipeline.data.format import MANIFEST, Manifest, Samples
+from pipeline.data.decode import decode_image
+from pipeline.data.format import MANIFEST, MAX_IMAGE_PIXELS, Manifest, Samples
 from pipeline.errors import DataError
 
 
-def read_shard(url: str, decode: int) -> dict:
+def read_shard(url: str, decode: int, max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
     """Stream one shard: {"samples", "bytes", "sizes": {(w, h): n} of the input images
     of the first `decode` samples, "problems": [...]}."""
-    stats = {"samples": 0, "sizes": {}, "problems": [], "decode": decode}
+    stats = {"samples": 0, "sizes": {}, "problems": [], "decode": decode, "max_pixels": max_pixels}
     with storage.open_read(url) as f:
         with tarfile.open(fileobj=f, mode="r|") as tar:
             samples = Samples(tar)
@@ -45,25 +45,26 @@ def _finish_sample(url: str, key: str, members: dict, stats: dict) -> None:
     elif stats["decode"] > 0:
         stats["decode"] -= 1
         try:
-            size = _decode_input(members).size
+            size = _decode_input(members, stats["max_pixels"])
             stats["sizes"][size] = stats["sizes"].get(size, 0) + 1
         except Exception as err:  # noqa: BLE001 - anything undecodable is the finding, not a crash
             stats["problems"].append(f"{url}: sample {key}: cannot decode: "
                                      f"{type(err).__name__}: {err}")
 
 
-def _decode_input(members: dict) -> Image.Image:
-    """Decode every image of a sample (A|B pairs split at split_x); return the input."""
+def _decode_input(members: dict, max_pixels: int) -> tuple[int, int]:
+    """Decode every image of a sample by the trainer's policy (pipeline/data/decode.py:
+    the bytes decide the format; A|B pairs split at split_x); return the input's size."""
     meta = json.loads(members["json"])
-    images = {s.split(".")[0]: Image.open(io.BytesIO(d)).convert("RGB")
+    images = {s.split(".")[0]: decode_image(d, s.rsplit(".", 1)[-1], 3, max_pixels)
               for s, d in members.items() if s != "json"}
     if "pair" in images:
         pair, split_x = images["pair"], meta["split_x"]
-        images = {"input": pair.crop((0, 0, split_x, pair.height)),
-                  "target": pair.crop((split_x, 0, pair.width, pair.height))}
-    if images["input"].size != images["target"].size:
-        raise ValueError(f"input {images['input'].size} != target {images['target'].size}")
-    return images["input"]
+        images = {"input": pair[:, :split_x], "target": pair[:, split_x:]}
+    sizes = {kind: (im.shape[1], im.shape[0]) for kind, im in images.items()}  # width, height
+    if sizes["input"] != sizes["target"]:
+        raise ValueError(f"input {sizes['input']} != target {sizes['target']}")
+    return sizes["input"]
 
 
 def inspect(dest: str, decode: int) -> list[str]:
@@ -83,7 +84,7 @@ def inspect(dest: str, decode: int) -> list[str]:
         for shard in info.shards:
             url = storage.inside(dest, shard.name)
             try:
-                result = read_shard(url, left)
+                result = read_shard(url, left, manifest.options.get("max_pixels") or MAX_IMAGE_PIXELS)
             except (tarfile.TarError, OSError, EOFError) as err:
                 problems.append(f"{url}: unreadable shard: {type(err).__name__}: {err}")
                 continue

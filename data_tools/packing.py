@@ -40,7 +40,8 @@ FORMATS = EXT_OF_PIL_FORMAT  # what the trainer decodes
 READ_AHEAD = 32  # pairs read at once while packing
 AUTO_PAIRS_PER_WORKER = 100  # --workers auto when re-encoding: fewer pairs, fewer processes
 REASONS = ("read_error", "missing_input", "missing_target", "not_an_image",
-           "unsupported_format", "too_large", "size_mismatch", "decode_error")
+           "unsupported_format", "too_large", "size_mismatch", "decode_error",
+           "ambiguous_source", "duplicate_row")  # the last two found by the listing (sources.py)
 
 
 def _detail(err: BaseException) -> str:
@@ -103,7 +104,8 @@ def probe(data: bytes, options: dict) -> tuple[str, int, int]:
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     with im:
-        if im.format not in FORMATS:
+        fmt = "JPEG" if im.format == "MPO" else im.format  # a camera's JPEG, extra pictures aside
+        if fmt not in FORMATS:
             raise Rejected("unsupported_format", str(im.format))
         width, height = im.size
         if width * height > options["max_pixels"]:
@@ -113,7 +115,7 @@ def probe(data: bytes, options: dict) -> tuple[str, int, int]:
                 im.load()
             except Exception as err:  # noqa: BLE001 - PIL raises many types for broken data
                 raise Rejected("decode_error", _detail(err)) from None
-    return im.format, width, height
+    return fmt, width, height
 
 
 def outcome(pair: sources.Pair, found: dict, options: dict):
@@ -127,6 +129,8 @@ def outcome(pair: sources.Pair, found: dict, options: dict):
 def pack_pair(pair: sources.Pair, found: dict, options: dict) -> tuple[dict, list]:
     """(metadata, [(member suffix, bytes)]) for one pair whose files are in `found`
     ({url: bytes or error}), or raises Rejected."""
+    if pair.problem:
+        raise Rejected(*pair.problem)
     meta = {"source": pair.name, "layout": pair.layout}
     a = _read(found, pair.input, "missing_input")
     fmt, width, height = probe(a, options)

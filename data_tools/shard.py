@@ -20,17 +20,16 @@ resize asks for decoding; those re-encode as PNG (lossless) or JPEG at --jpeg-qu
 """
 import argparse
 import dataclasses
-import hashlib
+import errno
 import itertools
 import json
-import math
-import random
 import signal
 import sys
 import tarfile
 import time
 
 from data_tools import packing, sources
+from data_tools.sources import Shard, in_slice, plan_shards
 from pipeline import cli, faults, storage
 from pipeline.data.format import (
     FORMAT_VERSION,
@@ -41,7 +40,7 @@ from pipeline.data.format import (
     member_name,
     write_member,
 )
-from pipeline.errors import DataError, UserError
+from pipeline.errors import DataError, RunError, UserError
 from pipeline.progress import Progress
 
 PARTS = "_parts"
@@ -51,55 +50,11 @@ OUTPUT_OPTIONS = ("source", "layout", "split", "seed", "max_samples", "max_bytes
                   "on_size_mismatch", "max_pixels", "verify")
 
 
-@dataclasses.dataclass
-class Shard:
-    name: str
-    split: str
-    pairs: list
-    digest: str = ""  # of the options and pairs: a finished part counts only if it matches
-
-
-# ----------------------------------------------------------------------------- planning
-
+# ----------------------------------------------------------------------------- summary
 
 def say(text: str) -> None:
     """A summary line on stderr, named as the user called the tool (p2p-shard or shard.py)."""
     print(f"{cli.prog_name('shard.py')}: {text}", file=sys.stderr)
-
-def plan_shards(pairs_by_split: dict, options: dict) -> list[Shard]:
-    """Seeded order per split, cut into near-equal runs (at least min_shards, or one per
-    pair when fewer; at most max_samples each), runs then cut again by source bytes."""
-    shards = []
-    for split, pairs in pairs_by_split.items():
-        order = list(pairs)
-        random.Random(f"{options['seed']}/{split}").shuffle(order)
-        count = max(min(options["min_shards"], len(order)),
-                    math.ceil(len(order) / options["max_samples"]))
-        runs = [order[i * len(order) // count:(i + 1) * len(order) // count] for i in range(count)]
-        groups = [g for run in runs for g in _cut_by_bytes(run, options["max_bytes"])]
-        shards += [Shard(f"{split}-{i:06d}.tar", split, g) for i, g in enumerate(groups)]
-    for shard in shards:
-        rows = [dataclasses.astuple(p) for p in shard.pairs]
-        text = json.dumps([shard.name, options, rows], sort_keys=True)
-        shard.digest = hashlib.sha256(text.encode()).hexdigest()
-    return shards
-
-
-def _cut_by_bytes(pairs: list, max_bytes: int) -> list[list]:
-    groups, nbytes = [[]], 0
-    for pair in pairs:
-        if groups[-1] and nbytes + pair.nbytes > max_bytes:
-            groups.append([])
-            nbytes = 0
-        groups[-1].append(pair)
-        nbytes += pair.nbytes
-    return groups
-
-
-def in_slice(shards: list[Shard], slice_: tuple[int, int]) -> list[Shard]:
-    """Round-robin over the whole plan: disjoint parts of similar size."""
-    index, count = slice_
-    return shards[index::count]
 
 
 # ------------------------------------------------------------------------------ packing
@@ -289,7 +244,11 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError("--load-size and --resize: choose one (--load-size stores the "
                             "trainer's own resize to N x N; --resize caps the longer side)")
         options["load_size"] = args.load_size
-    pairs_by_split = sources.find_pairs(args.source, args.layout, args.split)
+    hidden = []
+    pairs_by_split = sources.find_pairs(args.source, args.layout, args.split, hidden)
+    if hidden:
+        say(f"skipped {len(hidden)} hidden image files (a name or folder starting with '.', such "
+            f"as macOS's ._x.jpg; first: {hidden[0]})")
     shards = plan_shards(pairs_by_split, options)
     plan = {"format_version": FORMAT_VERSION, "options": options,
             "shards": [{"name": s.name, "split": s.split, "digest": s.digest} for s in shards]}
@@ -299,29 +258,49 @@ def _run(args: argparse.Namespace) -> int:
         _write_changed(storage.join(args.dest, PARTS, "plan.json"), _dumps(plan))
     except OSError as err:
         raise UserError(f"cannot write to {args.dest}: {err.strerror or err}") from None
-    mine = in_slice(shards, args.slice)
-    stats = pack(args.dest, mine, options, args.workers, not args.quiet)
-    counts = ", ".join(f"{split} {len(pairs)}" for split, pairs in pairs_by_split.items())
-    mb = stats["bytes"] / 2**20
-    if stats["packed"] == 0:
-        say(f"{counts} pairs planned into {len(shards)} shards; all "
-              f"{stats['skipped']} {'of this slice ' if args.slice[1] > 1 else ''}were packed "
-              f"already: nothing to do")
-    else:
-        say(f"{counts} pairs planned into {len(shards)} shards; this run packed "
-              f"{stats['packed']} shards ({stats['pairs']} pairs, {mb:.1f} MB) with {stats['workers']} "
-              f"process{'es' if stats['workers'] > 1 else ''} in {stats['seconds']:.1f} s = "
-              f"{stats['pairs'] / max(stats['seconds'], 1e-9):.0f} pairs/s, "
-              f"{mb / max(stats['seconds'], 1e-9):.1f} MB/s; {stats['skipped']} already done")
-    if args.slice[1] > 1:
-        say(f"slice {args.slice[0]}/{args.slice[1]} done; when all slices are, run: "
-            f"shard.py merge {args.dest}")
-        return 0
-    manifest = merge(args.dest, strict=args.strict)
+    try:
+        stats = pack(args.dest, in_slice(shards, args.slice), options, args.workers, not args.quiet)
+        say_packed(args, pairs_by_split, len(shards), stats)
+        if args.slice[1] > 1:
+            say(f"slice {args.slice[0]}/{args.slice[1]} done; when all slices are, run: "
+                f"shard.py merge {args.dest}")
+            return 0
+        manifest = merge(args.dest, strict=args.strict)
+    except OSError as err:  # a full disk, a file-size limit: one line, what is kept
+        raise RunError(write_failure(args.dest, shards, err)) from None
     report_rejected(manifest, args.dest)
     samples = sum(s.samples for s in manifest.splits.values())
     say(f"{samples} samples in {storage.join(args.dest, 'manifest.json')}")
     return 0
+
+
+def say_packed(args: argparse.Namespace, pairs_by_split: dict, planned: int, stats: dict) -> None:
+    counts = ", ".join(f"{split} {len(pairs)}" for split, pairs in pairs_by_split.items())
+    mb = stats["bytes"] / 2**20
+    if stats["packed"] == 0:
+        say(f"{counts} pairs planned into {planned} shards; all "
+            f"{stats['skipped']} {'of this slice ' if args.slice[1] > 1 else ''}were packed "
+            f"already: nothing to do")
+        return
+    say(f"{counts} pairs planned into {planned} shards; this run packed "
+        f"{stats['packed']} shards ({stats['pairs']} pairs, {mb:.1f} MB) with {stats['workers']} "
+        f"process{'es' if stats['workers'] > 1 else ''} in {stats['seconds']:.1f} s = "
+        f"{stats['pairs'] / max(stats['seconds'], 1e-9):.0f} pairs/s, "
+        f"{mb / max(stats['seconds'], 1e-9):.1f} MB/s; {stats['skipped']} already done")
+
+
+def write_failure(dest: str, shards: list[Shard], err: OSError) -> str:
+    """The line for a write to DEST that failed mid-run: what failed, what is kept (every
+    shard finished before; the one being written is removed, temporary files with it)."""
+    try:
+        kept = f"{sum(finished_part(dest, s) is not None for s in shards)} of {len(shards)}"
+    except (OSError, ValueError):
+        kept = "the"
+    full = " (the disk or quota is full, or a file-size limit was reached)" \
+        if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+    return (f"writing to {dest} failed: {err.strerror or err}{full}; kept {kept} shards finished "
+            "before it, no partial or temporary file left; make room and run the same command "
+            "again: it packs only the rest")
 
 
 def report_rejected(manifest: Manifest, dest: str) -> None:
@@ -350,20 +329,33 @@ def parse_slice(text: str) -> tuple[int, int]:
 
 
 def parse_size(text: str) -> int:
-    """Bytes from '536870912', '512M', '2G'."""
+    """Bytes from '536870912', '512M', '2G': at least 1."""
     units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     text = text.strip().upper().removesuffix("B")
     try:
-        return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
-    except ValueError:
+        size = int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+    except (ValueError, OverflowError):  # 'x', 'nanM', 'infM'
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    return in_range(size, 1, None)
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+def in_range(value: int, low: int, high: int | None) -> int:
+    """value, if low <= value (<= high); else the config's one-line range refusal."""
+    if value < low or (high is not None and value > high):
+        expected = f"value >= {low}" if high is None else f"{low} <= value <= {high}"
+        raise argparse.ArgumentTypeError(f"{value} is out of range: expected {expected}")
     return value
+
+
+def integer(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high] (high None: no bound). Not an integer:
+    argparse's `invalid integer value: 'x'`."""
+    def integer(text: str) -> int:  # named for argparse's message
+        return in_range(int(text), low, high)
+    return integer
+
+
+positive = integer(1)
 
 
 def workers_arg(text: str) -> int | str:
@@ -408,16 +400,17 @@ def add_pack_options(p: argparse.ArgumentParser) -> None:
                    help="pack only part I of N of the shard plan (then `merge`)")
     p.add_argument("--split-pairs", action="store_true",
                    help="store A|B images as separate re-encoded input/target members")
-    p.add_argument("--resize", type=int, default=0, metavar="PIXELS",
+    p.add_argument("--resize", type=integer(0), default=0, metavar="PIXELS",
                    help="shrink each half so its longer side is at most this (0: never)")
-    p.add_argument("--load-size", type=int, default=0, metavar="N",
+    p.add_argument("--load-size", type=integer(0), default=0, metavar="N",
                    help="store each pair already resized to N x N by the trainer's own resize "
                         "(both halves alike), recorded in the manifest: the trainer then needs "
                         "data.load_size=N and decodes small images (high-resolution sources); "
                         "0: store the originals")
     p.add_argument("--encode", choices=("png", "jpeg"), default="png",
                    help="format for re-encoded images (png is lossless)")
-    p.add_argument("--jpeg-quality", type=int, default=95, help="quality for --encode jpeg")
+    p.add_argument("--jpeg-quality", type=integer(0, 100), default=95,
+                   help="quality for --encode jpeg, 0 (worst) to 100")
     p.add_argument("--on-size-mismatch", choices=("skip", "resize"), default="skip",
                    help="halves of different sizes: reject, or resize target to input")
     p.add_argument("--max-pixels", type=positive, default=MAX_IMAGE_PIXELS,

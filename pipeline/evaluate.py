@@ -284,12 +284,14 @@ def _main(argv: list[str]) -> int:
     from accelerate import Accelerator
 
     from pipeline import distributed, precision
-    from pipeline.checkpoint import load_generator
+    from pipeline.checkpoint import generator_folder, load_generator
     from pipeline.models import set_test_mode
     from pipeline.progress import Progress
+    from pipeline.run_folder import check_out_folder
 
     args = parse_args(argv)
     cli.setup_logging()
+    check_out_folder(args.out)
     root = weights_dir(args.weights_dir)
     try:
         names = choose(args.metrics, root, allow_download=not args.no_download)
@@ -298,9 +300,10 @@ def _main(argv: list[str]) -> int:
         raise MetricsError(f"--metrics: {err}") from None
     if args.max_images < 0:
         raise UserError(f"--max-images: must be >= 0 (0: the whole split), got {args.max_images}")
-    generator, info = load_generator(args.checkpoint)
+    folder = generator_folder(args.checkpoint)  # found once: the weights' and their precision's
+    generator, info = load_generator(folder)
     force = "bf16" if args.bf16 else "no" if args.fp32 else None
-    trained = trained_precision(args.checkpoint)
+    trained = trained_precision(folder)
     used, why = precision.for_evaluation(force, precision.launch_device_type(), trained)
     accelerator = Accelerator(mixed_precision=used)
     chosen = {"used": "bf16" if used == "bf16" else "fp32", "why": why}
@@ -325,11 +328,11 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def trained_precision(path: str) -> str | None:
-    """The precision the run behind `path` trained in ("no", "bf16"), from the checkpoint's
-    trainer.json; None for an export (it records none)."""
+def trained_precision(folder: str) -> str | None:
+    """The precision the run behind generator folder `folder` (checkpoint.generator_folder's)
+    trained in ("no", "bf16"), from the checkpoint's trainer.json; None for an export (it
+    records none)."""
     from pipeline import checkpoint
-    folder = checkpoint.generator_folder(path)
     if not storage.exists(storage.join(folder, checkpoint.TRAINER)):
         return None
     return checkpoint.read_trainer(folder).precision

@@ -37,6 +37,7 @@ from pipeline import cli, storage, weights
 from pipeline.checkpoint import load_generator
 from pipeline.errors import RunError, UserError
 from pipeline.models import size_multiple
+from pipeline.run_folder import check_out_folder
 from pipeline.translate_geometry import AnySize
 from pipeline.weights import GeneratorInfo
 
@@ -228,6 +229,7 @@ def choose_formats(asked: str) -> list[str]:
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     cli.setup_logging()
+    check_out_folder(args.out)
     formats = choose_formats(args.format)
     generator, info = load_generator(args.checkpoint)
     torch.manual_seed(0)

@@ -5,12 +5,16 @@ from scratch beside it: `checkpoints/latest` would then name the new run's first
 checkpoint next to the old run's, metrics.jsonl would hold both, config.yaml would be
 replaced, and a later resume or translate.py would pick the wrong run. So such a start is
 refused before anything is written, in one line that names the ways on; with
-`train.overwrite=true` the old run is moved aside (never deleted). A worker group that
-torchrun's elastic agent restarted (TORCHELASTIC_RESTART_COUNT > 0) is a resume.
+`train.overwrite=true` the old run is moved aside (never deleted, never onto another
+folder). A worker group that torchrun's elastic agent restarted
+(TORCHELASTIC_RESTART_COUNT > 0) is a resume.
 
 A folder whose run has no checkpoint (a start that failed or was stopped before its
 first one: there is nothing to resume) does not block the same command again: it is
 moved aside like an overwritten run, and the new start says where.
+
+The inference tools' output folder (--out of p2p-translate, p2p-evaluate, p2p-export) is
+checked here too: a folder, or a path where one can be made, never a file.
 """
 from __future__ import annotations
 
@@ -47,12 +51,36 @@ def has_checkpoint(run_dir: str) -> bool:
 
 
 def move_aside(run_dir: str, held: Lease | None, why: str) -> None:
-    """Rank 0: the folder to RUN_DIR.old-TIME (never deleted); the lease follows the new one."""
-    aside = f"{run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(run_dir, aside)
+    """Rank 0: the folder to RUN_DIR.old-TIME (never deleted; RUN_DIR.old-TIME-2, -3, ...
+    when that name is taken); the lease follows the new one."""
+    aside = free_name(f"{run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(run_dir, aside)
     if held:
         held.moved(aside)
     log.warning(f"{why}: {run_dir} was moved to {aside}, starting fresh")
+
+
+def free_name(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ... : the first name nothing (not even a broken
+    link) holds, so a move aside never replaces another folder."""
+    candidate, n = path, 1
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
+
+
+def check_out_folder(out: str, option: str = "--out") -> None:
+    """An output folder that can be made: a local `out` that is a file, or lies below
+    one, is one line (p2p-translate, p2p-evaluate and p2p-export write into folders)."""
+    if "://" in out and not out.startswith("file://"):
+        return  # s3://: prefixes, no files in the way
+    path = wanted = os.path.abspath(out.removeprefix("file://"))
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is a file" if path == wanted else f"lies below the file {path}"
+        raise UserError(f"{option} {out} {where}: give a folder (it is made if missing)")
 
 
 def prepare(run_dir: str, resume: str, overwrite: bool, rank: int, held: Lease | None = None) -> str:

@@ -30,7 +30,10 @@ Test-time behaviour is a choice, not a default hidden in the code:
                                        their own statistics and dropout masks
 Direction (which half of a shard's pair is the input) and channel counts come from the
 checkpoint's generator.json. A file that cannot be read or decoded is reported and
-skipped; the others are still translated (exit code 2 when anything was skipped).
+skipped; the others are still translated (exit code 2 when anything was skipped). Folders
+are read by p2p-shard's policy: its image names (a TIFF, GIF or BMP is skipped and counted
+as unsupported_format), the format from the bytes (a PNG named .jpg is a PNG), hidden
+files (a name starting with '.') skipped and counted.
 """
 from __future__ import annotations
 
@@ -58,11 +61,12 @@ from pipeline.data import (
     read_entries,
     try_decode,
 )
-from pipeline.data.format import is_image_name
+from pipeline.data.format import is_image_name, is_input_image_name, list_input_images
 from pipeline.errors import DataError, UserError
 from pipeline.evaluate import add_generator_options, save_png, to_uint8
 from pipeline.models import set_test_mode, size_multiple
 from pipeline.progress import Progress
+from pipeline.run_folder import check_out_folder
 from pipeline.translate_geometry import (
     Forward,
     check_tiling,
@@ -100,30 +104,35 @@ def is_shards(spec: str) -> bool:
             or storage.exists(storage.join(spec, "manifest.json")))
 
 
-def image_files(spec: str) -> list[tuple[str, str]]:
+def image_files(spec: str, hidden: list) -> list[tuple[str, str]]:
     """(url, output name) of an image file, or of every image below a folder/prefix (the
-    name keeps the path inside the folder, so equal file names in sub-folders differ)."""
-    if is_image_name(spec):
+    name keeps the path inside the folder, so equal file names in sub-folders differ), by
+    shard.py's policy (format.list_input_images): a TIFF or GIF is an input, skipped and
+    counted as unsupported_format once read; hidden files are appended to `hidden`."""
+    if is_input_image_name(spec):
         if not storage.exists(spec):
             raise DataError(f"{spec}: no such file")
         return [(spec, os.path.basename(spec))]
-    root = spec.rstrip("/") + "/"
-    urls = [u for u in storage.list_files(spec) if is_image_name(u)]
-    if not urls:
-        raise DataError(f"{spec}: no image file ({', '.join(IMAGE_EXTS)}), shard "
-                                "or manifest.json there")
-    return [(u, u[len(root):] if u.startswith(root) else os.path.basename(u)) for u in urls]
+    found = list_input_images(spec)
+    hidden += [storage.join(spec, rel) for rel in found.hidden]
+    if not found.images:
+        also = f" ({len(found.hidden)} hidden ones skipped)" if found.hidden else ""
+        raise DataError(f"{spec}: no image file ({', '.join(IMAGE_EXTS)}){also}, shard "
+                        "or manifest.json there")
+    return [(storage.join(spec, rel), rel) for rel in found.images]
 
 
-def plan_inputs(specs: list[str], split: str) -> tuple[list, list, int]:
-    """(image files [(url, name)], shard lists, image count), names checked unique."""
+def plan_inputs(specs: list[str], split: str, hidden: list | None = None) -> tuple[list, list, int]:
+    """(image files [(url, name)], shard lists, image count), names checked unique (an
+    unsupported format's name aside: it is skipped as such, or as a duplicate_name if it
+    decodes after all); hidden files skipped are appended to `hidden`."""
     files, shard_lists = [], []
     for spec in specs:
         if is_shards(spec):
             shard_lists.append(list_shards(spec, split))
         else:
-            files += image_files(spec)
-    names = Counter(output_name(name) for _, name in files)
+            files += image_files(spec, [] if hidden is None else hidden)
+    names = Counter(output_name(name) for _, name in files if is_image_name(name))
     clashes = [name for name, count in names.items() if count > 1]
     if clashes:
         raise UserError(f"several inputs would write {clashes[0]}: give their folder "
@@ -136,7 +145,7 @@ def check_out(out: str, specs: list[str], files: list[tuple[str, str]]) -> None:
     """--out never inside an input folder (its translations would mix with the inputs, or
     replace those that are PNGs), and no output path that is an input file."""
     for spec in specs:
-        if not is_image_name(spec) and not spec.endswith(".tar") and "{" not in spec \
+        if not is_input_image_name(spec) and not spec.endswith(".tar") and "{" not in spec \
                 and storage.contains(spec, out):
             raise UserError(f"--out {out} is inside the input folder {spec}: give an output "
                             "folder outside every input")
@@ -185,6 +194,9 @@ def read_images(files: list, shard_lists: list, info: GeneratorInfo, max_pixels:
             pixels = decode_image(storage.read_bytes(url), url.rsplit(".", 1)[-1].lower(),
                                   channels, max_pixels)
             if is_pair_image(pixels, split_pair):
+                if pixels.shape[1] < 2:
+                    raise BadSample(f"cannot_split ({pixels.shape[1]} pixel wide: no input|target "
+                                    "halves; --split-pair no translates it whole)")
                 pixels, pairs = input_half(pixels, info.data.direction), pairs + 1
         except BadSample as bad:
             reason = bad.reason
@@ -360,9 +372,14 @@ def make_translator(args: argparse.Namespace, generator: torch.nn.Module, info: 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     cli.setup_logging()
+    check_out_folder(args.out)
     generator, info = load_generator(args.checkpoint)
-    files, shard_lists, total = plan_inputs(args.inputs, args.split)
+    hidden = []
+    files, shard_lists, total = plan_inputs(args.inputs, args.split, hidden)
     check_out(args.out, args.inputs, files)
+    if hidden:
+        log.warning(f"{prog()}: skipped {len(hidden)} hidden image files (a name or folder starting "
+                    f"with '.', as p2p-shard skips them; first: {hidden[0]})")
     existing = set() if args.overwrite else existing_outputs(args.out)
     translator = make_translator(args, generator, info, total, existing)
     torch.manual_seed(args.seed)

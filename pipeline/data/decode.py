@@ -10,7 +10,10 @@ not clipped); gray <-> RGB converted as requested (RGB -> gray by ITU-R 601 luma
 orientation ignored (pixels as stored, as the reference pix2pix does: a pair is aligned in
 its stored pixel grid, and per-file tags could rotate one half but not the other). The
 pixel count is checked from the header before any decoding, against MAX_IMAGE_PIXELS
-unless told otherwise: the one default of shard.py and the trainer alike.
+unless told otherwise: the one default of shard.py and the trainer alike. The format is
+the bytes', never the name's (as shard.py's probe): a PNG named .jpg decodes as a PNG, and
+a format no shard holds (GIF, BMP, TIFF) is unsupported_format, as shard.py rejects it.
+Which files in a folder are images at all: format.list_input_images.
 """
 from __future__ import annotations
 
@@ -23,10 +26,9 @@ import logging
 import numpy as np
 from PIL import Image, JpegImagePlugin
 
-from pipeline.data.format import MAX_IMAGE_PIXELS, image_members
+from pipeline.data.format import EXT_OF_PIL_FORMAT, MAX_IMAGE_PIXELS, image_members
 
 log = logging.getLogger(__name__)
-
 
 
 class BadSample(Exception):
@@ -55,11 +57,19 @@ def _simplejpeg():
         return None
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+# what PIL names the formats a shard may hold (MPO: a camera's JPEG with extra pictures)
+READABLE_FORMATS = (*EXT_OF_PIL_FORMAT, "MPO")
+
+
 def decode_image(data: bytes, ext: str, channels: int,
                  max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Encoded bytes -> uint8 HxWxC (C = channels, 1 or 3), by the policy above."""
+    """Encoded bytes -> uint8 HxWxC (C = channels, 1 or 3), by the policy above. The bytes
+    decide the format, as shard.py's probe decides it, not `ext` (the file's or member's
+    extension, kept for the callers): a PNG named .jpg is a PNG; a format shards cannot
+    hold (GIF, BMP, TIFF, ...) is BadSample("unsupported_format")."""
     simplejpeg = _simplejpeg()
-    if ext in ("jpg", "jpeg") and simplejpeg is not None:
+    if data[:3] == JPEG_MAGIC and simplejpeg is not None:
         try:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError:
@@ -76,6 +86,8 @@ def decode_image(data: bytes, ext: str, channels: int,
 def _decode_pil(data: bytes, channels: int, max_pixels: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.format not in READABLE_FORMATS:
+                raise BadSample("unsupported_format")
             _check_size(*im.size, max_pixels)
             if channels == 1 and isinstance(im, JpegImagePlugin.JpegImageFile) and im.mode == "RGB":
                 im.draft("L", None)  # libjpeg's luma channel, as simplejpeg's GRAY output

@@ -15,8 +15,11 @@ below. Nothing else parses a member name or the manifest.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import posixpath
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -42,6 +45,66 @@ MAX_IMAGE_PIXELS = 89_478_485
 def is_image_name(name: str) -> bool:
     """A file (or member) name ending in an extension the reader decodes."""
     return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
+
+
+# ------------------------------------------------------------- image files in a folder
+
+def is_input_image_name(name: str) -> bool:
+    """A file name that makes an image input: an extension the reader decodes or one of
+    UNSUPPORTED_IMAGE_EXTS (read all the same: the bytes decide, see list_input_images)."""
+    base = name.rsplit("/", 1)[-1]
+    return "." in base and base.rsplit(".", 1)[-1].lower() in IMAGE_EXTS + UNSUPPORTED_IMAGE_EXTS
+
+
+def is_hidden(rel: str) -> bool:
+    """A path (relative to the folder given) with a part starting with '.'."""
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+@dataclass
+class InputFiles:
+    """The image files below a folder: `images` {path inside it: bytes} to read, sorted;
+    `hidden` the image-named files skipped as hidden (counted and named, never read)."""
+    images: dict[str, int]
+    hidden: list[str]
+
+
+def list_input_images(folder: str) -> InputFiles:
+    """The one policy by which shard.py and translate.py find image files in a folder
+    (local or s3://; evaluate reads shards): a file whose name ends in an image extension
+    (is_input_image_name, any case) is an input, and its bytes, not its name, decide its
+    format: a PNG named .jpg is read as a PNG, a TIFF or GIF is counted as
+    unsupported_format. One under a name starting with '.' inside `folder` (macOS's
+    ._x.jpg, a .thumbnails/ folder) is hidden: skipped and counted. Other files are not
+    images and are ignored. A folder that cannot be listed (a symbolic link loop) is
+    one DataError line."""
+    try:
+        sizes = storage.list_sizes(folder)
+    except OSError as err:
+        raise DataError(listing_error(folder, err)) from None
+    prefix = folder.rstrip("/") + "/"
+    found = {url[len(prefix):]: n for url, n in sizes.items()
+             if url.startswith(prefix) and is_input_image_name(url)}
+    hidden = [rel for rel in found if is_hidden(rel)]
+    return InputFiles({rel: n for rel, n in found.items() if rel not in hidden}, hidden)
+
+
+def listing_error(folder: str, err: OSError) -> str:
+    """One line for a folder that cannot be listed, naming the link of a loop."""
+    where = str(err.filename or folder)
+    if err.errno == errno.ELOOP:
+        link = next((p for p in _prefixes(where) if os.path.islink(p)), where)
+        target = os.readlink(link) if os.path.islink(link) else "?"
+        return (f"cannot list {folder}: the symbolic link {link} -> {target} makes a loop (it "
+                "points at itself or at a folder that holds it); remove it or give a folder "
+                "without it")
+    return f"cannot list {folder}: {err.strerror or err} ({where})"
+
+
+def _prefixes(path: str) -> Iterator[str]:
+    parts = path.split("/")
+    for end in range(1, len(parts) + 1):
+        yield "/".join(parts[:end]) or "/"
 
 
 def member_name(key: str, suffix: str) -> str:
@@ -143,16 +206,24 @@ class Manifest:
 
     @classmethod
     def from_json(cls, tree: dict, where: str = MANIFEST) -> Manifest:
-        try:
-            splits = {name: SplitInfo(info["samples"], info.get("bytes", 0), info.get("rejected", 0),
-                                      [ShardInfo(s["name"], s["samples"], s.get("bytes", 0))
-                                       for s in info["shards"]])
-                      for name, info in tree["splits"].items()}
-        except (KeyError, TypeError, AttributeError) as err:
-            raise DataError(f"{where} is not a shard manifest (missing {err}); "
-                            "shard.py writes one") from None
-        return cls(splits, dict(tree.get("rejected", {})), dict(tree.get("options", {})),
-                   tree.get("format_version", FORMAT_VERSION))
+        """A manifest from its parsed JSON, checked whole: every reader (the trainer,
+        translate.py, evaluate.py, inspect_shards.py) refuses the same things in one line."""
+        if not isinstance(tree, dict) or not isinstance(tree.get("splits"), dict):
+            raise DataError(f"{where} is not a shard manifest (no \"splits\" object); "
+                            "shard.py writes one")
+        version = tree.get("format_version", FORMAT_VERSION)
+        if type(version) is not int or version != FORMAT_VERSION:  # not 1.0, not true
+            raise DataError(f"{where}: format_version {version!r} is not one this version reads "
+                            f"({FORMAT_VERSION}); pack the shards again with this version's shard.py")
+        splits = {name: _split_info(name, info, where) for name, info in tree["splits"].items()}
+        rejected, options = tree.get("rejected", {}), tree.get("options", {})
+        if not isinstance(rejected, dict) or not isinstance(options, dict):
+            raise DataError(f"{where}: \"rejected\" and \"options\" must be objects")
+        for reason, count in rejected.items():
+            _count(count, f"rejected {reason!r}", where)
+        if options.get("load_size"):
+            _count(options["load_size"], "options load_size", where)
+        return cls(splits, dict(rejected), dict(options), version)
 
     @classmethod
     def read(cls, url: str) -> Manifest:
@@ -164,7 +235,7 @@ class Manifest:
         except (FileNotFoundError, NotADirectoryError):
             raise DataError(f"no {MANIFEST} at {url}: make shards with "
                             "`python data_tools/shard.py SOURCE DEST`") from None
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # not JSON, or not UTF-8
             raise DataError(f"{url} is not valid JSON ({err})") from None
         return cls.from_json(tree, url)
 
@@ -183,3 +254,33 @@ class Manifest:
     def counts(self) -> dict[str, int]:
         """{shard name: samples} over every split."""
         return {s.name: s.samples for info in self.splits.values() for s in info.shards}
+
+
+def _split_info(name: str, info, where: str) -> SplitInfo:
+    """One split of a manifest, its counts whole numbers and each shard listed once (a
+    shard listed twice would be read twice an epoch)."""
+    if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+        raise DataError(f"{where}: split {name!r} has no \"shards\" list; shard.py writes one")
+    where_split = f"split {name!r}"
+    shards, seen = [], set()
+    for entry in info["shards"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise DataError(f"{where}: {where_split} lists a shard without a \"name\": {entry!r}")
+        label = f"{where_split} shard {entry['name']!r}"
+        normal = posixpath.normpath(entry["name"])
+        if normal in seen:
+            raise DataError(f"{where}: {where_split} lists shard {entry['name']!r} twice (it would "
+                            "be read twice an epoch); list each shard once")
+        seen.add(normal)
+        shards.append(ShardInfo(entry["name"], _count(entry.get("samples"), f"{label} samples", where),
+                                _count(entry.get("bytes", 0), f"{label} bytes", where)))
+    return SplitInfo(_count(info.get("samples"), f"{where_split} samples", where),
+                     _count(info.get("bytes", 0), f"{where_split} bytes", where),
+                     _count(info.get("rejected", 0), f"{where_split} rejected", where), shards)
+
+
+def _count(value, what: str, where: str) -> int:
+    """A count from a manifest: a whole number >= 0 (JSON's 3, not "3", 3.5 or true)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f"{where}: {what} must be a whole number >= 0, got {json.dumps(value)}")
+    return value

@@ -41,7 +41,7 @@ def list_shards(spec: str, split: str, key: str = "data.train") -> list[Shard]:
     except storage.RefusedURL as err:
         raise DataError(f"{key}: {err}") from None
     if "{" in spec:
-        urls = expand_braces(spec)
+        urls = _existing(expand_braces(spec), spec, key)
         counts = _manifest_counts(_folder(urls[0]))
         return [Shard(u, counts.get(u.rsplit("/", 1)[-1]) or count_samples(u)) for u in urls]
     manifest_url = spec if spec.endswith(".json") else storage.join(spec, MANIFEST)
@@ -54,9 +54,33 @@ def list_shards(spec: str, split: str, key: str = "data.train") -> list[Shard]:
     return [Shard(storage.inside(folder, s.name), s.samples) for s in shards]
 
 
+def _existing(urls: list[str], spec: str, key: str) -> list[str]:
+    """`urls` if every file a brace pattern names is there (one listing of their folder),
+    else a DataError saying how many are missing: a typo in the range would otherwise
+    read as shards that are empty or unreadable."""
+    there = set()
+    for folder in sorted({_folder(u) for u in urls}):
+        try:
+            there |= {f"{folder}/{u.rsplit('/', 1)[-1]}"
+                      for u in storage.list_sizes(folder, recursive=False)}
+        except OSError as err:
+            raise DataError(f"{key}: cannot list {folder} for {spec}: {err.strerror or err}") from None
+    missing = [u for u in urls if f"{_folder(u)}/{u.rsplit('/', 1)[-1]}" not in there]
+    if len(missing) == len(urls):
+        raise DataError(f"{key}: the pattern {spec} matches no file (the first it names: {urls[0]}); "
+                        "check the folder and the range")
+    if missing:
+        raise DataError(f"{key}: {len(missing)} of the {len(urls)} files the pattern {spec} names "
+                        f"are missing (first: {missing[0]}); fix the range or pack them")
+    return urls
+
+
 def _raw_images_hint(spec: str) -> str | None:
     """For a folder of images given where shards belong: the command that makes shards."""
-    if spec.endswith(".json") or not any(is_image_name(u) for u in storage.list_files(spec)[:1000]):
+    try:
+        if spec.endswith(".json") or not any(is_image_name(u) for u in storage.list_files(spec)[:1000]):
+            return None
+    except OSError:  # a folder that cannot be listed: the manifest's own error says enough
         return None
     dest = spec.rstrip("/") + "_shards"
     return (f"{spec} holds images, not shards (no {MANIFEST}): pack them first with "

@@ -95,7 +95,7 @@ def test_manifest_errors_and_empty_shards_on_two_ranks(tmp_path):
         assert sum(noted) == 2 and noted[1] >= 1, noted
     loader = data.make_train_loader(config(empty), rank=1, world_size=2, seed=7, in_channels=3,
                                     out_channels=3, have_batch_all_ranks=bool)
-    epochs = [next(loader) and loader.epoch for _ in range(18)]  # the epoch of each batch
+    epochs = [next(loader).epoch for _ in range(18)]  # the epoch of each update
     assert epochs == [e for e in range(6) for _ in range(3)]
 
 

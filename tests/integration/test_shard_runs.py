@@ -1,6 +1,8 @@
 """data_tools/shard.py as a process and against real S3 servers: round trips with moto
 and SeaweedFS, bad credentials, resume after a real kill, one-line failures at start-up."""
 import os
+import re
+import resource
 import signal
 import subprocess
 import time
@@ -145,6 +147,28 @@ def test_pre_resizing_in_processes_writes_one_process_bytes_and_resumes(tmp_path
 
 
 # -------------------------------------------------------------------------- bad input
+
+@pytest.mark.timeout(60)
+def test_a_write_limit_mid_run_is_one_line_with_two_processes(tmp_path):
+    """A real EFBIG (RLIMIT_FSIZE: what a full disk is to a writer) in the spawned packing
+    processes: exit 1, one line saying what was kept, no temporary file left; the same
+    command without the limit packs only the rest, the bytes of a run never stopped."""
+    make_aligned(tmp_path / "src", {None: 16})
+    make_aligned(tmp_path / "src", {"big": 2}, size=(512, 256))  # noise JPEGs above the limit
+    for path in (tmp_path / "src" / "big").iterdir():
+        path.rename(tmp_path / "src" / f"big{path.name}")
+    args = [str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "2", "--quiet"]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    result = subprocess.run(SHARD_PY + args, capture_output=True, text=True, timeout=60,
+                            preexec_fn=limit)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("shard.py: error: writing to ") and "File too large" in result.stderr
+    assert re.search(r"kept \d of 8 shards finished before it", result.stderr), result.stderr
+    assert not list((tmp_path / "out").rglob("*.tmp")) and not (tmp_path / "out" / "manifest.json").exists()
+    assert run_shard(*args[:1], tmp_path / "ref", "--workers", "1") == 0
+    assert run_shard(*args) == 0
+    assert tree(tmp_path / "out") == tree(tmp_path / "ref")
+
 
 @pytest.mark.parametrize("case", ["empty", "unwritable", "pipe"])
 def test_fails_at_once_with_one_line(tmp_path, case):

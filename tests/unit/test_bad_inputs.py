@@ -46,6 +46,11 @@ checkpoint of another architecture -> resume: one line naming the model keys; ex
 weights file that is not ours -> refused in one line (weights_only=True, safetensors), and
     its code never runs
     integration/test_bad_inputs_runs.py::test_foreign_weights_are_refused_without_running_them
+issue #39's inputs (same-stem files, list rows twice, byte-order marks, link loops, JSONL
+    lines that are no object, a full disk, manifests listing a shard twice or of an unknown
+    version or with counts that are no whole number, patterns matching no file, hidden and
+    TIFF/BMP/GIF files, a PNG named .jpg, --out naming a file, an image too narrow to split,
+    an aside name taken) -> one table per kind: unit/test_input_checks.py
 
 This file: the data stream, the data tools and export on bad inputs, in-process.
 """
@@ -78,6 +83,7 @@ from tests.helpers.images import (
     epoch_batches,
     image_bytes,
     keys_of,
+    next_batch,
     sample_pixels,
     write_dataset,
 )
@@ -125,8 +131,8 @@ def test_pairs_of_different_sizes_are_resized_alike(tmp_path):
     write_manifest(tmp_path, {"train": {"train-0.tar": 2}})
     for augment_on in ("worker", "device"):
         cfg = config(tmp_path, augment_on=augment_on)
-        batch = next(data.make_train_loader(cfg, rank=0, world_size=1, seed=0, in_channels=3,
-                                            out_channels=3))
+        batch = next_batch(data.make_train_loader(cfg, rank=0, world_size=1, seed=0, in_channels=3,
+                                                  out_channels=3))
         x, y = data.to_device(batch, "cpu", cfg=cfg, channels_last=False)
         assert x.shape == y.shape == (2, 3, 16, 16) and sorted(batch["key"]) == ["half", "same"]
         assert (x + y).abs().max() < 0.08  # misaligned halves would differ by up to ~0.5
@@ -142,7 +148,7 @@ def test_gray_and_rgb_mix_into_the_configured_channels(tmp_path):
     for in_channels in (3, 1):
         loader = data.make_train_loader(config(tmp_path, flip=False), rank=0, world_size=1,
                                         seed=0, in_channels=in_channels, out_channels=3)
-        batch = next(loader)
+        batch = next_batch(loader)
         x, y = batch["input"], batch["target"]
         assert x.shape[1] == in_channels and y.shape[1] == 3 and loader.skipped == {}
         assert torch.equal(y[:, 0], y[:, 1]) and torch.equal(y[:, 1], y[:, 2])  # gray -> RGB
