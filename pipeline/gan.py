@@ -167,32 +167,63 @@ def train_step_accumulated(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimi
     as they were, so G's activations are held for one micro-batch only and BatchNorm's
     running statistics move once per micro-batch. Returns the losses averaged over the
     micro-batches."""
-    k, device = len(xs), xs[0].device
-    scale = 1.0 if hooks.engine_accumulates else 1.0 / k
-    micro_step = hooks.step if hooks.engine_accumulates else lambda optimizer, model: None
+    run = _Accumulation(len(xs), hooks)
     states, fakes = _fakes_to_judge(G, xs, hooks)
-    totals: dict[str, torch.Tensor] = {}
-    add = lambda name, value: totals.__setitem__(name, totals.get(name, 0) + value.detach() / k)
+    _discriminator_micro_steps(D, opt_D, xs, ys, fakes, objective, run)
+    _generator_micro_steps(G, D, opt_G, xs, ys, states, objective, run)
+    set_requires_grad(D, True)
+    names = list(run.totals)
+    return dict(zip(names, torch.stack([run.totals[n] for n in names]).tolist()))
 
+
+class _Accumulation:
+    """What K micro-steps of one update share: the loss scale, the step between micro-steps
+    (DeepSpeed's own accumulation) or none, and the losses' running means."""
+
+    def __init__(self, k: int, hooks: StepHooks):
+        self.k, self.hooks = k, hooks
+        self.scale = 1.0 if hooks.engine_accumulates else 1.0 / k
+        self.totals: dict[str, torch.Tensor] = {}
+
+    def last(self, i: int) -> bool:
+        return i == self.k - 1
+
+    def micro_step(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        if self.hooks.engine_accumulates:
+            self.hooks.step(optimizer, model)
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.totals[name] = self.totals.get(name, 0) + value.detach() / self.k
+
+
+def _discriminator_micro_steps(D: nn.Module, opt_D: torch.optim.Optimizer, xs: list[torch.Tensor],
+                               ys: list[torch.Tensor], fakes: list[torch.Tensor],
+                               objective: Pix2PixObjective, run: _Accumulation) -> None:
+    hooks = run.hooks
     set_requires_grad(D, True)
     opt_D.zero_grad(set_to_none=True)
     for i, (x, y, fake) in enumerate(zip(xs, ys, fakes)):
-        with hooks.no_sync(D) if i < k - 1 else nullcontext():
+        with hooks.no_sync(D) if not run.last(i) else nullcontext():
             with hooks.autocast():
                 fake_logits = D(torch.cat([x, fake], 1))  # fake first, as train_step
                 real_logits = D(torch.cat([x, y], 1))
             loss_D = objective.discriminator(real_logits, fake_logits)
-            hooks.backward(loss_D * scale, D)
-        add("loss_D", loss_D)
-        if i < k - 1:
-            micro_step(opt_D, D)
+            hooks.backward(loss_D * run.scale, D)
+        run.add("loss_D", loss_D)
+        if not run.last(i):
+            run.micro_step(opt_D, D)
     hooks.step(opt_D, D)
 
+
+def _generator_micro_steps(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer,
+                           xs: list[torch.Tensor], ys: list[torch.Tensor], states: list,
+                           objective: Pix2PixObjective, run: _Accumulation) -> None:
+    hooks, device = run.hooks, xs[0].device
     set_requires_grad(D, False)
     opt_G.zero_grad(set_to_none=True)
     for i, (x, y, state) in enumerate(zip(xs, ys, states)):
         _set_rng_state(device, state)
-        with hooks.no_sync(G) if i < k - 1 else nullcontext():
+        with hooks.no_sync(G) if not run.last(i) else nullcontext():
             with hooks.autocast():
                 fake = G(x)
                 fake_logits = hooks.frozen_view(D)(torch.cat([x, fake], 1))
@@ -201,12 +232,9 @@ def train_step_accumulated(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimi
                 with hooks.autocast(), torch.no_grad():
                     real_features = hooks.frozen_view(D)(torch.cat([x, y], 1))
             loss_G = objective.generator(fake_logits, fake, y, real_features)
-            hooks.backward(loss_G.total * scale, G)
-        if i < k - 1:
-            micro_step(opt_G, G)
+            hooks.backward(loss_G.total * run.scale, G)
+        if not run.last(i):
+            run.micro_step(opt_G, G)
         for name, value in loss_G.terms().items():
-            add(name, value)
+            run.add(name, value)
     hooks.step(opt_G, G)
-    set_requires_grad(D, True)
-    names = list(totals)
-    return dict(zip(names, torch.stack([totals[n] for n in names]).tolist()))
