@@ -63,7 +63,7 @@ class Trainer:
             in_channels=cfg.model.in_channels, out_channels=cfg.model.out_channels,
             have_batch_all_ranks=lambda flag: distributed.all_ranks(flag, accelerator.device),
             gather_all_ranks=distributed.gather_objects, accumulate=cfg.train.grad_accum)
-        self.evaluator = Evaluator(cfg, accelerator, self.engines, stop)
+        self.evaluator = Evaluator(cfg, accelerator, self.engines, stop, plan.metrics, plan.paths.metrics)
         self.step = self.resumed_step = 0
         self.stop = stop  # installed first thing: a signal during set-up is kept too
         self.skipped: list[str] = []  # this step's updates not applied: "D", "G"

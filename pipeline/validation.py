@@ -31,12 +31,13 @@ class Evaluator:
     every evaluation: its workers are forked once and wait between evaluations."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator, engines: Engines,
-                 stop: distributed.StopRequest):
+                 stop: distributed.StopRequest, names: tuple[str, ...], metrics_path: str):
+        """`names`, `metrics_path`: the run plan's (startup.py decided which metrics)."""
         self.cfg, self.accelerator, self.engines, self.stop = cfg, accelerator, engines, stop
         self.enabled = bool(cfg.data.val)
-        self.metrics_path = run_layout.metrics(cfg.train.run_dir)
+        self.metrics_path = metrics_path
         self.sample_batch = self._first_val_batch() if self.enabled else None
-        self.names = metric_names(cfg) if self.enabled else []
+        self.names = list(names) if self.enabled else []
         self.realism = realism.Realism(self.names, accelerator.device,
                                        realism.weights_dir(cfg.eval.weights_dir))
         self.abandoned = False  # the last evaluation was stopped part-way (on every rank)
