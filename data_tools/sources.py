@@ -170,8 +170,8 @@ def _by_stem(images: dict[str, int]) -> dict[str, list[tuple[str, int]]]:
 
 def _list_pairs(list_url: str, split: str) -> dict[str, list[Pair]]:
     """Rows of `input,target[,split]`; relative paths are relative to the list file. A
-    row naming an input its split already listed is rejected as duplicate_row (the first
-    is packed): two samples under one key would otherwise be packed."""
+    row repeating an (input, target) its split already listed is rejected as duplicate_row
+    (the first is packed); an input with another target is another pair, under its own key."""
     rows = [(line, row.get("split") or split, row.get("input") or None, row.get("target") or None)
             for line, row in _read_rows(list_url)]
     for line, name, *_ in rows:
@@ -186,16 +186,23 @@ def _list_pairs(list_url: str, split: str) -> dict[str, list[Pair]]:
 
 
 def _listed_pairs(entries: list, sizes: dict) -> list[Pair]:
+    """One Pair per distinct (input, target) row; a row repeating one is a duplicate_row.
+    An input listed with another target is another pair, its key the input's plus a hash
+    of the target (the first keeps the input's key)."""
     keys = _keys([listed for _, listed, _, _ in entries])
-    first, pairs = {}, []
+    first, taken, pairs = {}, set(), []
     for line, listed, a, b in entries:
-        if listed in first:
+        if (a, b) in first:
             pairs.append(Pair(f"{keys[listed]}_line{line}", listed, "separate", None, None, 0,
-                              ("duplicate_row", f"line {line} lists {listed} again (first on line "
-                                                f"{first[listed]}); list each pair once")))
+                              ("duplicate_row", f"line {line} lists {listed} with the same target again "
+                                                f"(first on line {first[a, b]}); list each pair once")))
             continue
-        first[listed] = line
-        pairs.append(Pair(keys[listed], listed, "separate", a if a in sizes else None,
+        first[a, b] = line
+        key = keys[listed]
+        if key in taken:
+            key += "_" + hashlib.sha1(str(b).encode()).hexdigest()[:8]
+        taken.add(key)
+        pairs.append(Pair(key, listed, "separate", a if a in sizes else None,
                           b if b in sizes else None, sizes.get(a, 0) + sizes.get(b, 0)))
     return sorted(pairs, key=lambda p: p.key)
 

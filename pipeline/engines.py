@@ -79,9 +79,10 @@ class DDPEngines(Engines):
         # accelerator.unwrap_model: it imports DeepSpeed wherever it is installed (and
         # DeepSpeed mlflow), 2-4 s into every rank's first step
         plain = {id(self.G): G, id(self.D): D}
+        unwrap = lambda model: plain.get(id(model), getattr(model, "module", model))
         self.hooks = StepHooks(backward=lambda loss, model: accelerator.backward(loss),
                                step=self._clip_and_step, autocast=accelerator.autocast,
-                               frozen_view=lambda model: plain[id(model)], no_sync=accelerator.no_sync)
+                               frozen_view=unwrap, no_sync=accelerator.no_sync)
 
     def _clip_and_step(self, optimizer, model) -> None:
         if self.cfg.optim.grad_clip > 0:

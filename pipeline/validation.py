@@ -28,7 +28,7 @@ class Evaluator:
     grids from a fixed val batch on the main process. Each evaluation measures
     eval.max_images of the split (a subset fixed by train.seed), shows its progress, and
     is abandoned on every rank when a stop is requested (`abandoned`). One loader serves
-    every evaluation: its workers are forked once and wait between evaluations."""
+    every evaluation: off CPU its workers are forked once and wait between evaluations."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator, engines: Engines,
                  stop: distributed.StopRequest, names: tuple[str, ...], metrics_path: str):
@@ -41,7 +41,7 @@ class Evaluator:
         self.realism = realism.Realism(self.names, accelerator.device,
                                        realism.weights_dir(cfg.eval.weights_dir))
         self.abandoned = False  # the last evaluation was stopped part-way (on every rank)
-        self.loader = None  # every evaluation's, made at the first (persistent workers)
+        self.loader = None  # every evaluation's, made at the first (persistent off CPU)
 
     def _loader(self, batch_size: int | None = None, rank: int | None = None,
                 world_size: int | None = None, max_images: int = 0, persistent: bool = False):
@@ -71,7 +71,11 @@ class Evaluator:
             return None
         generator = self.engines.eval_generator()  # unwrapped, no DDP collectives: ranks differ in count
         if self.loader is None:
-            self.loader = self._loader(max_images=self.cfg.eval.max_images, persistent=True)
+            # persistent workers, except on CPU: forked mid-run they would keep, for the
+            # rest of it, a copy of every host page the trainer writes after the fork
+            # (weights, Adam's state, the allocator's kept blocks): GBs on CPU
+            persistent = self.accelerator.device.type != "cpu"
+            self.loader = self._loader(max_images=self.cfg.eval.max_images, persistent=persistent)
         loader = self.loader
         bar = progress.Progress(loader.rank_images, desc=f"eval at step {step}:", unit="image",
                                 enabled=self.accelerator.is_main_process and self.cfg.log.progress)

@@ -516,3 +516,18 @@ def test_skip_counts_in_the_tail_do_not_depend_on_the_layout(tmp_path):
     assert one[3] - one[0] == 6  # epoch 0's bad samples all counted by its end
     for world, batch in ((4, 1), (2, 2)):
         assert skipped_each_step(worlds(cfg, world, batch)) == one, (world, batch)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resume_with_another_update_size_runs_on_into_the_next_epoch(tmp_path, workers):
+    """Resumed mid-epoch with twice the update (train.allow_batch_change, grad_accum 2): the
+    epoch ends on its last whole update, and the next epoch is the one a run with the new
+    update size has (the persistent workers must not hand out a part of the old epoch)."""
+    write_dataset(tmp_path, [8, 8, 8, 8])
+    cfg = lambda batch: config(tmp_path, batch_size=batch, streams=4, shuffle_buffer=3, num_workers=workers)
+    resumed = resumed_batches(cfg, (1, 2), (1, 2, 2), stop=3, steps=3 + 6 + 8)
+    epoch0 = [k for b in resumed[:9] for k in b]  # 3 updates of 2, then 6 of 4: 2 left out
+    assert len(epoch0) == len(set(epoch0)) == 30
+    straight = global_batches(worlds(cfg, 1, 2, 2), 16)  # epochs 0 and 1 at the new size
+    assert_same_batches(resumed[9:], straight[8:])

@@ -99,6 +99,11 @@ def listed_twice(root: Path) -> str:
                                           ["A/p0.png", "B/p0.png"], ["A/p2.png", "B/p2.png"]])
 
 
+def one_input_two_targets(root: Path) -> str:
+    folders(root, {"A/p0.png": "PNG", "B/t1.png": "PNG", "B/t2.png": "PNG"})
+    return write_csv(root / "pairs.csv", [["A/p0.png", "B/t1.png"], ["A/p0.png", "B/t2.png"]])
+
+
 def with_bom(root: Path) -> str:
     folders(root, {f"{h}/p{i}.png": "PNG" for h in "AB" for i in range(2)})
     return write_csv(root / "pairs.csv", [[f"A/p{i}.png", f"B/p{i}.png"] for i in range(2)],
@@ -145,6 +150,8 @@ SHARD_CASES = {
     "a list row twice": ShardCase(
         listed_twice, 0, "rejected 1 pairs (duplicate_row 1)", {"duplicate_row": 1},
         (("A/p0.png", "duplicate_row"),), samples=3),
+    "one input listed with two targets": ShardCase(one_input_two_targets, 0, "2 samples in", {},
+                                                   samples=2),
     "a CSV with a byte-order mark": ShardCase(with_bom, 0, "2 samples in", {}, samples=2),
     "a symbolic link loop": ShardCase(link_loop, 2, "up -> .. makes a loop"),
     "a JSONL line that is a list": ShardCase(
