@@ -137,10 +137,6 @@ class TrainLoader:
         if self._in_tail:
             return self._tail_update()
         if self.consumed + layout.update > layout.limit:
-            if layout.limit - self.consumed >= layout.window:
-                # the workers' parts go on by windows to the limit: after a resume with
-                # another update size some are left of this epoch; restart them on the next
-                self._running = False
             return None
         self._run_workers()
         held, batches = dict(self._positions), []  # an update's batches, or none of them

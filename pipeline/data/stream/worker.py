@@ -83,7 +83,10 @@ def epoch_parts(plan: EpochPlan, worker: int, consumed: int, positions: dict[int
     layout = plan.layout
     readers = {s: StreamReader(plan, s, positions[s]) for s in layout.streams_of(worker)}
     snapshot = lambda: {s: r.position.copy() for s, r in readers.items()}
-    while consumed + layout.window <= layout.limit:
+    # the epoch ends on the last whole update from `consumed`, as the loader's does (a
+    # resume with another update size starts between two of the new updates)
+    end = consumed + (layout.limit - consumed) // layout.update * layout.update
+    while consumed + layout.window <= end:
         picked: list[tuple[int, Sample]] = []
         for j in layout.rank_samples(consumed):
             if layout.worker_of(j) != worker:
