@@ -131,6 +131,10 @@ def seaweed_s3(tmp_path_factory):
         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
         f"-s3.port={s3_port}", f"-admin.port={admin}", f"-s3.port.lance={lance}",
         "-admin.ui=false", "-webdav=false",
+        # a fixed volume count: left to itself weed allows (free disk / 1 GiB) volumes, and
+        # each bucket is a collection needing its own, so a nearly full /tmp ran out of
+        # volumes mid-suite ("internal error" on every write). Volumes are sparse files.
+        "-volume.max=200", "-master.volumeSizeLimitMB=32",
         # sockets inside our tmp dir: nothing left in /tmp, no clash with other runs
         f"-filer.localSocket={root / 'filer.sock'}", f"-s3.localSocket={root / 's3.sock'}"]
     log = open(root / "weed.log", "wb")
