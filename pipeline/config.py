@@ -27,6 +27,7 @@ from pipeline import cli, losses, models, realism
 from pipeline.config_checks import Freezable, Range, validate
 from pipeline.config_checks import freeze as freeze  # re-exported: the trainer's, from here
 from pipeline.config_checks import validate_runtime as validate_runtime
+from pipeline.data import augmentation
 from pipeline.data.format import MAX_IMAGE_PIXELS
 from pipeline.errors import ConfigError
 
@@ -97,8 +98,14 @@ class DataConfig(Freezable):
     val_split: str = opt("val", "split name to read from the manifest for evaluation")
     direction: Literal["AtoB", "BtoA"] = opt(
         "AtoB", "AtoB translates the stored input into the target; BtoA the reverse")
-    load_size: int = opt(286, "resize both images to this size before cropping", range="[1, inf)")
-    crop_size: int = opt(256, "random crop size (the size the networks see)", range="[1, inf)")
+    preprocess: str = opt("resize_and_crop", "how an image is brought to the networks' size "
+                          "(docs/large-images.md)", choices=augmentation.PREPROCESS)
+    load_size: int = opt(286, "the resize before cropping: the side (resize_and_crop), the width "
+                              "(scale_width*), the short side (scale_shortside_and_crop)",
+                         range="[1, inf)")
+    crop_size: int = opt(256, "random crop width (the size the networks see; the height too unless "
+                              "data.crop_height is set)", range="[1, inf)")
+    crop_height: int = opt(0, "random crop height (0: data.crop_size, a square crop)", range="[0, inf)")
     flip: bool = opt(True, "random horizontal flip (the same for input and target)")
     batch_size: int = opt(1, "batch size per process; global batch = this x processes",
                           range="[1, inf)")

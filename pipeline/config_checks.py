@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import realism, storage
+from pipeline.data import augmentation
 from pipeline.errors import ConfigError
 
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*$")
@@ -118,14 +119,9 @@ def validate(cfg: Any) -> Any:
     """A parsed config (a pipeline.config.Config) checked before anything uses it: each
     field's range, then the rules between fields that need no runtime information."""
     check_ranges(cfg)
-    factor = cfg.model.size_multiple
-    if cfg.data.crop_size % factor:
-        raise ConfigError(f"data.crop_size: {cfg.data.crop_size} is not divisible by "
-                          f"{factor} as model.generator={cfg.model.generator} needs")
-    if cfg.data.load_size < cfg.data.crop_size:
-        raise ConfigError(f"data.load_size: {cfg.data.load_size} is smaller than "
-                          f"data.crop_size {cfg.data.crop_size}")
-    _validate_discriminator(cfg)
+    _validate_geometry(cfg.data, cfg.model)
+    if cfg.data.preprocess in augmentation.CROPPING:  # else at start-up, from the manifest's sizes
+        check_discriminator(cfg.model, min(crop_of(cfg.data)))
     _validate_hd(cfg)
     _validate_metrics(cfg)
     if cfg.train.mirror and not cfg.train.mirror.startswith("s3://"):
@@ -138,19 +134,41 @@ def validate(cfg: Any) -> Any:
     return cfg
 
 
-def _validate_discriminator(cfg: Any) -> None:
-    """A PatchGAN's strided convs must leave its coarsest scale >= 3 px: its last norm needs
-    more than one pixel, its logits at least one."""
-    m, crop = cfg.model, cfg.data.crop_size
-    if m.discriminator == "patch" and crop // 2 ** m.d_layers < 3:
-        raise ConfigError(f"model.d_layers: a {m.d_layers}-layer PatchGAN needs crops of at least "
-                          f"{3 * 2 ** m.d_layers} px (data.crop_size is {crop}): lower d_layers")
+def crop_of(data: Any) -> tuple[int, int]:
+    """The crop (height, width): data.crop_height 0 means a square."""
+    return data.crop_height or data.crop_size, data.crop_size
+
+
+def _validate_geometry(data: Any, model: Any) -> None:
+    """The crop: multiples of the generator's size multiple, inside resize_and_crop's
+    square; device augmentation for the default geometry only."""
+    factor = model.size_multiple
+    for key, side in (("crop_size", data.crop_size), ("crop_height", data.crop_height)):
+        if side % factor:
+            raise ConfigError(f"data.{key}: {side} is not divisible by {factor} as "
+                              f"model.generator={model.generator} needs")
+    if data.preprocess == "resize_and_crop" and data.load_size < max(crop_of(data)):
+        raise ConfigError(f"data.load_size: {data.load_size} is smaller than the crop "
+                          f"{data.crop_size}x{crop_of(data)[0]} (data.crop_size x crop_height)")
+    if data.augment_on == "device" and data.preprocess != "resize_and_crop":
+        raise ConfigError(f"data.augment_on=device batches one resize for all images, which "
+                          f"data.preprocess={data.preprocess} does not have: use augment_on=worker")
+
+
+def check_discriminator(m: Any, side: int, what: str = "data.crop_size") -> None:
+    """A PatchGAN's strided convs must leave its coarsest scale >= 3 px on the smallest side
+    the networks see (`side`): its last norm needs more than one pixel, its logits at least
+    one. The start-up gate calls it again with the manifest's sizes for uncropped modes."""
+    if m.discriminator == "patch" and side // 2 ** m.d_layers < 3:
+        raise ConfigError(f"model.d_layers: a {m.d_layers}-layer PatchGAN needs images of at least "
+                          f"{3 * 2 ** m.d_layers} px a side ({what}: {side}): lower d_layers")
     if m.discriminator == "multiscale":
-        coarsest = -(-crop // 2 ** (m.num_d - 1))  # each pooling rounds up
+        coarsest = -(-side // 2 ** (m.num_d - 1))  # each pooling rounds up
         if coarsest // 2 ** m.d_layers < 3:
             raise ConfigError(f"model.num_d: {m.num_d} scales of a {m.d_layers}-layer PatchGAN need "
-                              f"crops of at least {3 * 2 ** (m.d_layers + m.num_d - 1)} px "
-                              f"(data.crop_size is {crop}): lower num_d or d_layers")
+                              f"images of at least {3 * 2 ** (m.d_layers + m.num_d - 1)} px a side "
+                              f"({what}: {side}): lower num_d or d_layers")
+
 
 
 def _validate_hd(cfg: Any) -> None:

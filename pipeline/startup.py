@@ -7,18 +7,21 @@ a fixed order, and the plan it then follows. Adding a refusal has one obvious pl
            on the launch's DeepSpeed JSON)
         3. the precision the launcher asks for (fp16 is refused)
         4. the inputs: the shards exist and hold their splits; model.init_from holds a
-           generator; pre-resized shards match data.load_size; the val metrics are here;
-           loss.lambda_vgg's VGG19 is here
+           generator; the val metrics are here; loss.lambda_vgg's VGG19 is here
+        5. the geometry (data.preprocess) against the train split's recorded image sizes:
+           pre-resized shards match it, images at least the crop, sizes a batch can hold
+           together, the discriminator on the smallest side (check_geometry)
     hold_run_folder(cfg)                   rank 0 holds the run folder's lease meanwhile
     start(cfg, launch, held) -> (Accelerator, RunPlan)   with the lease held:
-        5. the folder: a run there is refused or set aside (run_folder.prepare)
-        6. the mirror can be written
-        7. the processes: the world size as launched, config.validate_runtime (device and
+        6. the folder: a run there is refused or set aside (run_folder.prepare)
+        7. the mirror can be written
+        8. the processes: the world size as launched, config.validate_runtime (device and
            world size), host memory
-        8. the run folder is one that every rank shares
-        9. the checkpoint to resume (resume.choose: the newest intact one) and what it must
+        9. the run folder is one that every rank shares
+       10. the checkpoint to resume (resume.choose: the newest intact one) and what it must
            match: the architecture and the engine kind (another precision is warned about)
-       10. the batch layout, kept across world sizes (elastic.keep_global_batch)
+       11. the batch layout, kept across world sizes (elastic.keep_global_batch), and the
+           image sizes a batch of that size can hold (check_batchable again)
 
 The config's own checks (types, ranges, cross-field rules) run earlier, when it is parsed
 (pipeline/config.py). The RunPlan holds what the gate decided, for the trainer to read
@@ -59,10 +62,20 @@ from pipeline import (
     weights,
 )
 from pipeline.config import BatchLayout, Config, ConfigError, freeze, to_dict, validate_runtime
+from pipeline.config_checks import check_discriminator
+from pipeline.data.augmentation import Size
+from pipeline.data.format import SizeCount
 from pipeline.errors import CheckpointMismatch
 from pipeline.validation import metric_names
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainImages:
+    """What the train split's manifest says of its images, for the geometry checks."""
+    sizes: tuple[tuple[Size, SizeCount], ...] | None  # ((h, w), count), most common first
+    layout: str | None  # "pair", "separate", "mixed"; None: not recorded
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,7 @@ class Launch:
     engine: str  # "ddp" or "deepspeed" (engines.engine_kind)
     precision: precision.Precision
     metrics: tuple[str, ...]  # the validation metrics (empty: no val split)
+    images: TrainImages = TrainImages(None, None)
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,7 @@ class RunPlan:
     engine: str  # "ddp" or "deepspeed"
     metrics: tuple[str, ...]  # the validation metrics (empty: no val split)
     paths: RunPaths
+    data_layout: str | None = None  # the training pairs' source layout (generator.json's)
 
 
 def check_before_launch(cfg: Config) -> Launch:
@@ -112,7 +127,9 @@ def check_before_launch(cfg: Config) -> Launch:
     if chosen.used not in ("no", "bf16"):
         raise ConfigError(f"mixed precision {chosen.used!r} is not supported: use 'no' or 'bf16' "
                           "(fp16 would share one grad scaler between G and D)")
-    return Launch(engine, chosen, check_inputs(cfg))
+    metrics = check_inputs(cfg)
+    images = check_geometry(cfg)
+    return Launch(engine, chosen, metrics, images)
 
 
 def check_inputs(cfg: Config) -> tuple[str, ...]:
@@ -123,11 +140,6 @@ def check_inputs(cfg: Config) -> tuple[str, ...]:
     if source and not weights.has_generator(checkpoint.generator_folder(source)):
         raise ConfigError(f"model.init_from: {source} holds no generator (give a run folder, a "
                           "checkpoint step_N folder, a marker such as RUN/checkpoints/best, or an export)")
-    packed = data.packed_load_size(cfg.data.train)
-    if packed and packed != cfg.data.load_size:
-        raise ConfigError(f"data.load_size: {cfg.data.load_size}, but {cfg.data.train} holds pairs "
-                          f"already resized to {packed} x {packed} (shard.py --load-size {packed}): "
-                          f"pass --data.load_size={packed}, or use shards of the original images")
     names: tuple[str, ...] = ()
     if cfg.data.val:
         data.list_shards(cfg.data.val, cfg.data.val_split, key="data.val")
@@ -135,6 +147,90 @@ def check_inputs(cfg: Config) -> tuple[str, ...]:
     if cfg.loss.lambda_vgg and (why := realism.missing_vgg19(realism.weights_dir(cfg.eval.weights_dir))):
         raise realism.MetricsError(why)  # before any process starts; the trainer loads it once
     return names
+
+
+def check_geometry(cfg: Config) -> TrainImages:
+    """data.preprocess against the train split's images, as its manifest records them:
+    pre-resized shards match the geometry; every image is at least the crop; sizes that
+    cannot be batched together are refused (check_batchable); the discriminator fits the
+    smallest side of an uncropped mode. Nothing here decodes an image."""
+    manifest = data.manifest_of(cfg.data.train)
+    split = manifest.splits.get(cfg.data.train_split) if manifest else None
+    geometry = data.Geometry.of(cfg.data, cfg.model.size_multiple)
+    if manifest:
+        check_packed(cfg, manifest.options)
+    images = TrainImages(tuple(split.size_list()) if split and split.sizes is not None else None,
+                         _layout(split.layouts if split else None))
+    if geometry.preprocess == "resize_and_crop":
+        return images  # every image becomes load_size x load_size: nothing to check per size
+    if images.sizes is None:
+        raise ConfigError(f"data.preprocess={geometry.preprocess} needs the images' sizes, which "
+                          f"{cfg.data.train} does not record (packed by an older shard.py): pack "
+                          "it again with this version's shard.py, or use data.preprocess=resize_and_crop")
+    small = [(size, n) for size, n in images.sizes
+             if geometry.crops and _smaller(geometry.resize_target(size), geometry.crop)]
+    if small:
+        (h, w), count = small[0]
+        rh, rw = geometry.resize_target((h, w))
+        raise ConfigError(f"data.preprocess={geometry.preprocess}: {sum(n.samples for _, n in small)} "
+                          f"training images are smaller than the crop {geometry.crop[1]}x"
+                          f"{geometry.crop[0]} (e.g. {count.example}: {w}x{h}, resized to {rw}x{rh}): "
+                          "lower data.crop_size / data.crop_height, or choose a mode that scales "
+                          "them up (scale_shortside_and_crop)")
+    check_batchable(cfg, images)
+    if not geometry.crops:
+        side = min(min(geometry.train_size(size)) for size, _ in images.sizes)
+        check_discriminator(cfg.model, side, f"the smallest side data.preprocess={geometry.preprocess} gives")
+    return images
+
+
+def check_batchable(cfg: Config, images: TrainImages) -> None:
+    """With data.batch_size > 1 every training image must come out at one size (called
+    again once the batch layout is final: an elastic resume may raise the batch)."""
+    if images.sizes is None or cfg.data.batch_size == 1:
+        return
+    geometry = data.Geometry.of(cfg.data, cfg.model.size_multiple)
+    out: dict[Size, list[SizeCount]] = {}
+    for size, count in images.sizes:
+        out.setdefault(geometry.train_size(size), []).append(count)
+    if len(out) > 1:
+        (a, a_counts), (b, b_counts) = list(out.items())[:2]
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size}, but data.preprocess={geometry.preprocess} gives "
+            f"the training images {len(out)} sizes (e.g. {a[1]}x{a[0]} for {a_counts[0].example}, "
+            f"{b[1]}x{b[0]} for {b_counts[0].example}): pre-resize them (shard.py --load-size N "
+            "--preprocess MODE), use a crop mode (scale_width_and_crop), or data.batch_size=1")
+
+
+def check_packed(cfg: Config, options: dict) -> None:
+    """Shards pre-resized by shard.py --load-size N [--preprocess MODE] are used with the
+    same resize (a scale_width resize serves scale_width_and_crop as well)."""
+    packed = int(options.get("load_size") or 0)
+    if not packed:
+        return
+    mode = options.get("preprocess", "resize_and_crop")
+    same = {"scale_width_and_crop": "scale_width"}
+    if packed != cfg.data.load_size or same.get(mode, mode) != same.get(cfg.data.preprocess,
+                                                                         cfg.data.preprocess):
+        what = f"to {packed} x {packed} (shard.py --load-size {packed})" if mode == "resize_and_crop" \
+            else f"by shard.py --load-size {packed} --preprocess {mode}"
+        fix = f"--data.load_size={packed}" + \
+            (f" --data.preprocess={mode}" if mode != cfg.data.preprocess else "")
+        raise ConfigError(f"data.load_size={cfg.data.load_size} (data.preprocess={cfg.data.preprocess}), "
+                          f"but {cfg.data.train} holds pairs already resized {what}: pass {fix}, "
+                          "or use shards of the original images")
+
+
+def _smaller(size: Size, crop: Size) -> bool:
+    return size[0] < crop[0] or size[1] < crop[1]
+
+
+def _layout(layouts: dict[str, int] | None) -> str | None:
+    """"pair" or "separate" when every training pair was so at the source, else "mixed"."""
+    if not layouts:
+        return None
+    present = [name for name, n in layouts.items() if n]
+    return present[0] if len(present) == 1 else "mixed"
 
 
 def launch_rank() -> int:
@@ -170,10 +266,11 @@ def start(cfg: Config, launch: Launch, held: lease.Lease | None) -> tuple[Accele
     saved = check_resume(cfg, resume_from, launch, accelerator.is_main_process)
     layout = elastic.keep_global_batch(cfg, accelerator.num_processes, resume_from,
                                        deepspeed=launch.engine == "deepspeed", trainer=saved)
+    check_batchable(cfg, launch.images)  # the batch as decided
     paths = RunPaths.of(cfg.train.run_dir, accelerator.process_index)
     freeze(cfg)  # the config as the run uses it: nothing after start-up changes it
     return accelerator, RunPlan(cfg.train.resume, resume_from, layout, launch.precision,
-                                launch.engine, launch.metrics, paths)
+                                launch.engine, launch.metrics, paths, launch.images.layout)
 
 
 def check_resume(cfg: Config, path: str | None, launch: Launch,

@@ -62,7 +62,8 @@ class Trainer:
             cfg.data, rank=self.rank, world_size=self.world, seed=cfg.train.seed,
             in_channels=cfg.model.in_channels, out_channels=cfg.model.out_channels,
             have_batch_all_ranks=lambda flag: distributed.all_ranks(flag, accelerator.device),
-            gather_all_ranks=distributed.gather_objects, accumulate=cfg.train.grad_accum)
+            gather_all_ranks=distributed.gather_objects, accumulate=cfg.train.grad_accum,
+            multiple=cfg.model.size_multiple)
         self.evaluator = Evaluator(cfg, accelerator, self.engines, stop, plan.metrics, plan.paths.metrics)
         self.step = self.resumed_step = 0
         self.stop = stop  # installed first thing: a signal during set-up is kept too
@@ -151,7 +152,8 @@ class Trainer:
         snapshot = checkpoint.Snapshot(
             save_models=e.save, generator_state=e.generator_state_fp32(),
             discriminator_state=e.discriminator.state_dict(), data_state=self.loader.state_dict(),
-            config=to_dict(self.cfg), precision=self.plan.precision.used)
+            config=to_dict(self.cfg), precision=self.plan.precision.used,
+            data_layout=self.plan.data_layout)
         ranks = checkpoint.Ranks(self.rank, self.world, distributed.barrier,
                                  lambda flag: distributed.any_rank(flag, self.acc.device))
         path = checkpoint.save(self.cfg.train.run_dir, self.step, snapshot, ranks,

@@ -51,7 +51,7 @@ class Evaluator:
             world_size=acc.num_processes if world_size is None else world_size,
             in_channels=self.cfg.model.in_channels, out_channels=self.cfg.model.out_channels,
             batch_size=batch_size, max_images=max_images, seed=self.cfg.train.seed,
-            persistent=persistent)
+            persistent=persistent, multiple=self.cfg.model.size_multiple)
 
     def _first_val_batch(self):
         if not self.accelerator.is_main_process:

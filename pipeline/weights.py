@@ -3,7 +3,9 @@
 An export folder (also inside every checkpoint) holds:
     generator.safetensors   the generator's fp32 state dict (weights and buffers)
     generator.json          {"format": EXPORT_FORMAT, "version": 1, "step", "model": the
-                            ModelConfig fields, "data": direction, load_size, crop_size}
+                            ModelConfig fields, "data": TrainedOn's fields: direction,
+                            the geometry (preprocess, load_size, crop_size,
+                            crop_height, flip), the source layout}
 checkpoint.py and export.py both write it through `write_generator`; `read_generator`
 rebuilds the generator from it without the trainer, and hands out the metadata as a
 `GeneratorInfo` (typed: nothing else parses generator.json). Nothing else names these files.
@@ -31,10 +33,19 @@ WEIGHTS, META = "generator.safetensors", "generator.json"
 @dataclass(frozen=True)
 class TrainedOn:
     """generator.json's "data": what the generator learned on (None: not recorded, in a
-    file this project's trainer did not write)."""
+    file this project's trainer did not write, or an older one). The geometry's fields are
+    DataConfig's (pipeline/data/augmentation.py: Geometry.of reads them); `layout` is how
+    the training pairs were stored at the source ("pair": A|B images, "separate": input
+    and target files, "mixed"), from the manifest: p2p-translate's --split-pair auto."""
     direction: str = "AtoB"
     load_size: int | None = None
     crop_size: int | None = None
+    preprocess: str | None = None
+    crop_height: int | None = None
+    flip: bool | None = None
+    layout: str | None = None
+
+    GEOMETRY = ("direction", "preprocess", "load_size", "crop_size", "crop_height", "flip")
 
 
 @dataclass(frozen=True)
@@ -46,10 +57,11 @@ class GeneratorInfo:
     data: TrainedOn
 
     @classmethod
-    def of_run(cls, config: dict, step: int) -> GeneratorInfo:
-        """What a run's config (to_dict) says about its generator at `step`."""
-        data = {k: config["data"][k] for k in ("direction", "load_size", "crop_size")}
-        return cls(step, ModelConfig(**config["model"]), TrainedOn(**data))
+    def of_run(cls, config: dict, step: int, layout: str | None = None) -> GeneratorInfo:
+        """What a run's config (to_dict) says about its generator at `step`; `layout`: the
+        training data's source layout (TrainedOn)."""
+        data = {k: config["data"][k] for k in TrainedOn.GEOMETRY if k in config["data"]}
+        return cls(step, ModelConfig(**config["model"]), TrainedOn(**data, layout=layout))
 
     @classmethod
     def from_json(cls, meta: dict, where: str) -> GeneratorInfo:

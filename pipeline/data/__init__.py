@@ -17,13 +17,13 @@ processes would otherwise each import torch, ~1.7 s) imports no torch.
 import importlib
 
 _EXPORTS = {
-    "augmentation": ("augment", "augment_params", "chw", "derive_seed", "resize_u8",
+    "augmentation": ("CROPPING", "PREPROCESS", "Geometry", "augment", "chw", "derive_seed", "resize_u8",
                      "resize_u8_via_float", "to_unit_range"),
     "decode": ("BadSample", "decode_image", "decode_sample", "scale_16bit",
                "try_decode"),
     "eval_stream": ("make_eval_loader",),
     "format": ("IMAGE_EXTS", "MAX_IMAGE_PIXELS", "MANIFEST_MISMATCH", "Entry", "Manifest", "Skip"),
-    "shards": ("Shard", "count_samples", "expand_braces", "list_shards", "packed_load_size",
+    "shards": ("Shard", "count_samples", "expand_braces", "list_shards", "manifest_of", "packed_load_size",
                "read_entries", "read_range"),
     "stream.batch": ("to_device",),
     "stream.loader": ("TrainLoader", "Update", "make_train_loader"),

@@ -2,7 +2,9 @@
 once across all readers.
 
 The reference's test protocol: bicubic resize to crop_size, no crop, no flip, direction
-applied. The i-th sample evaluated (in manifest order) belongs to reader i % readers (a
+applied; for the other data.preprocess modes, each image at its geometry's eval_size (the
+scale without the crop, rounded: augmentation.py), a batch holding one size (a size
+change starts a new one). The i-th sample evaluated (in manifest order) belongs to reader i % readers (a
 reader is one worker of one rank): disjoint, complete, deterministic, unpadded.
 
 A cap (`max_images`, eval.max_images) picks its samples by their place in the manifest
@@ -19,7 +21,7 @@ from collections.abc import Iterator
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data.augmentation import chw, derive_seed, resize_u8, to_unit_range
+from pipeline.data.augmentation import Geometry, chw, derive_seed, resize_u8, to_unit_range
 from pipeline.data.decode import try_decode
 from pipeline.data.format import Entry
 from pipeline.data.shards import Shard, list_shards, read_entries
@@ -35,7 +37,8 @@ class _EvalStream(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: DataConfig, shards: list[Shard], rank: int, world_size: int, in_channels: int,
                  out_channels: int, batch_size: int,
-                 subset: list[int] | None = None):
+                 subset: list[int] | None = None, multiple: int = 1):
+        self.geometry = Geometry.of(cfg, multiple)
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
         self.in_channels, self.out_channels, self.batch_size = in_channels, out_channels, batch_size
         self.subset = subset  # manifest places to evaluate, sorted; None: all
@@ -66,8 +69,11 @@ class _EvalStream(torch.utils.data.IterableDataset):
             if reason is not None:
                 log.warning("val sample %s skipped: %s", entry.key, reason)
                 continue
-            samples.append((entry.key, [to_unit_range(resize_u8(chw(p), self.cfg.crop_size))[0]
-                                        for p in pair]))
+            size = self.geometry.eval_size(pair[0].shape[:2])
+            if samples and size != tuple(samples[-1][1][0].shape[-2:]):
+                yield _stack(samples)  # a batch holds one size: another size starts the next
+                samples = []
+            samples.append((entry.key, [to_unit_range(resize_u8(chw(p), size))[0] for p in pair]))
             if len(samples) == self.batch_size:
                 yield _stack(samples)
                 samples = []
@@ -96,19 +102,21 @@ def rank_share(images: int, rank: int, world_size: int, workers: int) -> int:
 
 def make_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, in_channels: int,
                      out_channels: int, batch_size: int | None = None,
-                     max_images: int = 0, seed: int = 0, persistent: bool = False) -> WorkerLoader:
+                     max_images: int = 0, seed: int = 0, persistent: bool = False,
+                     multiple: int = 1) -> WorkerLoader:
     """The val split (at most `max_images` of it, chosen by `seed`: eval_subset) for this
     rank: every sample exactly once across ranks (ranks may get different counts; sum
-    metrics across ranks). Reference test protocol: bicubic resize to crop_size, no crop,
-    no flip, direction applied. Re-iterable; batches are float [-1, 1] {"input", "target",
-    "key"} (no "aug": to_device only moves them); `.images` is how many the split gives
+    metrics across ranks). Reference test protocol: bicubic resize to crop_size (the
+    geometry's eval_size, `multiple` the generator's), no crop, no flip, direction
+    applied. Re-iterable; batches are float [-1, 1] {"input", "target", "key"} (no "aug":
+    to_device only moves them); `.images` is how many the split gives
     (by its manifest) and `.rank_images` this rank's share. `persistent`: its workers
     stay for the next iteration (the trainer's evaluations reuse one loader: no fork each)."""
     shards = list_shards(cfg.val, cfg.val_split, key="data.val")
     total = sum(s.samples for s in shards)
     subset = eval_subset(total, max_images, seed)
     dataset = _EvalStream(cfg, shards, rank, world_size, in_channels, out_channels,
-                          batch_size or cfg.batch_size, subset)
+                          batch_size or cfg.batch_size, subset, multiple)
     loader = WorkerLoader(dataset, cfg.num_workers, seed=0, persistent=persistent)
     loader.images = total if subset is None else len(subset)
     loader.rank_images = rank_share(loader.images, rank, world_size, cfg.num_workers)

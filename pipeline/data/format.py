@@ -189,11 +189,40 @@ class ShardInfo:
 
 
 @dataclass
+class SizeCount:
+    """How many of a split's pairs have one stored size (each half's), and one of them."""
+    samples: int
+    example: str  # a sample key
+
+
+@dataclass
 class SplitInfo:
     samples: int = 0
     bytes: int = 0
     rejected: int = 0
     shards: list[ShardInfo] = field(default_factory=list)
+    # {"WxH": SizeCount} of the stored pairs (width x height of each half, as packed);
+    # None: a manifest of an older shard.py, which did not record them
+    sizes: dict[str, SizeCount] | None = None
+    # {"pair" | "separate": pairs}: how the pairs were laid out at the source (an A|B
+    # image, or input and target files); None: not recorded
+    layouts: dict[str, int] | None = None
+
+    def size_list(self) -> list[tuple[tuple[int, int], SizeCount]]:
+        """[((height, width), SizeCount)] of `sizes`, most common first."""
+        sizes = [(parse_size(name), count) for name, count in (self.sizes or {}).items()]
+        return sorted(sizes, key=lambda item: (-item[1].samples, item[0]))
+
+
+def size_name(height: int, width: int) -> str:
+    """A size as the manifest names it: "WxH" (width first, as people write sizes)."""
+    return f"{width}x{height}"
+
+
+def parse_size(name: str) -> tuple[int, int]:
+    """"WxH" -> (height, width); ValueError if it is not one."""
+    width, height = name.split("x")
+    return int(height), int(width)
 
 
 @dataclass
@@ -276,7 +305,39 @@ def _split_info(name: str, info, where: str) -> SplitInfo:
                                 _count(entry.get("bytes", 0), f"{label} bytes", where)))
     return SplitInfo(_count(info.get("samples"), f"{where_split} samples", where),
                      _count(info.get("bytes", 0), f"{where_split} bytes", where),
-                     _count(info.get("rejected", 0), f"{where_split} rejected", where), shards)
+                     _count(info.get("rejected", 0), f"{where_split} rejected", where), shards,
+                     _sizes(info.get("sizes"), where_split, where),
+                     _layouts(info.get("layouts"), where_split, where))
+
+
+def _sizes(sizes, where_split: str, where: str) -> dict[str, SizeCount] | None:
+    """A split's "sizes": {"WxH": {"samples": n, "example": key}}, or None (not recorded)."""
+    if sizes is None:
+        return None
+    if not isinstance(sizes, dict):
+        raise DataError(f"{where}: {where_split} \"sizes\" must be an object")
+    checked = {}
+    for name, entry in sizes.items():
+        try:
+            height, width = parse_size(name)
+        except ValueError:
+            height = width = 0
+        if min(height, width) <= 0 or not isinstance(entry, dict) or \
+                not isinstance(entry.get("example"), str):
+            raise DataError(f"{where}: {where_split} sizes: {name!r}: {json.dumps(entry)} is not "
+                            "a \"WxH\": {\"samples\", \"example\"} entry")
+        checked[name] = SizeCount(_count(entry.get("samples"), f"{where_split} size {name} samples",
+                                         where), entry["example"])
+    return checked
+
+
+def _layouts(layouts, where_split: str, where: str) -> dict[str, int] | None:
+    if layouts is None:
+        return None
+    if not isinstance(layouts, dict) or not set(layouts) <= {"pair", "separate"}:
+        raise DataError(f"{where}: {where_split} \"layouts\" must map \"pair\" and "
+                        f"\"separate\" to counts, got {json.dumps(layouts)}")
+    return {name: _count(n, f"{where_split} layouts {name}", where) for name, n in layouts.items()}
 
 
 def _count(value, what: str, where: str) -> int:

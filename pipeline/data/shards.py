@@ -87,14 +87,23 @@ def _raw_images_hint(spec: str) -> str | None:
             f"`python data_tools/shard.py {spec} {dest}`, then pass {dest}")
 
 
-def packed_load_size(spec: str) -> int:
-    """The N of `shard.py --load-size N` the shards were packed with; 0 for originals."""
+def manifest_of(spec: str) -> Manifest | None:
+    """The manifest describing the shards of `spec`; None for a brace pattern with none
+    beside its shards (its sizes, layouts and packing options are then unknown). A
+    pattern's own shards are a part of the manifest's split: what it says of the split
+    (sizes) holds for them too, if more broadly."""
     folder = _folder(expand_braces(spec)[0]) if "{" in spec else \
         _folder(spec) if spec.endswith(".json") else spec
     url = storage.join(folder, MANIFEST)
     if "{" in spec and not storage.exists(url):
-        return 0
-    return int(Manifest.read(url).options.get("load_size") or 0)
+        return None
+    return Manifest.read(url)
+
+
+def packed_load_size(spec: str) -> int:
+    """The N of `shard.py --load-size N` the shards were packed with; 0 for originals."""
+    manifest = manifest_of(spec)
+    return int(manifest.options.get("load_size") or 0) if manifest else 0
 
 
 def _folder(url: str) -> str:

@@ -64,7 +64,7 @@ def test_cli_defaults_do_not_override_the_file(tmp_path):
     (["--model.norm=group"], "model.norm: 'group' is not one of batch, instance, none, syncbatch"),
     (["--data.crop_size=200", "--data.load_size=286"],
      "data.crop_size: 200 is not divisible by 256 as model.generator=unet_256 needs"),
-    (["--data.load_size=128"], "data.load_size: 128 is smaller than data.crop_size 256"),
+    (["--data.load_size=128"], "data.load_size: 128 is smaller than the crop 256x256"),
     (["--optim.lr=0"], "optim.lr=0.0 is out of range: expected a finite value > 0"),
     (["--data.num_workers=-1"], "data.num_workers=-1 is out of range: expected value >= 0"),
     (["--data.train=pipe:curl x"], "data.train: unsupported storage URL 'pipe:curl x': only local paths, "
@@ -123,7 +123,7 @@ def test_feature_matching_needs_the_multiscale_discriminator():
     assert cfg.model.num_d == 3
     with pytest.raises(ConfigError, match="model.num_d=0 is out of range: expected value >= 1"):
         from_cli(["--model.num_d=0"])
-    with pytest.raises(ConfigError, match="model.num_d: 3 scales of a 3-layer PatchGAN need crops of "
+    with pytest.raises(ConfigError, match="model.num_d: 3 scales of a 3-layer PatchGAN need images of "
                                           "at least 96"):
         from_cli(["--model.discriminator=multiscale", "--model.num_d=3", "--model.generator=resnet_6blocks",
                   "--data.crop_size=64",

@@ -40,8 +40,8 @@ def refusal(argv: list[str]) -> str:
     (["--model.in_channels=0"], "model.in_channels: 0 is not one of 1, 3"),
     (["--model.out_channels=2"], "model.out_channels: 2 is not one of 1, 3"),
     (["--model.d_layers=-1"], "model.d_layers=-1 is out of range: expected value >= 0"),
-    (["--model.d_layers=9"], "model.d_layers: a 9-layer PatchGAN needs crops of at least 1536 px "
-                             "(data.crop_size is 256): lower d_layers"),
+    (["--model.d_layers=9"], "model.d_layers: a 9-layer PatchGAN needs images of at least 1536 px "
+                             "a side (data.crop_size: 256): lower d_layers"),
     (["--optim.beta1=1.5"], "optim.beta1=1.5 is out of range: expected 0 <= value < 1"),
     (["--optim.beta2=1"], "optim.beta2=1.0 is out of range: expected 0 <= value < 1"),
     (["--optim.lr=nan"], "optim.lr=nan is out of range: expected a finite value > 0"),

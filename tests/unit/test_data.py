@@ -192,8 +192,9 @@ def test_augmentation_keeps_pairs_aligned_in_worker_and_on_device(tmp_path):
     params = raw["aug"].tolist()
     assert len({tuple(p[:2]) for p in params}) > 1 and {p[2] for p in params} == {0, 1}
     # the crop really is each key's: recompute one sample by hand
-    top, left, flip = data.augment_params(3, 0, batch["key"][0], worker)
-    manual = data.resize_u8(data.chw(sample_pixels(batch["key"][0])), 24)[0, :, top:top + 16,
+    pixels = sample_pixels(batch["key"][0])
+    top, left, flip = data.Geometry.of(worker).params(3, 0, batch["key"][0], pixels.shape[:2])
+    manual = data.resize_u8(data.chw(pixels), 24)[0, :, top:top + 16,
                                                                           left:left + 16]
     manual = manual.flip(-1) if flip else manual
     assert torch.equal(data.to_unit_range(manual), batch["input"][0])

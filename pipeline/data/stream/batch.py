@@ -10,32 +10,57 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data.augmentation import augment, augment_params, chw, resize_u8, to_unit_range
+from pipeline.data.augmentation import Geometry, augment, chw, resize_u8, to_unit_range
 from pipeline.data.stream.plan import StreamLayout
 from pipeline.data.stream.reader import Sample
+from pipeline.errors import DataError
 
 
 def collate(samples: list[Sample], layout: StreamLayout, epoch: int, device_augment: bool) -> dict:
     """Decoded samples -> a batch. Worker augmentation gives float [-1, 1] crops; device
-    augmentation gives uint8 images (their own size when the batch agrees on one, else
-    resized to load_size here) plus "aug" params for to_device."""
-    cfg = layout.cfg
+    augmentation (resize_and_crop only) gives uint8 images (their own size when the batch
+    agrees on one, else resized to load_size here) plus "aug" params for to_device."""
+    geometry = layout.geometry
     keys = [sample.key for sample in samples]
-    params = torch.tensor([augment_params(layout.seed, epoch, k, cfg) for k in keys])
+    params = torch.tensor([geometry.params(layout.seed, epoch, s.key, s.pair[0].shape[:2])
+                           for s in samples])
     halves = []
     for side in (0, 1):
-        images = [chw(sample.pair[side]) for sample in samples]
+        images = [_half(sample, side, geometry) for sample in samples]
         if not device_augment:
-            crops = [augment(im, params[i:i + 1], cfg) for i, im in enumerate(images)]
-            halves.append(to_unit_range(torch.cat(crops)))
+            crops = [augment(im, params[i:i + 1], geometry) for i, im in enumerate(images)]
+            halves.append(to_unit_range(_stack(crops, keys)))
         elif len({im.shape for im in images}) == 1:
             halves.append(torch.cat(images))
         else:
-            halves.append(torch.cat([resize_u8(im, cfg.load_size) for im in images]))
+            halves.append(torch.cat([resize_u8(im, geometry.load_size) for im in images]))
     batch = {"input": halves[0], "target": halves[1], "key": keys}
     if device_augment:
         batch["aug"] = params
     return batch
+
+
+def _half(sample: Sample, side: int, geometry: Geometry) -> torch.Tensor:
+    """One half as 1 x C x H x W. A target stored at another size than its input (a
+    shard.py --on-size-mismatch skip would have kept it out) is resized to the input's
+    first where the geometry depends on the stored size (every mode but resize_and_crop,
+    which brings both halves to one square as the reference does)."""
+    image = chw(sample.pair[side])
+    size = sample.pair[0].shape[:2]
+    if side == 1 and geometry.preprocess != "resize_and_crop" and tuple(image.shape[-2:]) != size:
+        return resize_u8(image, size)
+    return image
+
+
+def _stack(crops: list[torch.Tensor], keys: list[str]) -> torch.Tensor:
+    """One tensor of a batch's crops. Sizes that differ are refused at start-up from the
+    manifest's sizes (pipeline/startup.py); a manifest that misstates them ends here."""
+    sizes = {tuple(c.shape[-2:]) for c in crops}
+    if len(sizes) > 1:
+        raise DataError(f"a batch of {', '.join(keys[:4])} came out in sizes "
+                        f"{sorted(sizes)}, which the manifest did not record: pack the "
+                        "shards again with this version's shard.py, or set data.batch_size=1")
+    return torch.cat(crops)
 
 
 def merge(batches: list[dict], numbers: list[list[int]], cfg: DataConfig) -> dict:
@@ -50,8 +75,10 @@ def merge(batches: list[dict], numbers: list[list[int]], cfg: DataConfig) -> dic
         if name not in batches[0]:
             continue
         tensors = [batch[name] for batch in batches]
-        if name != "aug" and len({t.shape[1:] for t in tensors}) > 1:  # device augmentation, mixed sizes
-            tensors = [resize_u8(t, cfg.load_size) for t in tensors]
+        if name != "aug" and len({t.shape[1:] for t in tensors}) > 1:
+            if "aug" not in batches[0]:  # worker augmentation: sizes the manifest did not record
+                merged[name] = _stack(tensors, merged["key"])
+            tensors = [resize_u8(t, cfg.load_size) for t in tensors]  # device augmentation
         merged[name] = torch.cat(tensors)[index]
     return merged
 
@@ -66,6 +93,6 @@ def to_device(batch: dict, device, *, cfg: DataConfig, channels_last: bool,
     for name in ("input", "target"):
         images = batch[name].to(device, non_blocking=True)
         if "aug" in batch:
-            images = to_unit_range(augment(images, batch["aug"], cfg), dtype)
+            images = to_unit_range(augment(images, batch["aug"], Geometry.of(cfg)), dtype)
         out.append(images.to(dtype=dtype, memory_format=memory_format))
     return out[0], out[1]

@@ -68,7 +68,8 @@ class TrainLoader:
     def __init__(self, cfg: DataConfig, shards: list[Shard], *, rank: int, world_size: int,
                  seed: int, in_channels: int, out_channels: int,
                  have_batch_all_ranks: Callable[[bool], bool] | None,
-                 gather_all_ranks: Callable[[object], list] | None = None, accumulate: int = 1):
+                 gather_all_ranks: Callable[[object], list] | None = None, accumulate: int = 1,
+                 multiple: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if world_size > 1 and have_batch_all_ranks is None:
@@ -81,7 +82,7 @@ class TrainLoader:
         workers = max(1, cfg.num_workers)
         streams = cfg.streams or auto_streams(world_size * workers, sum(s.samples for s in shards))
         self.layout = StreamLayout(cfg, shards, seed, rank, world_size, workers, streams, in_channels,
-                                   out_channels, accumulate)
+                                   out_channels, accumulate, multiple)
         check_streams(self.layout)
         self.have_batch_all_ranks = have_batch_all_ranks or (lambda have_one: have_one)
         self.gather_all_ranks = gather_all_ranks or (None if world_size > 1 else lambda obj: [obj])
@@ -301,11 +302,13 @@ def make_train_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int,
                       in_channels: int, out_channels: int,
                       have_batch_all_ranks: Callable[[bool], bool] | None = None,
                       gather_all_ranks: Callable[[object], list] | None = None,
-                      accumulate: int = 1) -> TrainLoader:
+                      accumulate: int = 1, multiple: int = 1) -> TrainLoader:
     """The training stream of this rank (see TrainLoader). rank/world_size are explicit,
-    never read from the environment; do not pass the loader to accelerator.prepare()."""
+    never read from the environment; do not pass the loader to accelerator.prepare().
+    `multiple`: the generator's size multiple (model.size_multiple), what sizes the
+    uncropped data.preprocess modes give are rounded to."""
     shards = list_shards(cfg.train, cfg.train_split)
     return TrainLoader(cfg, shards, rank=rank, world_size=world_size, seed=seed,
                        in_channels=in_channels, out_channels=out_channels,
                        have_batch_all_ranks=have_batch_all_ranks, gather_all_ranks=gather_all_ranks,
-                       accumulate=accumulate)
+                       accumulate=accumulate, multiple=multiple)

@@ -11,7 +11,7 @@ from functools import cached_property
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.data.augmentation import derive_seed
+from pipeline.data.augmentation import Geometry, derive_seed
 from pipeline.data.shards import Shard
 
 # data.streams=0 on a fresh start: lcm(readers, AUTO_STREAMS), so that halving the world or a
@@ -83,6 +83,11 @@ class StreamLayout:
     in_channels: int
     out_channels: int
     accumulate: int = 1  # batches per optimiser update (train.grad_accum)
+    multiple: int = 1  # the generator's size multiple (uncropped sizes are rounded to it)
+
+    @cached_property
+    def geometry(self) -> Geometry:
+        return Geometry.of(self.cfg, self.multiple)
 
     @property
     def window(self) -> int:
