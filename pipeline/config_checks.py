@@ -150,6 +150,9 @@ def _validate_geometry(data: Any, model: Any) -> None:
     if data.preprocess == "resize_and_crop" and data.load_size < max(crop_of(data)):
         raise ConfigError(f"data.load_size: {data.load_size} is smaller than the crop "
                           f"{data.crop_size}x{crop_of(data)[0]} (data.crop_size x crop_height)")
+    if data.preprocess == "scale_width_and_crop" and data.crop_size > data.load_size:
+        raise ConfigError(f"data.crop_size: {data.crop_size} is wider than data.load_size "
+                          f"{data.load_size}, the width scale_width_and_crop gives every image")
     if data.augment_on == "device" and data.preprocess != "resize_and_crop":
         raise ConfigError(f"data.augment_on=device batches one resize for all images, which "
                           f"data.preprocess={data.preprocess} does not have: use augment_on=worker")
