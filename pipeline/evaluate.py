@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import html
 import io
 import json
@@ -312,6 +311,7 @@ def _main(argv: list[str]) -> int:
     device = accelerator.device
     set_test_mode(generator.to(device), args.dropout == "on", args.norm_stats == "batch")
     cfg, channels = eval_data(args, info)
+    channels["multiple"] = info.model.size_multiple
     realism = Realism(names, device, root)
     loader = make_eval_loader(cfg, rank=accelerator.process_index, world_size=accelerator.num_processes,
                               max_images=args.max_images, seed=args.seed, **channels)
@@ -340,9 +340,12 @@ def trained_precision(folder: str) -> str | None:
 
 def eval_data(args: argparse.Namespace, info) -> tuple:
     """(the DataConfig of the split to evaluate, the generator's channel counts), from the
-    generator's weights.GeneratorInfo: its direction and sizes."""
+    generator's weights.GeneratorInfo: its direction and geometry (data.preprocess,
+    load_size, crop_size, crop_height), so each image is evaluated at the eval size the
+    trainer's validation used; what an older generator.json does not record (preprocess)
+    keeps DataConfig's default, resize_and_crop, as those runs trained."""
     from pipeline.config import DataConfig
-    recorded = {k: v for k, v in dataclasses.asdict(info.data).items() if v is not None}
+    recorded = {k: getattr(info.data, k) for k in info.data.GEOMETRY if getattr(info.data, k) is not None}
     cfg = DataConfig(val=args.data, val_split=args.split, num_workers=args.num_workers,
                      batch_size=args.batch_size, **recorded)
     return cfg, {"in_channels": info.model.in_channels, "out_channels": info.model.out_channels}

@@ -16,8 +16,11 @@ Input x: N x in_channels x H x W float32 in [-1, 1] (RGB or gray), output y the 
 layout and range with out_channels. Any H and W: the graphs reflect-pad to the
 generator's size multiple inside (2**num_downs for a U-Net, 4 for a ResNet, 16 global, 32
 local) and crop back, as p2p-translate does, since a user's first image is rarely a
-multiple. They take images as given: resize to the run's scale (crop_size) first.
-docs/export.md: how to call them, with an onnxruntime example.
+multiple. They take images as given: resize each to the run's scale first, the eval size
+of its geometry (data.preprocess in generator.json and the ONNX metadata: crop_size x
+crop_size for resize_and_crop, width load_size keeping the aspect for scale_width, ...),
+as its validation and p2p-translate do. docs/export.md: how to call them, with an
+onnxruntime example that does.
 """
 from __future__ import annotations
 
@@ -35,10 +38,11 @@ import torch.fx.experimental._config as shape_config
 
 from pipeline import cli, storage, weights
 from pipeline.checkpoint import load_generator
+from pipeline.data import PREPROCESS
 from pipeline.errors import RunError, UserError
 from pipeline.models import size_multiple
 from pipeline.run_folder import check_out_folder
-from pipeline.translate_geometry import AnySize
+from pipeline.translate_geometry import AnySize, run_geometry, scale_phrase
 from pipeline.weights import GeneratorInfo
 
 log = logging.getLogger(__name__)
@@ -177,15 +181,18 @@ def check_onnx(model: torch.nn.Module, path: str, channels: int, multiple: int,
 
 
 def interface(info: GeneratorInfo, smallest: int) -> str:
-    """One line on how to call the graph exports."""
-    model, crop = info.model, info.data.crop_size
+    """One line on how to call the graph exports, with the run's scale: the graphs take
+    any size, so nothing else tells the caller which one the generator learnt."""
+    model, multiple = info.model, size_multiple(info.model.generator)
     colours = {1: "gray", 3: "RGB"}
     sides = "any H and W" + (f" >= {smallest}" if smallest > 1 else "")
+    geometry = run_geometry(info.data, multiple)
+    scale = f"; the run's scale: inputs {scale_phrase(geometry)} (data.preprocess " \
+            f"{geometry.preprocess})" if geometry and geometry.preprocess in PREPROCESS else ""
     return (f"input x: N x {model.in_channels} ({colours.get(model.in_channels, 'channels')}) "
             f"x H x W float32 in [-1, 1], {sides} (reflect-padded inside to multiples of "
-            f"{size_multiple(model.generator)}); output y: N x {model.out_channels} x H x W "
-            f"in [-1, 1]" + (f"; the run's scale: resize inputs to {crop}x{crop}" if crop else "")
-            + " (docs/export.md)")
+            f"{multiple}); output y: N x {model.out_channels} x H x W in [-1, 1]{scale}"
+            " (docs/export.md)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -6,12 +6,14 @@ At the run's scale by default: a generator learns one scale of detail, so an inp
 another size than the training images is, to it, another kind of picture (600 px
 photos that training resized to 286 px, translated as they are, are at 2.1x its scale).
 Each input (the input half of an A|B pair) is resized as the trainer's validation and
-p2p-evaluate resize it, bicubic and antialiased to crop_size x crop_size from the
-checkpoint's generator.json (a non-square input is squashed, as training squashes it to
-load_size x load_size), so the output is what evaluation measured; it is then resized
-back to the input's own size. --input-size asks for another scale: train (load_size,
-training's resize before its crops), native (as it is) or N pixels, the last two with a
-warning; --output-size translated keeps the output at the size it was translated at.
+p2p-evaluate resize it, bicubic and antialiased to the eval size of the run's geometry
+from the checkpoint's generator.json (data.preprocess: crop_size x crop_size for
+resize_and_crop, the default and older files', a non-square input squashed as training
+squashed it; width load_size keeping the aspect for scale_width, ...), so the output is
+what evaluation measured; it is then resized back to the input's own size and shape.
+--input-size asks for another scale: train (training's resize before its crops), native
+(as it is) or N (N x N pixels), the last two with a warning; --output-size translated
+keeps the output at the size it was translated at.
 
 Any size: an image is padded by reflection to a multiple of the generator's size
 multiple (2**num_downs for a U-Net, which halves it num_downs times; 4 for a ResNet),
@@ -69,9 +71,14 @@ from pipeline.progress import Progress
 from pipeline.run_folder import check_out_folder
 from pipeline.translate_geometry import (
     Forward,
+    InputScale,
     check_tiling,
+    crop_side,
     default_tile,
-    input_side,
+    input_half,
+    input_scale,
+    is_pair_image,
+    pair_rule,
     parse_input_size,
     resize_back,
     run_tiled,
@@ -169,31 +176,23 @@ def output_name(name: str) -> str:
     return name.rsplit(".", 1)[0] + ".png"
 
 
-def is_pair_image(pixels: np.ndarray, split_pair: str) -> bool:
-    """--split-pair: auto takes an image exactly twice as wide as high for an A|B pair
-    (input and target side by side, the reference's aligned layout, as in its datasets)."""
-    height, width = pixels.shape[:2]
-    return split_pair == "yes" or split_pair == "auto" and width == 2 * height
-
-
-def input_half(pixels: np.ndarray, direction: str) -> np.ndarray:
-    """The half of an A|B image the generator takes: A (left) for AtoB, B for BtoA."""
-    half = pixels.shape[1] // 2
-    return pixels[:, :half] if direction == "AtoB" else pixels[:, half:]
-
-
 def read_images(files: list, shard_lists: list, info: GeneratorInfo, max_pixels: int,
                 split_pair: str = "auto") -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     """(name, uint8 HxWxC network input, None) per image, or (name, None, reason) for one
     that cannot be used: bad data never raises out of here. An image file that is an A|B
     pair (is_pair_image) gives its input half; the count is logged at the end."""
-    channels, pairs = info.model.in_channels, 0
+    channels, pairs, layout = info.model.in_channels, 0, info.data.layout
+    if files and split_pair == "auto" and layout not in ("pair", "separate"):
+        recorded = "records its training data as mixed A|B pairs and separate files" \
+            if layout == "mixed" else "records no source layout (generator.json data.layout)"
+        log.info(f"{prog()}: --split-pair auto: the run {recorded}: an image exactly twice as "
+                 "wide as high is taken for an A|B pair (--split-pair yes/no decide instead)")
     for url, name in files:
         pixels, reason = None, None
         try:
             pixels = decode_image(storage.read_bytes(url), url.rsplit(".", 1)[-1].lower(),
                                   channels, max_pixels)
-            if is_pair_image(pixels, split_pair):
+            if is_pair_image(pixels, split_pair, layout):
                 if pixels.shape[1] < 2:
                     raise BadSample(f"cannot_split ({pixels.shape[1]} pixel wide: no input|target "
                                     "halves; --split-pair no translates it whole)")
@@ -207,8 +206,9 @@ def read_images(files: list, shard_lists: list, info: GeneratorInfo, max_pixels:
         yield name, pixels, reason
     if pairs:
         side = "left (A)" if info.data.direction == "AtoB" else "right (B)"
-        log.info(f"{prog()}: {pairs} image(s) were A|B pairs (width = 2 x height): translated "
-                 f"their {side} half, the generator's input; --split-pair no translates them whole")
+        log.info(f"{prog()}: {pairs} image(s) were A|B pairs ({pair_rule(split_pair, layout)}): "
+                 f"translated their {side} half, the generator's input; --split-pair no "
+                 "translates them whole")
     cfg = DataConfig(direction=info.data.direction, max_image_pixels=max_pixels)
     for shards in shard_lists:
         for record in read_entries(shards):
@@ -223,16 +223,16 @@ def read_images(files: list, shard_lists: list, info: GeneratorInfo, max_pixels:
 # --------------------------------------------------------------------------- the loop
 
 class Translator:
-    """Images in, PNGs out: each resized to `side` x `side` (None: as it is), equal-sized
-    small images batched whole, large ones tiled; outputs resized back to their input's
-    own size when `keep_size`."""
+    """Images in, PNGs out: each resized to `scale`'s target for its size (None: as it
+    is), equal-sized small images batched whole, large ones tiled; outputs resized back to
+    their input's own size when `keep_size`."""
 
     def __init__(self, forward: Forward, out: str, *, multiple: int, tile: int, overlap: int,
                  batch_size: int, max_whole_pixels: int, existing: set[str] = frozenset(),
-                 side: int | None = None, keep_size: bool = True):
+                 scale: InputScale = InputScale(None, ""), keep_size: bool = True):
         self.forward, self.out, self.multiple = forward, out, multiple
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
-        self.max_whole_pixels, self.side, self.keep_size = max_whole_pixels, side, keep_size
+        self.max_whole_pixels, self.scale, self.keep_size = max_whole_pixels, scale, keep_size
         self.pending: list[tuple[str, torch.Tensor, tuple | None]] = []
         self.done, self.tiled, self.kept, self.skipped = 0, 0, 0, Counter()
         self.existing, self.taken = existing, set()  # outputs there before, names of this run
@@ -252,7 +252,7 @@ class Translator:
 
     def add(self, name: str, pixels: np.ndarray) -> None:
         back = pixels.shape[:2] if self.keep_size else None
-        image = to_network(pixels, self.side)
+        image = to_network(pixels, self.scale.target(pixels.shape[:2]))
         if image.shape[-2] * image.shape[-1] > self.max_whole_pixels:
             self.tiled += 1
             output = run_tiled(self.forward, image, self.tile, self.overlap, self.batch_size)
@@ -309,25 +309,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-whole-pixels", type=int, default=2048 * 2048,
                         help="images with more pixels are tiled (0: tile every image; default: 2048*2048)")
     parser.add_argument("--tile", type=int, default=0,
-                        help="tile side in pixels (default 0: twice the training crop)")
+                        help="tile side in pixels (default 0: twice the training crop's larger side)")
     parser.add_argument("--overlap", type=float, default=0.5,
                         help="tile overlap as a fraction of the tile, >= 0.25 (default: 0.5)")
     parser.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
                         help="skip images with more pixels than this (decompression-bomb guard)")
     parser.add_argument("--input-size", type=parse_input_size, default="eval", metavar="SIZE",
                         help="the scale inputs are translated at: eval, the run's (each input "
-                             "resized to data.crop_size x crop_size from generator.json, as the "
-                             "trainer's validation and p2p-evaluate resize: the output is what "
-                             "they measured); train: to data.load_size, the size training cropped "
+                             "resized to the eval size of the run's geometry in generator.json, "
+                             "data.preprocess: crop_size x crop_size for resize_and_crop, width "
+                             "load_size keeping the aspect for scale_width, ...; as the trainer's "
+                             "validation and p2p-evaluate resize: the output is what they "
+                             "measured); train: training's resize, the size its crops were cut "
                              "from; native: as it is (another scale than training's: a warning); "
                              "N: to N x N pixels (default: eval)")
     parser.add_argument("--output-size", choices=("input", "translated"), default="input",
                         help="input: each output resized back to its input's own size (default); "
                              "translated: as the generator gave it, at --input-size")
     parser.add_argument("--split-pair", choices=("auto", "yes", "no"), default="auto",
-                        help="image files holding input|target side by side: auto takes an image "
-                             "exactly twice as wide as high for such a pair and translates its "
-                             "input half (as shards of A|B pairs are read); yes: every image; no: "
+                        help="image files holding input|target side by side: auto follows the "
+                             "run's recorded source layout (generator.json data.layout: pair, "
+                             "every image is one; separate, none is), else takes an image exactly "
+                             "twice as wide as high for such a pair; a pair's input half is "
+                             "translated (as shards of A|B pairs are read); yes: every image; no: "
                              "translate whole images (default: auto)")
     parser.add_argument("--overwrite", action="store_true",
                         help="translate again the inputs whose output is already in --out "
@@ -336,23 +340,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-REFERENCE_CROP = 256  # the default tile's base for a generator.json without data.crop_size
-
-
 def make_translator(args: argparse.Namespace, generator: torch.nn.Module, info: GeneratorInfo,
                     total: int, existing: set[str]) -> Translator:
     """The Translator the options describe, the generator on its device and test mode;
     logs the scale (a warning when it is not the run's) and the run's settings."""
     multiple = size_multiple(info.model.generator)
-    crop = info.data.crop_size
-    tile = args.tile or default_tile(crop or REFERENCE_CROP, multiple)
+    tile = args.tile or default_tile(crop_side(info.data), multiple)
     overlap = round(args.overlap * tile)
-    check_tiling(tile, overlap, crop or multiple, multiple)
-    side, scale, other_scale = input_side(info.data, args.input_size)
-    keep_size = args.output_size == "input" and side is not None
+    check_tiling(tile, overlap, crop_side(info.data) if info.data.crop_size else multiple, multiple)
+    scale = input_scale(info.data, multiple, args.input_size)
+    keep_size = args.output_size == "input" and scale.rule is not None
     outputs = "outputs resized back to each input's own size" if keep_size else \
-        f"outputs kept at {side}x{side}" if side else "outputs at each input's own size"
-    (log.warning if other_scale else log.info)(f"{prog()}: {scale}; {outputs}")
+        "outputs kept at the size translated at" if scale.rule else "outputs at each input's own size"
+    (log.warning if scale.other else log.info)(f"{prog()}: {scale.said}; {outputs}")
     device = pick_device(args.device)
     mixed_precision, notice = precision.for_inference(args.bf16, device.type)
     if notice:
@@ -365,7 +365,7 @@ def make_translator(args: argparse.Namespace, generator: torch.nn.Module, info: 
     # batch statistics mix the images of a batch: one per forward keeps them per image
     return Translator(make_forward(generator, device, bf16), args.out, multiple=multiple,
                       tile=tile, overlap=overlap, batch_size=1 if batch_stats else args.batch_size,
-                      max_whole_pixels=args.max_whole_pixels, existing=existing, side=side,
+                      max_whole_pixels=args.max_whole_pixels, existing=existing, scale=scale,
                       keep_size=keep_size)
 
 

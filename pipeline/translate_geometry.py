@@ -11,21 +11,24 @@ what translate.py computes. Both paddings are the same signal: the image mirrore
 its edge pixels, repeated (replicated for a side of one pixel).
 
 The scale helpers pick the size translate.py brings each input to (by default the run's
-scale: the trainer's validation protocol, bicubic and antialiased to crop_size x crop_size
+scale: the trainer's validation protocol, the eval size of the run's geometry,
+pipeline/data/augmentation.py's Geometry from generator.json, bicubic and antialiased
 with pipeline/data/eval_stream.py's own calls, so the output is what evaluation measured;
-see input_side), and resize the output back to the input's own size.
+see input_scale), and resize the output back to the input's own size. The pair helpers
+decide which image files are A|B pairs (--split-pair) and take their input half.
 """
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import chw, resize_u8, to_unit_range
+from pipeline.data.augmentation import PREPROCESS, Geometry, Size, chw, resize_u8, to_unit_range
 from pipeline.errors import UserError
 from pipeline.weights import TrainedOn
 
@@ -143,9 +146,41 @@ def check_tiling(tile: int, overlap: int, crop_size: int, multiple: int) -> None
                          "and smaller than the tile")
 
 
+# --------------------------------------------------------------------------- A|B pairs
+
+def is_pair_image(pixels: np.ndarray, split_pair: str, layout: str | None = None) -> bool:
+    """--split-pair: auto follows the run's recorded source layout (generator.json
+    data.layout: "pair", its training pairs were A|B images, so are its inputs; "separate",
+    whole images), else (none recorded, or "mixed") takes an image exactly twice as wide as
+    high for an A|B pair (the reference's aligned layout, as in its datasets): a run on 2:1
+    street scenes must not have its inputs halved, a run on 3:1 A|B pairs must."""
+    if split_pair != "auto":
+        return split_pair == "yes"
+    if layout in ("pair", "separate"):
+        return layout == "pair"
+    height, width = pixels.shape[:2]
+    return width == 2 * height
+
+
+def pair_rule(split_pair: str, layout: str | None) -> str:
+    """Why images were taken for A|B pairs, for the log (is_pair_image's rule)."""
+    if split_pair == "yes":
+        return "--split-pair yes"
+    if layout == "pair":
+        return "the run trained on A|B pair images: generator.json data.layout pair"
+    return "width = 2 x height"
+
+
+def input_half(pixels: np.ndarray, direction: str) -> np.ndarray:
+    """The half of an A|B image the generator takes: A (left) for AtoB, B for BtoA."""
+    half = pixels.shape[1] // 2
+    return pixels[:, :half] if direction == "AtoB" else pixels[:, half:]
+
+
 # --------------------------------------------------------------------------- scale
 
 SCALES = ("eval", "train", "native")
+REFERENCE_CROP = 256  # the default tile's base for a generator.json without data.crop_size
 
 
 def parse_input_size(text: str) -> str | int:
@@ -159,39 +194,126 @@ def parse_input_size(text: str) -> str | int:
     return side
 
 
-def input_side(data: TrainedOn, asked: str | int) -> tuple[int | None, str, bool]:
-    """(the side each input is resized to, None for its own size; the log line saying
-    so; whether that line is a warning: a scale other than the run's). The run's scale is
-    its validation's: crop_size x crop_size, which evaluation measured; `train` is the
-    load_size its random crops were cut from."""
-    crop, load = data.crop_size, data.load_size
-    if crop is None or load is None:  # not written by this project's trainer
+def wxh(size: Size) -> str:
+    """(h, w) as an image size is written: width x height."""
+    return f"{size[1]}x{size[0]}"
+
+
+def crop_side(data: TrainedOn) -> int:
+    """The larger side of the training crop (data.crop_size, data.crop_height): the
+    default tile's base and its least side, so that a tile holds what the networks saw."""
+    return max(data.crop_size or 0, data.crop_height or 0) or REFERENCE_CROP
+
+
+@dataclass(frozen=True)
+class InputScale:
+    """What translate.py brings each input to: `rule` maps an input's (h, w) to the size it
+    is translated at (None: its own), which depends on the input's aspect in the aspect-
+    keeping modes; `said` is the log line saying so and why, a warning when `other` (a
+    scale the generator was not trained at)."""
+    rule: Callable[[Size], Size] | None
+    said: str
+    other: bool = False
+
+    def target(self, size: Size) -> Size | None:
+        return None if self.rule is None else tuple(self.rule(tuple(size)))
+
+
+def scale_phrase(geometry: Geometry, which: str = "eval") -> str:
+    """How Geometry.eval_size ("eval") or resize_target ("train") sizes an image, in words."""
+    mode, load, multiple = geometry.preprocess, geometry.load_size, geometry.multiple
+    rounds = multiple > 1 and (which == "eval" or not geometry.crops)
+    rounding = f", each side rounded to a multiple of {multiple}" if rounds else ""
+    if mode == "resize_and_crop":
+        return f"resized to {load}x{load}" if which == "train" else f"resized to {wxh(geometry.crop)}"
+    if mode in ("scale_width", "scale_width_and_crop"):
+        return f"resized to width {load}, the aspect kept{rounding}"
+    if mode == "scale_shortside_and_crop":
+        return f"resized to short side {load}, the aspect kept{rounding}"
+    return f"at their own size{rounding}"  # crop, none
+
+
+def protocol(geometry: Geometry) -> str:
+    """The run's geometry in a few words, for the log line's parenthesis."""
+    crop = wxh(geometry.crop)
+    if geometry.preprocess == "resize_and_crop":
+        load = geometry.load_size
+        return f"its validation resized inputs to {crop}; training to {load}x{load}, then cropped {crop}"
+    return (f"data.preprocess {geometry.preprocess}, load_size {geometry.load_size}, " +
+            (f"training cropped {crop}" if geometry.crops else "uncropped in training"))
+
+
+def run_geometry(data: TrainedOn, multiple: int) -> Geometry | None:
+    """The run's Geometry from generator.json (None: it records no load_size and
+    crop_size); a missing data.preprocess is resize_and_crop, older files' behaviour."""
+    if data.crop_size is None or data.load_size is None:
+        return None
+    return Geometry.of(data, multiple)
+
+
+def known(geometry: Geometry | None) -> Geometry | None:
+    """`geometry`, refused in one line if its data.preprocess is none this code knows (a
+    newer version's), rather than sizing inputs by a guess."""
+    if geometry is not None and geometry.preprocess not in PREPROCESS:
+        raise UserError(f"generator.json data.preprocess {geometry.preprocess!r}: not one this "
+                        f"code knows ({', '.join(PREPROCESS)}); written by a newer version?")
+    return geometry
+
+
+def input_scale(data: TrainedOn, multiple: int, asked: str | int) -> InputScale:
+    """The size each input is translated at, by --input-size: eval, the run's scale
+    (Geometry.eval_size: what its validation and p2p-evaluate measured), train
+    (resize_target: what its random crops were cut from), native, or N x N."""
+    geometry = known(run_geometry(data, multiple))
+    if geometry is None:  # not written by this project's trainer
         side = asked if isinstance(asked, int) else None
-        return side, ("generator.json records no data.crop_size and data.load_size (the "
-                      "run's scale): inputs translated at " +
-                      (f"{side}x{side}" if side else "their own size, as before")), False
-    protocol = f"its validation resized inputs to {crop}x{crop}; training to {load}x{load}, " \
-               f"then cropped {crop}x{crop}"
+        return InputScale(square(side), "generator.json records no data.crop_size and "
+                          "data.load_size (the run's scale): inputs translated at " +
+                          (f"{side}x{side}" if side else "their own size, as before"))
+    why = protocol(geometry)
     if asked == "eval":
-        return crop, (f"inputs resized to {crop}x{crop}, the run's scale as its validation "
-                      f"and p2p-evaluate resize them (data.crop_size; training resized to "
-                      f"{load}x{load}, then cropped {crop}x{crop})"), False
+        if geometry.preprocess == "resize_and_crop":
+            crop, load = wxh(geometry.crop), geometry.load_size
+            why = f"data.crop_size; training resized to {load}x{load}, then cropped {crop}"
+        return InputScale(geometry.eval_size, f"inputs {scale_phrase(geometry)}, the run's scale "
+                          f"as its validation and p2p-evaluate resize them ({why})")
     if asked == "train":
-        return load, f"inputs resized to {load}x{load}, training's resize ({protocol})", False
+        crops = " before its crops" if geometry.crops else ""
+        return InputScale(geometry.resize_target, f"inputs {scale_phrase(geometry, 'train')}, "
+                          f"training's resize{crops} ({why})")
     if asked == "native":
-        return None, (f"--input-size native: inputs translated at their own size, not at the "
-                      f"run's scale ({protocol}): other sizes are scales it was not trained at"), True
-    if asked in (crop, load):
-        return asked, f"inputs resized to {asked}x{asked} ({protocol})", False
-    return asked, (f"--input-size {asked}: inputs resized to {asked}x{asked}, {asked / crop:.3g}x "
-                   f"the run's scale ({protocol}): a scale it was not trained at"), True
+        if geometry.preprocess in ("crop", "none"):  # the run's scale, unrounded
+            return InputScale(None, f"--input-size native: inputs translated at their own size, "
+                              f"the scale the run trained at ({why})")
+        return InputScale(None, f"--input-size native: inputs translated at their own size, not "
+                          f"at the run's scale ({why}): other sizes are scales it was not "
+                          "trained at", True)
+    return side_scale(geometry, asked, why)
 
 
-def to_network(pixels: np.ndarray, side: int | None) -> torch.Tensor:
-    """uint8 HxWxC -> 1 x C x H x W float in [-1, 1], resized to side x side if given as
+def side_scale(geometry: Geometry, side: int, why: str) -> InputScale:
+    """--input-size N: every input to N x N, today's meaning (a square whatever the
+    run's geometry): a warning unless the run's own resize or validation was that square."""
+    said = f"inputs resized to {side}x{side}"
+    if geometry.preprocess != "resize_and_crop":
+        return InputScale(square(side), f"--input-size {side}: {said}, not the run's scale "
+                          f"({why}): another aspect is squashed, and other sizes are scales it "
+                          "was not trained at", True)
+    if (side, side) in (geometry.crop, (geometry.load_size,) * 2):
+        return InputScale(square(side), f"{said} ({why})")
+    return InputScale(square(side), f"--input-size {side}: {said}, {side / geometry.crop[1]:.3g}x "
+                      f"the run's scale ({why}): a scale it was not trained at", True)
+
+
+def square(side: int | None) -> Callable[[Size], Size] | None:
+    return None if side is None else lambda _: (side, side)
+
+
+def to_network(pixels: np.ndarray, size: Size | None) -> torch.Tensor:
+    """uint8 HxWxC -> 1 x C x H x W float in [-1, 1], resized to `size` (h, w) if given as
     the trainer's validation resizes (pipeline/data/eval_stream.py: the same calls)."""
     image = chw(pixels)
-    return to_unit_range(resize_u8(image, side) if side else image)
+    return to_unit_range(resize_u8(image, size) if size else image)
 
 
 def resize_back(output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

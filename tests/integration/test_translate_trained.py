@@ -68,7 +68,8 @@ def test_cli_translates_files_folders_and_shards_of_odd_sizes_skipping_a_corrupt
     out = tmp_path / "out"
     code = main(["--checkpoint", trained_run["checkpoint"], str(folder), big, trained_run["shards"],
                  "--out", str(out), "--dropout", "off", "--norm-stats", "running",
-                 "--max-whole-pixels", "50000", "--quiet", "--input-size", "native"])
+                 "--max-whole-pixels", "50000", "--quiet", "--input-size", "native",
+                 "--split-pair", "no"])  # whole images, though the run trained on A|B pairs
     captured = capsys.readouterr()
     assert code == 2, captured  # something was skipped, all else written
     assert "skipped broken.jpg: corrupt_image" in captured.err
@@ -91,7 +92,7 @@ def test_a_4096_square_image_is_tiled_on_cpu(trained_run, tmp_path, capsys):
     start = time.perf_counter()
     assert main(["--checkpoint", trained_run["checkpoint"], image, "--out", str(tmp_path / "out"),
                  "--dropout", "off", "--norm-stats", "running", "--overlap", "0.25", "--quiet",
-                 "--input-size", "native"]) == 0
+                 "--input-size", "native", "--split-pair", "no"]) == 0
     print(f"4096x4096 tiled in {time.perf_counter() - start:.1f} s")
     assert "(1 tiled)" in capsys.readouterr().out
     assert Image.open(tmp_path / "out" / "huge.png").size == (4096, 4096)
