@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.augmentation import PREPROCESS, Geometry, Size, chw, resize_u8, to_unit_range
+from pipeline.data.augmentation import Geometry, Size, chw, resize_u8, to_unit_range
 from pipeline.errors import UserError
 from pipeline.weights import TrainedOn
 
@@ -251,20 +251,11 @@ def run_geometry(data: TrainedOn, multiple: int) -> Geometry | None:
     return Geometry.of(data, multiple)
 
 
-def known(geometry: Geometry | None) -> Geometry | None:
-    """`geometry`, refused in one line if its data.preprocess is none this code knows (a
-    newer version's), rather than sizing inputs by a guess."""
-    if geometry is not None and geometry.preprocess not in PREPROCESS:
-        raise UserError(f"generator.json data.preprocess {geometry.preprocess!r}: not one this "
-                        f"code knows ({', '.join(PREPROCESS)}); written by a newer version?")
-    return geometry
-
-
 def input_scale(data: TrainedOn, multiple: int, asked: str | int) -> InputScale:
     """The size each input is translated at, by --input-size: eval, the run's scale
     (Geometry.eval_size: what its validation and p2p-evaluate measured), train
     (resize_target: what its random crops were cut from), native, or N x N."""
-    geometry = known(run_geometry(data, multiple))
+    geometry = run_geometry(data, multiple)  # an unknown preprocess: refused by GeneratorInfo
     if geometry is None:  # not written by this project's trainer
         side = asked if isinstance(asked, int) else None
         return InputScale(square(side), "generator.json records no data.crop_size and "

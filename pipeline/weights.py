@@ -23,6 +23,7 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline import storage
 from pipeline.config import ModelConfig
+from pipeline.data.augmentation import PREPROCESS
 from pipeline.errors import CheckpointMismatch
 from pipeline.models import build_generator
 
@@ -74,6 +75,10 @@ class GeneratorInfo:
             data = TrainedOn(**meta.get("data", {}))
         except (TypeError, KeyError) as err:
             raise CheckpointMismatch(f"{where}: a model config this code cannot build: {err}") from None
+        if data.preprocess is not None and data.preprocess not in PREPROCESS:
+            raise CheckpointMismatch(f"{where}: data.preprocess {data.preprocess!r} is not one this "
+                                     f"version knows ({', '.join(PREPROCESS)}): use the version "
+                                     "that trained it")
         return cls(meta.get("step"), model, data)
 
     def to_json(self) -> dict:
