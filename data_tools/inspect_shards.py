@@ -6,7 +6,8 @@ Streams every shard listed in the manifest: sample counts and bytes must match i
 must the splits' totals; no .tar may be left unlisted, no name point outside DEST; every
 sample must be complete (KEY.json + KEY.pair.EXT or KEY.input.EXT and KEY.target.EXT);
 the first N samples of each split are decoded by the trainer's policy (A|B pairs split
-at "split_x") and their sizes reported. Exits 2 on any unreadable or inconsistent shard
+at "split_x") and their sizes reported, with the stored sizes and source layouts the
+manifest records (what the trainer's start-up check reads). Exits 2 on any unreadable or inconsistent shard
 (each problem listed), and on a manifest the trainer refuses (a shard listed twice, an
 unknown format_version, a count that is no whole number: format.Manifest.read).
 """
@@ -17,7 +18,14 @@ import tarfile
 
 from pipeline import cli, storage
 from pipeline.data.decode import decode_image
-from pipeline.data.format import MANIFEST, MAX_IMAGE_PIXELS, Manifest, Samples
+from pipeline.data.format import (
+    MANIFEST,
+    MAX_IMAGE_PIXELS,
+    Manifest,
+    Samples,
+    SplitInfo,
+    size_name,
+)
 from pipeline.errors import DataError
 
 
@@ -100,7 +108,38 @@ def inspect(dest: str, decode: int) -> list[str]:
         print(f"{split}: {len(info.shards)} shards, {found}/{info.samples} samples, "
               f"{nbytes / 2**20:.1f} MB, {info.rejected} rejected; "
               f"decoded input sizes (width x height): {seen or 'none'}")
+        print(f"{split}: {describe_sizes(info)}")
+        problems += _tally_problems(manifest_url, split, info)
     return problems
+
+
+LAYOUT_NAMES = {"pair": "A|B images", "separate": "input and target files"}
+
+
+def describe_sizes(info: SplitInfo, most: int = 3) -> str:
+    """The sizes and layouts the manifest records for a split (what the trainer's
+    start-up check reads), the most common `most` sizes with an example key each."""
+    if info.sizes is None or info.layouts is None:
+        return "sizes not recorded (packed by an older shard.py)"
+    sizes = info.size_list()
+    shown = ", ".join(f"{size_name(h, w)}: {count.samples} (e.g. {count.example})"
+                      for (h, w), count in sizes[:most])
+    more = f", ... {len(sizes) - most} more" if len(sizes) > most else ""
+    layouts = ", ".join(f"{LAYOUT_NAMES.get(name, name)} {n}"
+                        for name, n in sorted(info.layouts.items()) if n)
+    return (f"{len(sizes)} distinct stored size{'s' if len(sizes) != 1 else ''} (width x "
+            f"height of each half): {shown or 'none'}{more}; source layouts: {layouts or 'none'}")
+
+
+def _tally_problems(manifest_url: str, split: str, info: SplitInfo) -> list[str]:
+    """The recorded sizes and layouts must each count every sample of the split."""
+    totals = {}
+    if info.sizes is not None:
+        totals["sizes"] = sum(count.samples for count in info.sizes.values())
+    if info.layouts is not None:
+        totals["layouts"] = sum(info.layouts.values())
+    return [f"{manifest_url}: split {split} says {info.samples} samples, its {what} add up "
+            f"to {total}" for what, total in totals.items() if total != info.samples]
 
 
 def _unlisted(dest: str, manifest: Manifest) -> list[str]:

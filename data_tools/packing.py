@@ -1,17 +1,17 @@
 """One pair -> the members of its sample (shard.py's per-pair work), and the processes
 that do it pair by pair when it costs CPU.
 
-`pack_pair` stores a pair's bytes untouched (only the header probed) unless an option asks
-for new pixels (--load-size, --resize, --split-pairs, a size mismatch resized); then
-`reencode` decodes, splits, resizes and encodes it. On a 1200x600 A|B JPEG pre-resized to
-286 (--load-size 286 --encode jpeg) that costs ~6 ms of one core: decoding the full-size
-JPEG ~3 ms (simplejpeg, libjpeg-turbo: the trainer's own decoder, the same pixels as
-PIL's, which needs ~5.5), the trainer's resize ~2 ms for both halves, the JPEG encode
-<1 ms; PNG's encode alone costs ~30 ms per half. The pixels are exactly the trainer's:
-no reduced-scale (draft) decoding, which would be cheaper and different. So re-encoding
-is spread over processes pair by pair (`outcomes_in_pool`), whatever the number of
-shards, while copying, which costs almost nothing, is spread shard by shard (shard.py's
-`pack`). Figures and advice: docs/sharding.md.
+`pack_pair` stores a pair's bytes untouched (only the header probed) unless an option
+asks for new pixels (--load-size [--preprocess], --resize, --split-pairs, a size
+mismatch resized); then `reencode` decodes, splits, resizes and encodes it. On a
+1200x600 A|B JPEG pre-resized to 286 (--load-size 286 --encode jpeg) that costs ~6 ms of
+one core: decoding the full-size JPEG ~3 ms (simplejpeg, libjpeg-turbo: the trainer's
+own decoder, the same pixels as PIL's, which needs ~5.5), the trainer's resize ~2 ms for
+both halves, the JPEG encode <1 ms; PNG's encode alone costs ~30 ms per half. The pixels
+are exactly the trainer's: no reduced-scale (draft) decoding, which would be cheaper and
+different. So re-encoding is spread over processes pair by pair (`outcomes_in_pool`),
+whatever the number of shards, while copying, which costs almost nothing, is spread
+shard by shard (shard.py's `pack`). Figures and advice: docs/sharding.md.
 """
 from __future__ import annotations
 
@@ -171,8 +171,9 @@ def reencode(pair, a: tuple, b: tuple | None, options: dict):
             target_px = decode_rgb(*b)
     except Exception as err:  # noqa: BLE001 - truncated data shows only now, without --verify
         raise Rejected("decode_error", _detail(err)) from None
-    if options.get("load_size"):  # both halves to N x N, as the trainer would resize them
-        input_im, target_im = to_load_size([input_px, target_px], options["load_size"])
+    if options.get("load_size"):  # both halves alike, as the trainer would resize them
+        input_im, target_im = to_load_size([input_px, target_px], options["load_size"],
+                                           options.get("preprocess", "resize_and_crop"))
     else:
         input_im, target_im = Image.fromarray(input_px), Image.fromarray(target_px)
         if target_im.size != input_im.size:
@@ -190,14 +191,19 @@ def reencode(pair, a: tuple, b: tuple | None, options: dict):
                   ("target." + ext, _encode(target_im, options))]
 
 
-def to_load_size(halves: list[np.ndarray], size: int) -> list[Image.Image]:
-    """Each H x W x 3 uint8 array resized to size x size by the trainer's own resize
-    (pipeline.data.resize_u8: antialiased bicubic on uint8, one call for halves of one
-    size), so pre-resized shards hold exactly the pixels the trainer would compute from
-    the originals. (torch only here: packing processes start faster without it.)"""
+def to_load_size(halves: list[np.ndarray], load_size: int,
+                 preprocess: str = "resize_and_crop") -> list[Image.Image]:
+    """Each H x W x 3 uint8 array resized to `preprocess`'s scale of the input half
+    (augmentation.scale_to: load_size x load_size for resize_and_crop, the aspect kept
+    for the scale_* modes; a target of another size goes to the input's) by the
+    trainer's own resize (pipeline.data.resize_u8: antialiased bicubic on uint8, one call
+    for halves of one size), so pre-resized shards hold exactly the pixels the trainer
+    would compute from the originals. (torch only here: packing processes start faster
+    without it.)"""
     import torch
 
-    from pipeline.data.augmentation import resize_u8
+    from pipeline.data.augmentation import resize_u8, scale_to
+    size = scale_to(preprocess, load_size, halves[0].shape[:2])
     batches = [halves] if halves[0].shape == halves[1].shape else [[h] for h in halves]
     resized = []
     for batch in batches:

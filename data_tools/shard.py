@@ -7,7 +7,7 @@
 Shards are planned up front from the listing (seeded order, --max-samples/--max-bytes,
 at least --min-shards per split), so their boundaries depend on neither --workers nor
 --slice, and a rejected pair leaves a hole instead of shifting later shards. Each shard
-is written atomically; its result (samples, bytes, rejected pairs) goes to
+is written atomically; its result (samples, bytes, rejected pairs, sizes, layouts) goes to
 DEST/_parts/NAME.json, which is how a re-run skips finished shards and how `merge`
 builds DEST/rejected.jsonl and, last, DEST/manifest.json. _parts/ is kept after the
 manifest: it lets a later re-run or merge check the work without repacking.
@@ -28,7 +28,17 @@ import sys
 import tarfile
 import time
 
-from data_tools import packing, sources
+from data_tools import packing, sources, tally
+from data_tools.shard_options import (
+    RESIZES,
+    integer,
+    load_size_options,
+    parse_size,
+    parse_slice,
+    positive,
+    preprocess_arg,
+    workers_arg,
+)
 from data_tools.sources import Shard, in_slice, plan_shards
 from pipeline import cli, faults, storage
 from pipeline.data.format import (
@@ -68,8 +78,8 @@ def pack_shard(job: tuple) -> dict:
 
 def write_shard(dest: str, shard: Shard, outcomes) -> dict:
     """Write one shard atomically from its pairs' (pair, outcome) in plan order, then its
-    part file; returns the part."""
-    samples, rejected = 0, []
+    part file (with its samples' sizes and layouts, data_tools/tally.py); returns the part."""
+    samples, rejected, counts = 0, [], tally.ShardTally()
     with storage.atomic_write(storage.join(dest, shard.name)) as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for pair, result in outcomes:
@@ -81,12 +91,13 @@ def write_shard(dest: str, shard: Shard, outcomes) -> dict:
                 for suffix, data in members:
                     write_member(tar, member_name(pair.key, suffix), data)
                 write_member(tar, member_name(pair.key, "json"), json.dumps(meta, sort_keys=True).encode())
+                counts.add(pair.key, meta)
                 samples += 1
         nbytes = f.tell()
     faults.kill_point("shard.after_tar")  # the shard is in place, its part file not yet
     part = {"name": shard.name, "split": shard.split, "digest": shard.digest,
             "samples": samples, "bytes": nbytes, "planned": len(shard.pairs),
-            "rejected": rejected}
+            "rejected": rejected, **counts.fields()}
     storage.write_bytes(_part_url(dest, shard.name), _dumps(part))
     return part
 
@@ -197,6 +208,8 @@ def merge(dest: str, strict: bool = False) -> Manifest:
         for row in part["rejected"]:
             manifest.rejected[row["reason"]] = manifest.rejected.get(row["reason"], 0) + 1
     manifest.rejected = dict(sorted(manifest.rejected.items()))
+    for name, split in manifest.splits.items():
+        split.sizes, split.layouts = tally.split_tally([p for p in parts if p["split"] == name])
     rejected_rows = [json.dumps(row, sort_keys=True) + "\n" for p in parts for row in p["rejected"]]
     _write_changed(storage.join(dest, "rejected.jsonl"), "".join(rejected_rows).encode())
     if strict and rejected_rows:
@@ -239,11 +252,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in OUTPUT_OPTIONS}
-    if args.load_size:  # recorded only when used: earlier plans' digests stay valid
-        if args.resize:
-            raise UserError("--load-size and --resize: choose one (--load-size stores the "
-                            "trainer's own resize to N x N; --resize caps the longer side)")
-        options["load_size"] = args.load_size
+    # load_size (and preprocess) recorded only when used: earlier plans' digests stay valid
+    options.update(load_size_options(args))
     hidden = []
     pairs_by_split = sources.find_pairs(args.source, args.layout, args.split, hidden)
     if hidden:
@@ -318,50 +328,6 @@ def report_rejected(manifest: Manifest, dest: str) -> None:
 
 # ---------------------------------------------------------------------------------- CLI
 
-def parse_slice(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected i/n, got {text!r}") from None
-    if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"need 0 <= i < n, got {text!r}")
-    return index, count
-
-
-def parse_size(text: str) -> int:
-    """Bytes from '536870912', '512M', '2G': at least 1."""
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    text = text.strip().upper().removesuffix("B")
-    try:
-        size = int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
-    except (ValueError, OverflowError):  # 'x', 'nanM', 'infM'
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    return in_range(size, 1, None)
-
-
-def in_range(value: int, low: int, high: int | None) -> int:
-    """value, if low <= value (<= high); else the config's one-line range refusal."""
-    if value < low or (high is not None and value > high):
-        expected = f"value >= {low}" if high is None else f"{low} <= value <= {high}"
-        raise argparse.ArgumentTypeError(f"{value} is out of range: expected {expected}")
-    return value
-
-
-def integer(low: int, high: int | None = None):
-    """An argparse type: an integer in [low, high] (high None: no bound). Not an integer:
-    argparse's `invalid integer value: 'x'`."""
-    def integer(text: str) -> int:  # named for argparse's message
-        return in_range(int(text), low, high)
-    return integer
-
-
-positive = integer(1)
-
-
-def workers_arg(text: str) -> int | str:
-    return "auto" if text == "auto" else positive(text)
-
-
 SUBCOMMANDS = ("pack", "merge")
 
 
@@ -403,10 +369,17 @@ def add_pack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", type=integer(0), default=0, metavar="PIXELS",
                    help="shrink each half so its longer side is at most this (0: never)")
     p.add_argument("--load-size", type=integer(0), default=0, metavar="N",
-                   help="store each pair already resized to N x N by the trainer's own resize "
-                        "(both halves alike), recorded in the manifest: the trainer then needs "
-                        "data.load_size=N and decodes small images (high-resolution sources); "
+                   help="store each pair already resized by the trainer's own resize (both "
+                        "halves alike): to N x N, or as --preprocess says; recorded in the "
+                        "manifest: the trainer then needs data.load_size=N (and the same "
+                        "data.preprocess) and decodes small images (high-resolution sources); "
                         "0: store the originals")
+    p.add_argument("--preprocess", type=preprocess_arg, choices=RESIZES, default=RESIZES[0],
+                   help="with --load-size: the trainer's data.preprocess mode whose resize is "
+                        "stored: resize_and_crop squashes to N x N; scale_width and "
+                        "scale_width_and_crop make the width N, scale_shortside_and_crop the "
+                        "shorter side N, each keeping the aspect (crop and none resize "
+                        "nothing: store the originals)")
     p.add_argument("--encode", choices=("png", "jpeg"), default="png",
                    help="format for re-encoded images (png is lossless)")
     p.add_argument("--jpeg-quality", type=integer(0, 100), default=95,

@@ -29,6 +29,9 @@ from pipeline.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# what shard.py --load-size N --preprocess may record (augmentation.PREPROCESS's resizing
+# modes; tests/unit/test_shard_sizes.py holds the two lists together)
+RESIZING_MODES = ("resize_and_crop", "scale_width", "scale_width_and_crop", "scale_shortside_and_crop")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what shards hold and the reader decodes
 # image files shard.py finds but cannot store: rejected and counted, never ignored
 UNSUPPORTED_IMAGE_EXTS = ("bmp", "gif", "tif", "tiff")
@@ -252,6 +255,9 @@ class Manifest:
             _count(count, f"rejected {reason!r}", where)
         if options.get("load_size"):
             _count(options["load_size"], "options load_size", where)
+        if options.get("preprocess") not in (None, *RESIZING_MODES):
+            raise DataError(f"{where}: options preprocess {json.dumps(options['preprocess'])} is "
+                            f"not one of {', '.join(RESIZING_MODES)}; pack the shards again")
         return cls(splits, dict(rejected), dict(options), version)
 
     @classmethod
