@@ -71,6 +71,7 @@ class Snapshot:
     config: dict  # the run's resolved config
     precision: str = "no"  # the run's mixed precision: "no" (fp32) or "bf16"
     data_layout: str | None = None  # the training pairs' source layout (weights.TrainedOn)
+    data_size: str | None = None  # their most common stored half size, "WxH" (weights.TrainedOn)
 
 
 @dataclass
@@ -179,7 +180,8 @@ def _write_staging(staging: str, step: int, ranks: Ranks, snapshot: Snapshot) ->
     faults.kill_point("checkpoint.after_models")
     if rank == 0:
         weights.write_generator(staging, snapshot.generator_state,
-                                weights.GeneratorInfo.of_run(snapshot.config, step, snapshot.data_layout))
+                                weights.GeneratorInfo.of_run(snapshot.config, step, snapshot.data_layout,
+                                                             snapshot.data_size))
         _write_json(os.path.join(staging, TRAINER),
                     TrainerInfo(step, ranks.world_size, snapshot.config, snapshot.precision).to_json())
     as_json, tensors = rng_state()

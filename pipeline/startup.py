@@ -63,8 +63,8 @@ from pipeline import (
 )
 from pipeline.config import BatchLayout, Config, ConfigError, freeze, to_dict, validate_runtime
 from pipeline.config_checks import check_discriminator
-from pipeline.data.augmentation import Size
-from pipeline.data.format import SizeCount
+from pipeline.data.augmentation import KEEPS_ASPECT, Size
+from pipeline.data.format import SizeCount, size_name
 from pipeline.errors import CheckpointMismatch
 from pipeline.validation import metric_names
 
@@ -76,6 +76,11 @@ class TrainImages:
     """What the train split's manifest says of its images, for the geometry checks."""
     sizes: tuple[tuple[Size, SizeCount], ...] | None  # ((h, w), count), most common first
     layout: str | None  # "pair", "separate", "mixed"; None: not recorded
+
+    @property
+    def common_size(self) -> str | None:
+        """The most common stored half size, "WxH" (None: not recorded)."""
+        return size_name(*self.sizes[0][0]) if self.sizes else None
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ class RunPlan:
     metrics: tuple[str, ...]  # the validation metrics (empty: no val split)
     paths: RunPaths
     data_layout: str | None = None  # the training pairs' source layout (generator.json's)
+    data_size: str | None = None  # their most common stored half size, "WxH" (generator.json's)
 
 
 def check_before_launch(cfg: Config) -> Launch:
@@ -164,9 +170,11 @@ def check_geometry(cfg: Config) -> TrainImages:
     if geometry.preprocess == "resize_and_crop":
         return images  # every image becomes load_size x load_size: nothing to check per size
     if images.sizes is None:
+        why = "has no manifest.json beside its shards" if manifest is None else \
+            "does not record (packed by an older shard.py)"
         raise ConfigError(f"data.preprocess={geometry.preprocess} needs the images' sizes, which "
-                          f"{cfg.data.train} does not record (packed by an older shard.py): pack "
-                          "it again with this version's shard.py, or use data.preprocess=resize_and_crop")
+                          f"{cfg.data.train} {why}: pack the images again with this version's "
+                          "shard.py into a new folder, or use data.preprocess=resize_and_crop")
     small = [(size, n) for size, n in images.sizes
              if geometry.crops and _smaller(geometry.resize_target(size), geometry.crop)]
     if small:
@@ -175,8 +183,9 @@ def check_geometry(cfg: Config) -> TrainImages:
         raise ConfigError(f"data.preprocess={geometry.preprocess}: {sum(n.samples for _, n in small)} "
                           f"training images are smaller than the crop {geometry.crop[1]}x"
                           f"{geometry.crop[0]} (e.g. {count.example}: {w}x{h}, resized to {rw}x{rh}): "
-                          "lower data.crop_size / data.crop_height, or choose a mode that scales "
-                          "them up (scale_shortside_and_crop)")
+                          "lower data.crop_size / data.crop_height, or " +
+                          ("raise data.load_size" if geometry.preprocess in KEEPS_ASPECT else
+                           "choose a mode that scales them up (scale_shortside_and_crop)"))
     check_batchable(cfg, images)
     if not geometry.crops:
         side = min(min(geometry.train_size(size)) for size, _ in images.sizes)
@@ -270,7 +279,8 @@ def start(cfg: Config, launch: Launch, held: lease.Lease | None) -> tuple[Accele
     paths = RunPaths.of(cfg.train.run_dir, accelerator.process_index)
     freeze(cfg)  # the config as the run uses it: nothing after start-up changes it
     return accelerator, RunPlan(cfg.train.resume, resume_from, layout, launch.precision,
-                                launch.engine, launch.metrics, paths, launch.images.layout)
+                                launch.engine, launch.metrics, paths, launch.images.layout,
+                                launch.images.common_size)
 
 
 def check_resume(cfg: Config, path: str | None, launch: Launch,

@@ -153,7 +153,7 @@ class Trainer:
             save_models=e.save, generator_state=e.generator_state_fp32(),
             discriminator_state=e.discriminator.state_dict(), data_state=self.loader.state_dict(),
             config=to_dict(self.cfg), precision=self.plan.precision.used,
-            data_layout=self.plan.data_layout)
+            data_layout=self.plan.data_layout, data_size=self.plan.data_size)
         ranks = checkpoint.Ranks(self.rank, self.world, distributed.barrier,
                                  lambda flag: distributed.any_rank(flag, self.acc.device))
         path = checkpoint.save(self.cfg.train.run_dir, self.step, snapshot, ranks,

@@ -181,10 +181,12 @@ def read_images(files: list, shard_lists: list, info: GeneratorInfo, max_pixels:
     """(name, uint8 HxWxC network input, None) per image, or (name, None, reason) for one
     that cannot be used: bad data never raises out of here. An image file that is an A|B
     pair (is_pair_image) gives its input half; the count is logged at the end."""
-    channels, pairs, layout = info.model.in_channels, 0, info.data.layout
-    if files and split_pair == "auto" and layout not in ("pair", "separate"):
-        recorded = "records its training data as mixed A|B pairs and separate files" \
-            if layout == "mixed" else "records no source layout (generator.json data.layout)"
+    channels, pairs, layout, size = info.model.in_channels, 0, info.data.layout, info.data.size
+    if files and split_pair == "auto" and (layout == "mixed" or layout is None or
+                                           layout == "pair" and not size):
+        recorded = {"mixed": "records its training data as mixed A|B pairs and separate files",
+                    "pair": "records A|B pairs but not their size (generator.json data.size)"
+                    }.get(layout, "records no source layout (generator.json data.layout)")
         log.info(f"{prog()}: --split-pair auto: the run {recorded}: an image exactly twice as "
                  "wide as high is taken for an A|B pair (--split-pair yes/no decide instead)")
     for url, name in files:
@@ -192,7 +194,7 @@ def read_images(files: list, shard_lists: list, info: GeneratorInfo, max_pixels:
         try:
             pixels = decode_image(storage.read_bytes(url), url.rsplit(".", 1)[-1].lower(),
                                   channels, max_pixels)
-            if is_pair_image(pixels, split_pair, layout):
+            if is_pair_image(pixels, split_pair, layout, size):
                 if pixels.shape[1] < 2:
                     raise BadSample(f"cannot_split ({pixels.shape[1]} pixel wide: no input|target "
                                     "halves; --split-pair no translates it whole)")
@@ -204,11 +206,12 @@ def read_images(files: list, shard_lists: list, info: GeneratorInfo, max_pixels:
         except Exception as err:  # noqa: BLE001 - an unforeseen decoder failure is one bad file
             reason = f"decode_error ({type(err).__name__}: {err})"
         yield name, pixels, reason
-    if pairs:
+    if pairs:  # a warning where no one asked for it: a photo would come out half as wide
         side = "left (A)" if info.data.direction == "AtoB" else "right (B)"
-        log.info(f"{prog()}: {pairs} image(s) were A|B pairs ({pair_rule(split_pair, layout)}): "
-                 f"translated their {side} half, the generator's input; --split-pair no "
-                 "translates them whole")
+        say = log.info if split_pair == "yes" else log.warning
+        say(f"{prog()}: {pairs} image(s) were taken for A|B pairs ({pair_rule(split_pair, layout, size)}): "
+            f"translated their {side} half, the generator's input; --split-pair no "
+            "translates them whole")
     cfg = DataConfig(direction=info.data.direction, max_image_pixels=max_pixels)
     for shards in shard_lists:
         for record in read_entries(shards):
@@ -329,7 +332,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split-pair", choices=("auto", "yes", "no"), default="auto",
                         help="image files holding input|target side by side: auto follows the "
                              "run's recorded source layout (generator.json data.layout: pair, "
-                             "every image is one; separate, none is), else takes an image exactly "
+                             "an image with twice the aspect of its training halves is one; "
+                             "separate, none is), else takes an image exactly "
                              "twice as wide as high for such a pair; a pair's input half is "
                              "translated (as shards of A|B pairs are read); yes: every image; no: "
                              "translate whole images (default: auto)")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.augmentation import Geometry, Size, chw, resize_u8, to_unit_range
+from pipeline.data.format import parse_size
 from pipeline.errors import UserError
 from pipeline.weights import TrainedOn
 
@@ -148,26 +149,33 @@ def check_tiling(tile: int, overlap: int, crop_size: int, multiple: int) -> None
 
 # --------------------------------------------------------------------------- A|B pairs
 
-def is_pair_image(pixels: np.ndarray, split_pair: str, layout: str | None = None) -> bool:
+def is_pair_image(pixels: np.ndarray, split_pair: str, layout: str | None = None,
+                  size: str | None = None) -> bool:
     """--split-pair: auto follows the run's recorded source layout (generator.json
-    data.layout: "pair", its training pairs were A|B images, so are its inputs; "separate",
-    whole images), else (none recorded, or "mixed") takes an image exactly twice as wide as
-    high for an A|B pair (the reference's aligned layout, as in its datasets): a run on 2:1
-    street scenes must not have its inputs halved, a run on 3:1 A|B pairs must."""
+    data.layout and data.size): "separate", whole images; "pair", an image with an A|B
+    pair's aspect (twice its training halves', within 2%: a photo of the input alone stays
+    whole); else (not recorded, or "mixed") an image exactly twice as wide as high (the
+    reference's aligned layout). A run on 2:1 street scenes must not have its inputs
+    halved; a run on 3:1 A|B pairs takes 6:1 images for pairs."""
     if split_pair != "auto":
         return split_pair == "yes"
-    if layout in ("pair", "separate"):
-        return layout == "pair"
+    if layout == "separate":
+        return False
     height, width = pixels.shape[:2]
+    if layout == "pair" and size:
+        half_height, half_width = parse_size(size)
+        pair_aspect = 2 * half_width / half_height
+        return abs(width / height - pair_aspect) <= 0.02 * pair_aspect
     return width == 2 * height
 
 
-def pair_rule(split_pair: str, layout: str | None) -> str:
+def pair_rule(split_pair: str, layout: str | None, size: str | None = None) -> str:
     """Why images were taken for A|B pairs, for the log (is_pair_image's rule)."""
     if split_pair == "yes":
         return "--split-pair yes"
-    if layout == "pair":
-        return "the run trained on A|B pair images: generator.json data.layout pair"
+    if layout == "pair" and size:
+        return (f"the run trained on A|B pair images of {size} halves (generator.json data.layout "
+                f"pair): an image twice as wide is taken for a pair")
     return "width = 2 x height"
 
 

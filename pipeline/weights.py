@@ -37,7 +37,9 @@ class TrainedOn:
     file this project's trainer did not write, or an older one). The geometry's fields are
     DataConfig's (pipeline/data/augmentation.py: Geometry.of reads them); `layout` is how
     the training pairs were stored at the source ("pair": A|B images, "separate": input
-    and target files, "mixed"), from the manifest: p2p-translate's --split-pair auto."""
+    and target files, "mixed") and `size` the training halves' most common stored size
+    ("WxH"), from the manifest: p2p-translate's --split-pair auto takes an input for an
+    A|B pair when the run's were and it has a pair's aspect."""
     direction: str = "AtoB"
     load_size: int | None = None
     crop_size: int | None = None
@@ -45,6 +47,7 @@ class TrainedOn:
     crop_height: int | None = None
     flip: bool | None = None
     layout: str | None = None
+    size: str | None = None  # "WxH": the training halves' most common stored size
 
     GEOMETRY = ("direction", "preprocess", "load_size", "crop_size", "crop_height", "flip")
 
@@ -58,11 +61,12 @@ class GeneratorInfo:
     data: TrainedOn
 
     @classmethod
-    def of_run(cls, config: dict, step: int, layout: str | None = None) -> GeneratorInfo:
-        """What a run's config (to_dict) says about its generator at `step`; `layout`: the
-        training data's source layout (TrainedOn)."""
+    def of_run(cls, config: dict, step: int, layout: str | None = None,
+               size: str | None = None) -> GeneratorInfo:
+        """What a run's config (to_dict) says about its generator at `step`; `layout` and
+        `size`: the training data's source layout and most common half size (TrainedOn)."""
         data = {k: config["data"][k] for k in TrainedOn.GEOMETRY if k in config["data"]}
-        return cls(step, ModelConfig(**config["model"]), TrainedOn(**data, layout=layout))
+        return cls(step, ModelConfig(**config["model"]), TrainedOn(**data, layout=layout, size=size))
 
     @classmethod
     def from_json(cls, meta: dict, where: str) -> GeneratorInfo:

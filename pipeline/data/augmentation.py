@@ -17,7 +17,8 @@ the same scale without the crop.
     none                      its stored size, rounded            no    the same
 
 "rounded": each side to the nearest multiple of the generator's size multiple (at least
-one), as pix2pixHD rounds to 2**n_downsample; the rounding resizes (a slight aspect change
+one; halves up, where pix2pixHD's round() takes halves to even), as pix2pixHD rounds to
+2**n_downsample; the rounding resizes (a slight aspect change
 of under one multiple), never pads. Unlike the reference, scale_width does not stretch a
 wide image's height up to the crop size: the aspect is kept, and an image whose scaled
 height is below the crop is refused at start-up (pipeline/startup.py, from the sizes the

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import Config
-from pipeline.data import augment, resize_u8
+from pipeline.data import Geometry, augment, resize_u8
 from pipeline.engines import build_models, build_optimizers
 from pipeline.gan import StepHooks, train_step
 from pipeline.losses import Pix2PixObjective
@@ -62,7 +62,7 @@ def test_device_augmentation_matches_the_cpu_kernel():
                            generator=torch.Generator().manual_seed(1))
     cpu, cuda = resize_u8(images, 286), resize_u8(images.cuda(), 286).cpu()
     assert (cpu.int() - cuda.int()).abs().max() <= 1  # rounding of float vs uint8 kernels
-    cfg = Config().data
+    cfg = Geometry.of(Config().data)
     params = torch.tensor([[3, 7, 1], [0, 0, 0], [30, 30, 1], [15, 2, 0]])  # top, left, flip
     on_cuda, on_cpu = augment(images.cuda(), params, cfg).cpu(), augment(images, params, cfg)
     assert on_cuda.shape == on_cpu.shape == (4, 3, 256, 256)

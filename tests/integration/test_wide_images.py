@@ -58,7 +58,7 @@ def test_two_processes_train_resume_and_evaluate_3_to_1_pairs_at_their_shape(wid
     step = whole / "checkpoints" / "step_00000006"
     data = json.loads((step / "generator.json").read_text())["data"]
     assert data["preprocess"] == "scale_width" and data["load_size"] == WIDTH
-    assert data["layout"] == "separate"
+    assert data["layout"] == "separate" and data["size"] == f"{WIDTH}x{HEIGHT}"
     assert json.loads((step / "trainer.json").read_text())["config"]["data"]["preprocess"] == "scale_width"
 
     resumed = resume_from(lambda args: accelerate(args), gloo_env(), whole, tmp_path / "resumed",

@@ -79,7 +79,8 @@ def test_an_older_manifest_without_sizes_gets_one_line_unless_the_default(tmp_pa
     shards = manifest(tmp_path / "s")
     startup.check_geometry(config(shards))  # resize_and_crop: every image becomes a square
     with pytest.raises(ConfigError, match="needs the images' sizes, which .* does not record "
-                                          r"\(packed by an older shard.py\): pack it again"):
+                                          r"\(packed by an older shard.py\): pack the images "
+                                          "again .* into a new folder"):
         startup.check_geometry(config(shards, "--data.preprocess=scale_width"))
 
 

@@ -26,13 +26,13 @@ from tests.helpers.images import write_image
 DETERMINISTIC = ["--dropout", "off", "--norm-stats", "running", "--quiet"]
 
 
-def make_run_export(folder, layout: str | None = None, **data) -> str:
+def make_run_export(folder, layout: str | None = None, size: str | None = None, **data) -> str:
     """An untrained resnet_6blocks (8 filters) export whose generator.json records these
-    DataConfig fields and source layout, written as the trainer writes it (of_run)."""
+    DataConfig fields, source layout and half size, written as the trainer writes it (of_run)."""
     cfg = Config()
     cfg.model = dataclasses.replace(cfg.model, generator="resnet_6blocks", g_filters=8)
     cfg.data = dataclasses.replace(cfg.data, **data)
-    info = GeneratorInfo.of_run(to_dict(cfg), step=0, layout=layout)
+    info = GeneratorInfo.of_run(to_dict(cfg), step=0, layout=layout, size=size)
     export_safetensors(build_generator(cfg.model).eval(), info, str(folder))
     return str(folder)
 
@@ -171,17 +171,19 @@ def test_an_unknown_preprocess_is_refused_in_one_line(tmp_path, capsys):
 
 # ----------------------------------------------------------------- --split-pair auto
 
-@pytest.mark.parametrize("layout,split,notice", [
-    ("separate", [], False),                  # a 2:1 street scene stays whole
-    ("pair", ["two.png", "three.png"], False),  # a 3:1 A|B pair is split too
-    (None, ["two.png"], True),                # not recorded: width = 2 x height
-    ("mixed", ["two.png"], True),
+@pytest.mark.parametrize("layout,size,split,notice", [
+    ("separate", "64x32", [], False),               # a 2:1 street scene stays whole
+    ("pair", "48x32", ["three.png"], False),        # 3:1 A|B pairs of 3:2 halves; 2:1 stays whole
+    ("pair", "32x32", ["two.png"], False),          # square halves: a 2:1 image is a pair
+    ("pair", None, ["two.png"], True),              # no half size: width = 2 x height
+    (None, None, ["two.png"], True),                # not recorded: width = 2 x height
+    ("mixed", "32x32", ["two.png"], True),
 ])
-def test_split_pair_auto_follows_the_runs_recorded_layout(tmp_path, capsys, seen, layout, split,
-                                                          notice):
+def test_split_pair_auto_follows_the_runs_recorded_layout(tmp_path, capsys, seen, layout, size,
+                                                          split, notice):
     """Images of 64 x 32 (2:1) and 96 x 32 (3:1): split at half width (the output is the
-    input half's size) or translated whole, by generator.json's data.layout."""
-    checkpoint = make_run_export(tmp_path / "g", layout, load_size=24, crop_size=16)
+    input half's size) or translated whole, by generator.json's data.layout and data.size."""
+    checkpoint = make_run_export(tmp_path / "g", layout, size, load_size=24, crop_size=16)
     sizes = {"two.png": (64, 32), "three.png": (96, 32)}
     images = [photo(tmp_path / name, *size) for name, size in sizes.items()]
     assert translate.main(["--checkpoint", checkpoint, *images, "--out", str(tmp_path / "out"),
@@ -192,6 +194,6 @@ def test_split_pair_auto_follows_the_runs_recorded_layout(tmp_path, capsys, seen
         expected = (width // 2, height) if name in split else (width, height)
         assert Image.open(tmp_path / "out" / name).size == expected, name
     assert text.count("--split-pair auto: the run records") == int(notice)
-    assert (f"{len(split)} image(s) were A|B pairs" in text) == bool(split)
-    if layout == "pair":
-        assert "generator.json data.layout pair" in text
+    assert (f"{len(split)} image(s) were taken for A|B pairs" in text) == bool(split)
+    if layout == "pair" and size:
+        assert f"A|B pair images of {size} halves (generator.json data.layout pair)" in text

@@ -77,7 +77,7 @@ def merge(batches: list[dict], numbers: list[list[int]], cfg: DataConfig) -> dic
         tensors = [batch[name] for batch in batches]
         if name != "aug" and len({t.shape[1:] for t in tensors}) > 1:
             if "aug" not in batches[0]:  # worker augmentation: sizes the manifest did not record
-                merged[name] = _stack(tensors, merged["key"])
+                _stack(tensors, merged["key"])  # raises, naming them
             tensors = [resize_u8(t, cfg.load_size) for t in tensors]  # device augmentation
         merged[name] = torch.cat(tensors)[index]
     return merged
