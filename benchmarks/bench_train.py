@@ -5,6 +5,8 @@ that speed never hides a broken step.
     python benchmarks/bench_train.py --batch 1 4 --steps 5
     python benchmarks/bench_train.py --batch 1 16 64 --variants fp32 bf16+cl bf16+cl+compile
     python benchmarks/bench_train.py --recipe configs/hd_512.yaml --generator resnet_9blocks --size 512
+    python benchmarks/bench_train.py --recipe configs/hd_global_1024x512.yaml --generator global \
+        --size 1024x512 --batch 1 --variants fp32 default --steps 2 --warmup 1
 
 A variant is `default` (exactly what the trainer picks on this machine: bf16 where the
 hardware computes it, else fp32, and the config's defaults: the layout per hardware and
@@ -16,7 +18,9 @@ process; `fp32+mmap` is the reference's step as it runs there). Each
 (variant, batch) runs in a fresh process, built by the trainer's own code (config ->
 Accelerator -> engines -> gan.train_step) on the same seeded synthetic pairs, so peak
 memory is its own and the losses are comparable. --recipe starts from a config file (the
-HD recipes: their D, losses, norm and EMA) instead of the defaults.
+HD recipes: their D, losses, norm and EMA) instead of the defaults. --size is the size the
+networks see: WxH, width first as the manifest writes sizes (1024x512: 1024 wide), or N
+for N x N; bench_peak's columns are square-only, so a non-square size leaves them out.
 """
 from __future__ import annotations
 
@@ -28,11 +32,13 @@ import sys
 import time
 
 import torch
+from estimate_memory import show, size_arg
 from report import report  # benchmarks/ is on the path when run as a script
-from train_setup import fp32_step, parse_variant, synthetic_pairs, trainer_config, trainer_step
+from train_setup import parse_variant, synthetic_pairs, trainer_config, trainer_step
 
 from pipeline.models import GENERATORS
 
+Size = int | tuple[int, int]  # a side, or (h, w) as tensors are laid out
 DEFAULT_VARIANTS = ["fp32", "default", "bf16", "bf16+cl", "bf16+fused", "bf16+cl+fused",
                     "bf16+fused+compile"]
 # Dense peak TFLOP/s per precision, for the model FLOPs utilisation (SXM parts)
@@ -40,7 +46,28 @@ PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "f
                "A100": {"bf16": 312.0, "fp32": 19.5}}
 
 
-def measure(variant: str, batch: int, generator: str, size: int, steps: int, warmup: int,
+def sized_config(variant: str, generator: str, batch: int, recipe: str, size: Size):
+    """train_setup's config with the crop at (h, w): crop_height set where it is not square."""
+    h, w = hw(size)
+    cfg = trainer_config(variant, generator, batch, recipe, w)
+    cfg.data.crop_height = h if h != w else 0
+    return cfg
+
+
+def hw(size: Size) -> tuple[int, int]:
+    """(h, w) from a side (bench_data passes one) or an (h, w)."""
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def sized_pairs(count: int, batch: int, size: Size) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """train_setup's seeded pairs at (h, w): made at the longer side and cut, the target again
+    the input's mirrored negative (for a square, exactly synthetic_pairs')."""
+    h, w = hw(size)
+    cut = [x[..., :h, :w].contiguous() for x, _ in synthetic_pairs(count, batch, max(h, w))]
+    return [(x, -x.flip(-1)) for x in cut]
+
+
+def measure(variant: str, batch: int, generator: str, size: Size, steps: int, warmup: int,
             recipe: str = "") -> dict:
     """One variant in this process: seconds per step, peak memory and L1 losses."""
     from accelerate import Accelerator
@@ -50,13 +77,13 @@ def measure(variant: str, batch: int, generator: str, size: int, steps: int, war
 
     precision, _ = parse_variant(variant)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = trainer_config(variant, generator, batch, recipe, size)
+    cfg = sized_config(variant, generator, batch, recipe, size)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
     host_memory.apply(cfg, accelerator.device.type)
     engines = make_engines(cfg, accelerator)
     pairs = [data.to_device({"input": x, "target": y}, accelerator.device, cfg=cfg.data,
                             channels_last=engines.channels_last)
-             for x, y in synthetic_pairs(4, batch, size)]
+             for x, y in sized_pairs(4, batch, size)]
     step_on = trainer_step(cfg, engines, accelerator.device)
     step = lambda i: step_on(*pairs[i % len(pairs)])
     if accelerator.device.type == "cuda":
@@ -81,20 +108,29 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def flops_per_sample(generator: str, size: int, recipe: str = "") -> float:
+def flops_per_sample(generator: str, size: Size, recipe: str = "") -> float:
     """FLOPs of one step (G forward, D on fake and real, D backward, D on G's fake,
-    G backward) per sample, by torch's FLOP counter on a batch-1 fp32 CPU step."""
+    G backward) per sample, by torch's FLOP counter on a batch-1 fp32 CPU step (train_setup's
+    fp32_step at (h, w): the trainer's models and objective, a zero-lr SGD)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from pipeline.engines import build_models
+    from pipeline.gan import train_step
+    from pipeline.train import make_objective
+
+    cfg = sized_config("fp32", generator, 1, recipe, size)
+    G, D = build_models(cfg, channels_last=False)
+    (x, y), = sized_pairs(1, 1, size)
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.0)
     with FlopCounterMode(display=False) as counter:
-        fp32_step(generator, 1, size, recipe)
+        train_step(G, D, sgd(G), sgd(D), x, y, make_objective(cfg, x.device))
     return float(counter.get_total_flops())
 
 
 def run_child(variant: str, batch: int, args) -> dict:
     """measure() in a fresh process: its own peak memory, compile caches and OOMs."""
     command = [sys.executable, __file__, "--child", variant, "--batch", str(batch),
-               "--generator", args.generator, "--size", str(args.size),
+               "--generator", args.generator, "--size", show(args.size),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--recipe", args.recipe]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -130,7 +166,7 @@ def add_peak_fractions(rows: list[dict], args, device: str) -> None:
     precisions = sorted({parse_variant(row["variant"])[0] for row in ok})
     gemm = {p: matmul_peak_tflops(p, args.gemm_size, device) for p in precisions}
     bound = {(r["precision"], r["batch"]): r for r in peak_rows(
-        args.generator, args.size, sorted({row["batch"] for row in ok}), precisions, device, args.recipe)}
+        args.generator, args.size[0], sorted({row["batch"] for row in ok}), precisions, device, args.recipe)}
     for row in ok:
         precision = parse_variant(row["variant"])[0]
         limits = bound[precision, row["batch"]]
@@ -140,14 +176,15 @@ def add_peak_fractions(rows: list[dict], args, device: str) -> None:
         row["gemm_fraction"] = row["tflops"] / gemm[precision]
 
 
-def summary(rows: list[dict], flops: float, device_name: str) -> dict:
+def summary(rows: list[dict], flops: float, device_name: str, size: tuple[int, int]) -> dict:
     """The headline figures: the best variant at the largest batch against fp32 there,
     and against fp32 at batch 1 (the reference's setting)."""
     ok = [row for row in rows if "error" not in row]
     largest = max(row["batch"] for row in ok)
     best = max((row for row in ok if row["batch"] == largest), key=lambda row: row["samples_per_s"])
     fp32_b1 = next((row for row in ok if row["variant"] == "fp32" and row["batch"] == 1), None)
-    return {"device": device_name, "gflop_per_sample": flops / 1e9, "largest_batch": largest,
+    return {"device": device_name, "size": show(size), "gflop_per_sample": flops / 1e9,
+            "largest_batch": largest,
             "best_variant": best["variant"], "best_samples_per_s": best["samples_per_s"],
             "best_speedup_vs_fp32_same_batch": best["speedup"],
             "best_l1_vs_fp32": best["l1_vs_fp32"],
@@ -161,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--generator", default="unet_256", choices=list(GENERATORS))
     parser.add_argument("--recipe", default="", help="a config file to start from (default: the "
                         "defaults, the pix2pix recipe), e.g. configs/hd_512.yaml")
-    parser.add_argument("--size", type=int, default=256, help="crop size")
+    parser.add_argument("--size", type=size_arg, default="256", help="the size the networks "
+                        "see: WxH (width first, e.g. 1024x512) or N for N x N")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                         help="precision[+cl][+fused|+foreach][+compile]; fp32 is the baseline")
@@ -184,9 +222,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     flops = flops_per_sample(args.generator, args.size, args.recipe)
     rows = [run_child(variant, batch, args) for batch in args.batch for variant in args.variants]
     add_comparisons(rows, flops, device_name, args.peak_tflops)
-    if not args.no_peak:
+    if args.size[0] != args.size[1] and not args.no_peak:
+        print(f"bench_train.py: bench_peak is square-only: no peak columns at {show(args.size)}",
+              file=sys.stderr)
+    elif not args.no_peak:
         add_peak_fractions(rows, args, "cuda" if torch.cuda.is_available() else "cpu")
-    return report("bench_train", rows, summary(rows, flops, device_name))
+    return report("bench_train", rows, summary(rows, flops, device_name, args.size))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,14 @@
 no GPU and no real tensors (the models run on torch's meta device):
 
     python benchmarks/estimate_memory.py --config configs/hd_512.yaml [--size 1024] [--batch 1]
+    python benchmarks/estimate_memory.py --config configs/hd_2048x1024.yaml --image 2048x1024
+
+Sizes are WxH, width first, as the manifest writes them (2048x1024 is 2048 wide, 1024
+high), or one number for a square. The size the networks see is --size if given, else
+what the config's data.preprocess makes of a stored --image (scale_width brings a
+2048x1024 image to load_size wide, aspect kept), else the config's crop (crop_size x
+crop_height); the modes without a crop need --image or --size, as their size is the
+image's.
 
 Per process under DDP: fp32 weights, gradients and Adam's two moments for G and D (16 bytes
 a parameter), the EMA of G (4 bytes) when train.ema_decay is on, and the activations a
@@ -24,9 +32,44 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.report import report  # noqa: E402
 from pipeline.config import from_cli  # noqa: E402
+from pipeline.data.augmentation import Geometry  # noqa: E402
+from pipeline.data.format import parse_size  # noqa: E402
 from pipeline.models import build_discriminator, build_generator  # noqa: E402
 
 GiB = 2 ** 30
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    """A --size / --image value: WxH (width first, the manifest's way) or N (N x N) ->
+    (height, width), as tensors are laid out. Shared by bench_train and bench_memory, so
+    that a size means one thing in every benchmark."""
+    try:
+        height, width = parse_size(text) if "x" in text else (int(text), int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WxH (width first, e.g. 2048x1024) "
+                                         "or one side") from None
+    if min(height, width) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: sides must be at least 1")
+    return height, width
+
+
+def show(size: tuple[int, int]) -> str:
+    """(height, width) -> "WxH", the way sizes are written to people and manifests."""
+    return f"{size[1]}x{size[0]}"
+
+
+def network_size(cfg, size: tuple[int, int] | None, image: tuple[int, int] | None) -> tuple[int, int]:
+    """(h, w) the networks see: --size, else the config's geometry applied to --image, else
+    its crop. The uncropped modes have no size of their own: refused in one line."""
+    geometry = Geometry.of(cfg.data, cfg.model.size_multiple)
+    if size:
+        return size
+    if image:
+        return geometry.train_size(image)
+    if not geometry.crops:
+        raise SystemExit(f"estimate_memory.py: data.preprocess={geometry.preprocess} trains at "
+                         "each image's own size: give --image WxH (a stored size) or --size WxH")
+    return geometry.crop
 
 
 def activation_elements(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
@@ -48,11 +91,12 @@ def activation_elements(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
     return total
 
 
-def estimate(cfg, size: int, batch: int, bf16: bool) -> list[dict]:
+def estimate(cfg, size: tuple[int, int], batch: int, bf16: bool) -> list[dict]:
+    """The parts of one process's memory at `size` (h, w), in GiB."""
     with torch.device("meta"):
         G, D = build_generator(cfg.model), build_discriminator(cfg.model)
-        x = torch.empty(batch, cfg.model.in_channels, size, size)
-        pair = torch.empty(batch, cfg.model.in_channels + cfg.model.out_channels, size, size)
+        x = torch.empty(batch, cfg.model.in_channels, *size)
+        pair = torch.empty(batch, cfg.model.in_channels + cfg.model.out_channels, *size)
         g_act, d_act = activation_elements(G, x), activation_elements(D, pair)
     g_params, d_params = (sum(p.numel() for p in m.parameters()) for m in (G, D))
     element = 2 if bf16 else 4
@@ -68,7 +112,12 @@ def estimate(cfg, size: int, batch: int, bf16: bool) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a training config (YAML)")
-    parser.add_argument("--size", type=int, default=0, help="crop size (default: the config's)")
+    parser.add_argument("--size", type=size_arg, help="the size the networks see, WxH (width "
+                        "first, e.g. 2048x1024) or N for N x N (default: from --image, else the "
+                        "config's crop_size x crop_height)")
+    parser.add_argument("--image", type=size_arg, help="a stored image size, WxH: the networks' "
+                        "size is what the config's data.preprocess makes of it (needed for "
+                        "scale_width and none, whose size is the image's)")
     parser.add_argument("--batch", type=int, default=0, help="per-process batch (default: the config's)")
     parser.add_argument("--fp32", action="store_true", help="activations in fp32 (default: bf16)")
     parser.add_argument("--generator", default="", help="override model.generator")
@@ -76,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.generator:
         overrides.append(f"--model.generator={args.generator}")
     cfg, _ = from_cli(["--config", args.config, *overrides])
-    size, batch = args.size or cfg.data.crop_size, args.batch or cfg.data.batch_size
+    size, batch = network_size(cfg, args.size, args.image), args.batch or cfg.data.batch_size
     rows = estimate(cfg, size, batch, not args.fp32)
     total = sum(r["GiB"] for r in rows)
     figures = {"config": args.config, "generator": cfg.model.generator,
-               "discriminator": f"{cfg.model.discriminator} x {cfg.model.num_d}", "size": size,
+               "discriminator": f"{cfg.model.discriminator} x {cfg.model.num_d}",
+               "preprocess": cfg.data.preprocess, "image": args.image and show(args.image),
+               "size": show(size),
                "batch": batch, "precision": "fp32" if args.fp32 else "bf16", "total_GiB": total,
                "fits_24GiB_floor": total < 24}
     report("estimate_memory", rows, figures)

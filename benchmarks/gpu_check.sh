@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: every step in about 5 minutes on one lent H100 or H200, or the same steps on
+# The GPU check: every step in about 5.5 minutes on one lent H100 or H200, or the same steps on
 # the CPU at tiny sizes with --cpu-dry-run (to show they work without a GPU).
 #
 #   bash benchmarks/gpu_check.sh --prepare [DIR]   # here: the wheels the GPU image lacks, into

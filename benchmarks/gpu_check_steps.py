@@ -10,6 +10,8 @@ object. Bulky files go to the scratch folder only.
   deepspeed      p2p-train under launch/accelerate/deepspeed_zero2.yaml, one process, bf16, resumed
   hd_512         configs/hd_512.yaml through p2p-train for a few steps; its peak GPU memory
                  from bench_train (the trainer logs none)
+  hd_1024x512    configs/hd_global_1024x512.yaml's step at its own geometry: a 2048 x 1024
+                 image scale_width'ed to 1024 x 512, the global generator, a few steps
   bench_train    fp32 and the default variant at two batch sizes, MFU against env's peak
   bench_data     the input pipeline with the augmentation on the device
 """
@@ -289,6 +291,30 @@ def step_hd_512() -> dict:
     return figures
 
 
+def step_hd_1024x512() -> dict:
+    """The global generator and 3 PatchGANs at a non-square size, as scale_width makes it of
+    a 2048 x 1024 (Cityscapes) image: the config's Geometry gives the size, for training and
+    for evaluation alike; bench_train's measure runs the trainer's step there, in this
+    process (the default variant): seconds a step, peak memory. Dry: 8 filters, load 128."""
+    from bench_train import measure
+
+    from pipeline.config import from_cli
+    from pipeline.data.augmentation import Geometry
+    config = "configs/hd_global_1024x512.yaml"
+    recipe = tiny_recipe(config) if dry() else config
+    cfg, _ = from_cli(["--config", recipe, *(["--data.load_size=128"] if dry() else [])])
+    geometry, image = Geometry.of(cfg.data, cfg.model.size_multiple), (1024, 2048)
+    size = geometry.train_size(image)
+    figures = {"preprocess": geometry.preprocess, "image": "2048x1024", "size": f"{size[1]}x{size[0]}"}
+    if size != (cfg.data.load_size // 2, cfg.data.load_size) or geometry.eval_size(image) != size:
+        raise StepError(f"scale_width brought 2048x1024 to {figures['size']} (eval "
+                        f"{geometry.eval_size(image)}), not {cfg.data.load_size} wide at 2:1", figures)
+    steps, warmup = (1, 0) if dry() else (5, 2)  # dry: one step shows the code path
+    row = measure("default", 1, cfg.model.generator, size, steps, warmup, recipe)
+    return {**figures, "generator": cfg.model.generator,
+            **{k: short(row[k]) for k in (*BENCH_KEYS, "layout", "warmup_s", "l1_last") if k in row}}
+
+
 def tiny_recipe(recipe: str) -> str:
     """`recipe` (a config file; empty: the defaults) with 8-filter networks, for bench_train on
     the CPU (it has no filter options: its --recipe is the way)."""
@@ -340,8 +366,8 @@ def step_bench_data() -> dict:
 
 
 STEPS = {"env": step_env, "gpu_tests": step_gpu_tests, "train_compile": step_train_compile,
-         "deepspeed": step_deepspeed, "hd_512": step_hd_512, "bench_train": step_bench_train,
-         "bench_data": step_bench_data}
+         "deepspeed": step_deepspeed, "hd_512": step_hd_512, "hd_1024x512": step_hd_1024x512,
+         "bench_train": step_bench_train, "bench_data": step_bench_data}
 
 
 def run_one(name: str) -> int:

@@ -11,7 +11,8 @@ import pytest
 
 from tests.helpers.trainer_runs import ROOT
 
-STEPS = ["env", "gpu_tests", "train_compile", "deepspeed", "hd_512", "bench_train", "bench_data"]
+STEPS = ["env", "gpu_tests", "train_compile", "deepspeed", "hd_512", "hd_1024x512", "bench_train",
+         "bench_data"]
 CHECK = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")]
 
 
@@ -80,6 +81,8 @@ def test_the_cpu_dry_run_runs_every_step_and_writes_one_line_each(tmp_path):
     assert demo["translate"]["images"] == 4
     assert by_step["deepspeed"]["environment"]["engines"] == "deepspeed"
     assert by_step["hd_512"]["loss_G_feat"] > 0 and by_step["hd_512"]["peak_mem_mib"] > 0
+    wide = by_step["hd_1024x512"]  # scale_width's 2:1 geometry, load 128 in the dry run
+    assert (wide["size"], wide["generator"]) == ("128x64", "global") and wide["s_per_step"] > 0
     assert [(r["variant"], r["batch"]) for r in by_step["bench_train"]["rows"]] == [
         ("fp32", 1), ("default", 1)]
     assert not list((tmp_path / "out").glob("*/"))  # nothing bulky comes back
