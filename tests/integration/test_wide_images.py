@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline import translate
+from pipeline.export import main as export_main
 from tests.helpers.runs import DECAY, losses_by_step, resume_from
 from tests.helpers.trainer_runs import (
     accelerate,
@@ -67,14 +68,15 @@ def test_two_processes_train_resume_and_evaluate_3_to_1_pairs_at_their_shape(wid
     for s in range(4, 7):
         assert got[s] == expected[s], f"step {s} differs after resume"
 
-    # the run's generator on a 3:1 image twice the training width: translated at the run's
+    # the run's export on a 3:1 image twice the training width: translated at the run's
     # scale (96 x 32) and brought back to its own 192 x 64, never squashed into a square
     image = tmp_path / "street.png"
     rows, cols = np.mgrid[0:64, 0:192]
     disc = ((cols - 96) ** 2 + (rows - 32) ** 2 <= 20 ** 2).astype(np.uint8) * 255
     Image.fromarray(np.repeat(disc[..., None], 3, axis=2)).save(image)
-    out = tmp_path / "out"
-    assert translate.main(["--checkpoint", str(whole), str(image), "--out", str(out), "--quiet"]) == 0
+    export, out = tmp_path / "export", tmp_path / "out"
+    assert export_main(["--checkpoint", str(whole), "--out", str(export), "--format", "safetensors"]) == 0
+    assert translate.main(["--checkpoint", str(export), str(image), "--out", str(out), "--quiet"]) == 0
     assert Image.open(out / "street.png").size == (192, 64)
 
 
