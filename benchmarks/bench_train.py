@@ -32,39 +32,18 @@ import sys
 import time
 
 import torch
-from estimate_memory import show, size_arg
+from estimate_memory import size_arg
 from report import report  # benchmarks/ is on the path when run as a script
-from train_setup import parse_variant, synthetic_pairs, trainer_config, trainer_step
+from train_setup import Size, fp32_step, parse_variant, synthetic_pairs, trainer_config, trainer_step
 
+from pipeline.data.format import size_name
 from pipeline.models import GENERATORS
 
-Size = int | tuple[int, int]  # a side, or (h, w) as tensors are laid out
 DEFAULT_VARIANTS = ["fp32", "default", "bf16", "bf16+cl", "bf16+fused", "bf16+cl+fused",
                     "bf16+fused+compile"]
 # Dense peak TFLOP/s per precision, for the model FLOPs utilisation (SXM parts)
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "fp32": 67.0},
                "A100": {"bf16": 312.0, "fp32": 19.5}}
-
-
-def sized_config(variant: str, generator: str, batch: int, recipe: str, size: Size):
-    """train_setup's config with the crop at (h, w): crop_height set where it is not square."""
-    h, w = hw(size)
-    cfg = trainer_config(variant, generator, batch, recipe, w)
-    cfg.data.crop_height = h if h != w else 0
-    return cfg
-
-
-def hw(size: Size) -> tuple[int, int]:
-    """(h, w) from a side (bench_data passes one) or an (h, w)."""
-    return (size, size) if isinstance(size, int) else (size[0], size[1])
-
-
-def sized_pairs(count: int, batch: int, size: Size) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """train_setup's seeded pairs at (h, w): made at the longer side and cut, the target again
-    the input's mirrored negative (for a square, exactly synthetic_pairs')."""
-    h, w = hw(size)
-    cut = [x[..., :h, :w].contiguous() for x, _ in synthetic_pairs(count, batch, max(h, w))]
-    return [(x, -x.flip(-1)) for x in cut]
 
 
 def measure(variant: str, batch: int, generator: str, size: Size, steps: int, warmup: int,
@@ -77,13 +56,13 @@ def measure(variant: str, batch: int, generator: str, size: Size, steps: int, wa
 
     precision, _ = parse_variant(variant)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = sized_config(variant, generator, batch, recipe, size)
+    cfg = trainer_config(variant, generator, batch, recipe, size)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
     host_memory.apply(cfg, accelerator.device.type)
     engines = make_engines(cfg, accelerator)
     pairs = [data.to_device({"input": x, "target": y}, accelerator.device, cfg=cfg.data,
                             channels_last=engines.channels_last)
-             for x, y in sized_pairs(4, batch, size)]
+             for x, y in synthetic_pairs(4, batch, size)]
     step_on = trainer_step(cfg, engines, accelerator.device)
     step = lambda i: step_on(*pairs[i % len(pairs)])
     if accelerator.device.type == "cuda":
@@ -110,27 +89,18 @@ def peak_memory_mib(device: torch.device) -> float:
 
 def flops_per_sample(generator: str, size: Size, recipe: str = "") -> float:
     """FLOPs of one step (G forward, D on fake and real, D backward, D on G's fake,
-    G backward) per sample, by torch's FLOP counter on a batch-1 fp32 CPU step (train_setup's
-    fp32_step at (h, w): the trainer's models and objective, a zero-lr SGD)."""
+    G backward) per sample, by torch's FLOP counter on train_setup's batch-1 fp32 CPU step."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.engines import build_models
-    from pipeline.gan import train_step
-    from pipeline.train import make_objective
-
-    cfg = sized_config("fp32", generator, 1, recipe, size)
-    G, D = build_models(cfg, channels_last=False)
-    (x, y), = sized_pairs(1, 1, size)
-    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.0)
     with FlopCounterMode(display=False) as counter:
-        train_step(G, D, sgd(G), sgd(D), x, y, make_objective(cfg, x.device))
+        fp32_step(generator, 1, size, recipe)
     return float(counter.get_total_flops())
 
 
 def run_child(variant: str, batch: int, args) -> dict:
     """measure() in a fresh process: its own peak memory, compile caches and OOMs."""
     command = [sys.executable, __file__, "--child", variant, "--batch", str(batch),
-               "--generator", args.generator, "--size", show(args.size),
+               "--generator", args.generator, "--size", size_name(*args.size),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--recipe", args.recipe]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -183,7 +153,7 @@ def summary(rows: list[dict], flops: float, device_name: str, size: tuple[int, i
     largest = max(row["batch"] for row in ok)
     best = max((row for row in ok if row["batch"] == largest), key=lambda row: row["samples_per_s"])
     fp32_b1 = next((row for row in ok if row["variant"] == "fp32" and row["batch"] == 1), None)
-    return {"device": device_name, "size": show(size), "gflop_per_sample": flops / 1e9,
+    return {"device": device_name, "size": size_name(*size), "gflop_per_sample": flops / 1e9,
             "largest_batch": largest,
             "best_variant": best["variant"], "best_samples_per_s": best["samples_per_s"],
             "best_speedup_vs_fp32_same_batch": best["speedup"],
@@ -223,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     rows = [run_child(variant, batch, args) for batch in args.batch for variant in args.variants]
     add_comparisons(rows, flops, device_name, args.peak_tflops)
     if args.size[0] != args.size[1] and not args.no_peak:
-        print(f"bench_train.py: bench_peak is square-only: no peak columns at {show(args.size)}",
+        print(f"bench_train.py: bench_peak is square-only: no peak columns at {size_name(*args.size)}",
               file=sys.stderr)
     elif not args.no_peak:
         add_peak_fractions(rows, args, "cuda" if torch.cuda.is_available() else "cpu")

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.report import report  # noqa: E402
 from pipeline.config import from_cli  # noqa: E402
 from pipeline.data.augmentation import Geometry  # noqa: E402
-from pipeline.data.format import parse_size  # noqa: E402
+from pipeline.data.format import parse_size, size_name  # noqa: E402
 from pipeline.models import build_discriminator, build_generator  # noqa: E402
 
 GiB = 2 ** 30
@@ -51,11 +51,6 @@ def size_arg(text: str) -> tuple[int, int]:
     if min(height, width) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: sides must be at least 1")
     return height, width
-
-
-def show(size: tuple[int, int]) -> str:
-    """(height, width) -> "WxH", the way sizes are written to people and manifests."""
-    return f"{size[1]}x{size[0]}"
 
 
 def network_size(cfg, size: tuple[int, int] | None, image: tuple[int, int] | None) -> tuple[int, int]:
@@ -130,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(r["GiB"] for r in rows)
     figures = {"config": args.config, "generator": cfg.model.generator,
                "discriminator": f"{cfg.model.discriminator} x {cfg.model.num_d}",
-               "preprocess": cfg.data.preprocess, "image": args.image and show(args.image),
-               "size": show(size),
+               "preprocess": cfg.data.preprocess, "image": args.image and size_name(*args.image),
+               "size": size_name(*size),
                "batch": batch, "precision": "fp32" if args.fp32 else "bf16", "total_GiB": total,
                "fits_24GiB_floor": total < 24}
     report("estimate_memory", rows, figures)

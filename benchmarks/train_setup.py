@@ -30,11 +30,21 @@ def parse_variant(variant: str) -> tuple[str, set[str]]:
     return precision, set(options)
 
 
-def trainer_config(variant: str, generator: str, batch: int, recipe: str = "", size: int = 256):
+Size = int | tuple[int, int]  # a side, or (h, w) as tensors are laid out
+
+
+def hw(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def trainer_config(variant: str, generator: str, batch: int, recipe: str = "", size: Size = 256):
+    """The config a variant means, its crop at `size` (crop_height set where not square)."""
     from pipeline.config import from_cli
     _, options = parse_variant(variant)
     cfg, _ = from_cli(["--config", recipe] if recipe else [])
-    cfg.model.generator, cfg.data.batch_size, cfg.data.crop_size = generator, batch, size
+    h, w = hw(size)
+    cfg.model.generator, cfg.data.batch_size, cfg.data.crop_size = generator, batch, w
+    cfg.data.crop_height = h if h != w else 0
     if variant != "default":
         cfg.train.channels_last, cfg.train.compile = "cl" in options, "compile" in options
         cfg.optim.adam_impl = next((o for o in ("fused", "foreach") if o in options), "auto")
@@ -42,13 +52,14 @@ def trainer_config(variant: str, generator: str, batch: int, recipe: str = "", s
     return cfg
 
 
-def synthetic_pairs(count: int, batch: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Smooth random inputs and a target the U-Net can learn (a mirrored negative)."""
+def synthetic_pairs(count: int, batch: int, size: Size) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Smooth random inputs at `size` and a target the U-Net can learn (a mirrored negative)."""
     generator = torch.Generator().manual_seed(0)
+    h, w = hw(size)
     pairs = []
     for _ in range(count):
-        coarse = torch.rand(batch, 3, size // 16, size // 16, generator=generator) * 2 - 1
-        x = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
+        coarse = torch.rand(batch, 3, max(h // 16, 1), max(w // 16, 1), generator=generator) * 2 - 1
+        x = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear")
         pairs.append((x, -x.flip(-1)))
     return pairs
 
@@ -65,7 +76,7 @@ def trainer_step(cfg, engines, device: torch.device):
                                    objective, hooks)
 
 
-def fp32_step(generator: str, batch: int, size: int, recipe: str = "") -> None:
+def fp32_step(generator: str, batch: int, size: Size, recipe: str = "") -> None:
     """One fp32 CPU step of the trainer's models and objective on seeded pairs, with a
     zero-lr SGD (its update adds nothing worth counting): run it under a FLOP counter or
     a dispatch mode to see what the step computes."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.augmentation import Geometry, Size, chw, resize_u8, to_unit_range
-from pipeline.data.format import parse_size
+from pipeline.data.format import parse_size, size_name
 from pipeline.errors import UserError
 from pipeline.weights import TrainedOn
 
@@ -202,11 +202,6 @@ def parse_input_size(text: str) -> str | int:
     return side
 
 
-def wxh(size: Size) -> str:
-    """(h, w) as an image size is written: width x height."""
-    return f"{size[1]}x{size[0]}"
-
-
 def crop_side(data: TrainedOn) -> int:
     """The larger side of the training crop (data.crop_size, data.crop_height): the
     default tile's base and its least side, so that a tile holds what the networks saw."""
@@ -233,7 +228,7 @@ def scale_phrase(geometry: Geometry, which: str = "eval") -> str:
     rounds = multiple > 1 and (which == "eval" or not geometry.crops)
     rounding = f", each side rounded to a multiple of {multiple}" if rounds else ""
     if mode == "resize_and_crop":
-        return f"resized to {load}x{load}" if which == "train" else f"resized to {wxh(geometry.crop)}"
+        return f"resized to {load}x{load}" if which == "train" else f"resized to {size_name(*geometry.crop)}"
     if mode in ("scale_width", "scale_width_and_crop"):
         return f"resized to width {load}, the aspect kept{rounding}"
     if mode == "scale_shortside_and_crop":
@@ -243,7 +238,7 @@ def scale_phrase(geometry: Geometry, which: str = "eval") -> str:
 
 def protocol(geometry: Geometry) -> str:
     """The run's geometry in a few words, for the log line's parenthesis."""
-    crop = wxh(geometry.crop)
+    crop = size_name(*geometry.crop)
     if geometry.preprocess == "resize_and_crop":
         load = geometry.load_size
         return f"its validation resized inputs to {crop}; training to {load}x{load}, then cropped {crop}"
@@ -272,7 +267,7 @@ def input_scale(data: TrainedOn, multiple: int, asked: str | int) -> InputScale:
     why = protocol(geometry)
     if asked == "eval":
         if geometry.preprocess == "resize_and_crop":
-            crop, load = wxh(geometry.crop), geometry.load_size
+            crop, load = size_name(*geometry.crop), geometry.load_size
             why = f"data.crop_size; training resized to {load}x{load}, then cropped {crop}"
         return InputScale(geometry.eval_size, f"inputs {scale_phrase(geometry)}, the run's scale "
                           f"as its validation and p2p-evaluate resize them ({why})")

@@ -14,12 +14,12 @@ from tests.helpers.trainer_runs import ROOT
 sys.path.append(str(ROOT / "benchmarks"))  # the scripts import each other by file name
 import bench_train  # noqa: E402
 import estimate_memory  # noqa: E402
+import train_setup  # noqa: E402
 
 
 def test_a_size_is_width_first_or_one_side():
     assert estimate_memory.size_arg("2048x1024") == (1024, 2048)  # (h, w), as tensors
     assert estimate_memory.size_arg("256") == (256, 256)
-    assert estimate_memory.show((512, 1024)) == "1024x512"
     for bad in ("1024x", "x512", "1024x512x3", "0x4", "wide"):
         with pytest.raises(argparse.ArgumentTypeError):
             estimate_memory.size_arg(bad)
@@ -46,9 +46,9 @@ def test_estimate_memory_sees_scale_width_make_1024x512_of_a_2048x1024_image(mon
 
 
 def test_bench_train_builds_its_step_at_the_non_square_size():
-    x, y = bench_train.sized_pairs(1, 1, (64, 128))[0]
+    x, y = train_setup.synthetic_pairs(1, 1, (64, 128))[0]
     assert x.shape == (1, 3, 64, 128) and torch.equal(y, -x.flip(-1))
-    square, = bench_train.sized_pairs(1, 1, 64)
-    assert all(torch.equal(a, b) for a, b in zip(square, bench_train.synthetic_pairs(1, 1, 64)[0]))
+    cfg = train_setup.trainer_config("fp32", "resnet_6blocks", 1, "", (64, 128))
+    assert (cfg.data.crop_height, cfg.data.crop_size) == (64, 128)
     wide = bench_train.flops_per_sample("resnet_6blocks", (64, 128))
     assert wide == pytest.approx(2 * bench_train.flops_per_sample("resnet_6blocks", 64), rel=0.05)
