@@ -203,7 +203,7 @@ def test_augmentation_keeps_pairs_aligned_in_worker_and_on_device(tmp_path):
 def test_device_resize_matches_the_cpu_kernel():
     images = torch.from_numpy(np.stack([sample_pixels("r1", 40), sample_pixels("r2", 40)]))
     images = images.permute(0, 3, 1, 2)
-    for size in (28, 57):  # down (antialiased) and up
+    for size in (28, 57, (20, 60)):  # down (antialiased), up, and non-square (h, w)
         cpu, via_float = data.resize_u8(images, size), data.resize_u8_via_float(images, size)
         assert (cpu.int() - via_float.int()).abs().max() <= 1
 
